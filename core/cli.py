@@ -1,0 +1,195 @@
+"""``realm``: the one command-line entry point.
+
+Errors print one ``error: ...`` paragraph and exit 2 (bad usage, config or input) or 1 (runtime
+failure); ``--debug`` or ``REALM_DEBUG=1`` shows the traceback. A flag that is not given never
+overrides anything. ``--json`` output carries ``"schema": 1``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+from core.errors import RealmError, UsageError
+from core.paths import PRIORITIES, RealmPaths, check_name, init_layout, is_initialised, \
+    resolve_base
+
+
+def _debug_wanted(argv: list[str]) -> bool:
+    return "--debug" in argv or os.environ.get("REALM_DEBUG", "") not in ("", "0")
+
+
+def _print_json(data) -> None:
+    print(json.dumps(data, indent=2, ensure_ascii=False))
+
+
+def _realm(args, *, must_exist: bool = True) -> RealmPaths:
+    paths = RealmPaths(resolve_base(args.base_dir))
+    if must_exist and not is_initialised(paths):
+        raise UsageError(f"{paths.base} is not a realm (no queue/ folders); run `realm init` there "
+                         "or point --base-dir / REALM_HOME at one.")
+    return paths
+
+
+def _queue(args):
+    from core.training_queue import TrainingQueue
+
+    return TrainingQueue(_realm(args).base)
+
+
+# --- handlers -------------------------------------------------------------------------------
+
+def cmd_init(args) -> int:
+    paths = _realm(args, must_exist=False)
+    paths.base.mkdir(parents=True, exist_ok=True)
+    created = init_layout(paths)
+    print(f"realm ready at {paths.base}" + (f" ({len(created)} folders created)" if created
+                                           else " (nothing to do)"))
+    return 0
+
+
+def cmd_queue_status(args) -> int:
+    from core.queue_status import build_status, render_status
+
+    queue = _queue(args)
+    while True:
+        status = build_status(queue)
+        if args.json:
+            _print_json(status)
+        else:
+            if args.watch and sys.stdout.isatty():
+                print("\033[2J\033[H", end="")
+            print(render_status(status), flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(args.interval)
+
+
+def cmd_queue_list(args) -> int:
+    from core.queue_status import build_list, render_list
+
+    listing = build_list(_queue(args), args.state)
+    print(json.dumps(listing, indent=2) if args.json else render_list(listing))
+    return 0
+
+
+def cmd_queue_show(args) -> int:
+    from core.queue_status import render_job
+
+    job = _queue(args).find(args.job)
+    if args.json:
+        _print_json(job.to_dict())
+    else:
+        print(render_job(job))
+    return 0
+
+
+def cmd_queue_add(args) -> int:
+    from core.overrides import parse_sets
+
+    for value, what in ((args.hero, "--hero"), (args.campaign, "--campaign")):
+        if value is not None:
+            check_name(value, what)
+    overrides = parse_sets(args.set)
+    job = _queue(args).add(Path(args.file), priority=args.priority, hero_id=args.hero,
+                           campaign_id=args.campaign, overrides=overrides)
+    print(f"queued {job.id} as {job.dataset_path} ({job.num_examples} examples, "
+          f"{job.num_bytes} bytes)")
+    return 0
+
+
+def cmd_queue_retry(args) -> int:
+    queue = _queue(args)
+    job = queue.retry(queue.find(args.job), reason=args.reason)
+    print(f"{job.id}: requeued as {job.dataset_path}")
+    return 0
+
+
+def cmd_queue_cancel(args) -> int:
+    queue = _queue(args)
+    job = queue.cancel(queue.find(args.job), reason=args.reason)
+    print(f"{job.id}: cancelled, now {job.dataset_path}")
+    return 0
+
+
+# --- parser ---------------------------------------------------------------------------------
+
+def _add_queue_parsers(sub) -> None:
+    from core.queue_status import LIST_STATES
+
+    queue = sub.add_parser("queue", help="inspect and change the job queue")
+    qsub = queue.add_subparsers(dest="queue_command", required=True, metavar="COMMAND")
+
+    p = qsub.add_parser("status", help="counts, the running job, recent results, problems")
+    p.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
+    p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    p.add_argument("--interval", type=float, default=2.0, help=argparse.SUPPRESS)
+    p.set_defaults(handler=cmd_queue_status)
+
+    p = qsub.add_parser("list", help="jobs in one state; queued ones in claim order")
+    p.add_argument("--state", choices=LIST_STATES, default="queued")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_queue_list)
+
+    p = qsub.add_parser("show", help="one job's full record and history")
+    p.add_argument("job", help="job id, unique id prefix, or dataset file name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_queue_show)
+
+    p = qsub.add_parser("add", help="copy a dataset into the queue atomically")
+    p.add_argument("file")
+    p.add_argument("--priority", choices=PRIORITIES, default="normal")
+    p.add_argument("--hero")
+    p.add_argument("--campaign")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="config override stored on the job (repeatable)")
+    p.set_defaults(handler=cmd_queue_add)
+
+    for name, handler, default, help_ in (
+        ("retry", cmd_queue_retry, "retry requested by user", "failed/skipped/cancelled -> queued"),
+        ("cancel", cmd_queue_cancel, "cancelled by user", "queued -> cancelled"),
+    ):
+        p = qsub.add_parser(name, help=help_)
+        p.add_argument("job", help="job id, unique id prefix, or dataset file name")
+        p.add_argument("--reason", default=default, help="recorded in history and the ledger")
+        p.set_defaults(handler=handler)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="realm", description="realm: a training daemon with a file-backed job queue.")
+    parser.add_argument("--base-dir", help="the realm directory (default: $REALM_HOME or cwd)")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    p = sub.add_parser("init", help="create or repair a realm layout (idempotent)")
+    p.set_defaults(handler=cmd_init)
+    _add_queue_parsers(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = build_parser().parse_args(argv)
+    try:
+        return args.handler(args) or 0
+    except RealmError as exc:
+        if _debug_wanted(argv):
+            traceback.print_exc()
+        print(f"error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # a bug or an OS failure: say so plainly, keep the trace on request
+        if _debug_wanted(argv):
+            traceback.print_exc()
+        print(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
+              file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

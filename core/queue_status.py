@@ -1,0 +1,178 @@
+"""What ``realm queue status`` and ``realm queue list`` report, as data and as text.
+
+Read-only by construction: these functions only list folders and read sidecars. The JSON shapes
+are versioned (``"schema": 1``) and documented in README.md.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime, timezone
+from typing import Any
+
+from core.job import Job
+from core.paths import PRIORITIES, STATE_FOLDERS
+from core.training_queue import TrainingQueue, claim_order
+
+STATUS_SCHEMA = 1
+LIST_STATES = ("queued", *STATE_FOLDERS, "all")
+
+
+def _recent(queue: TrainingQueue, folder: str, limit: int, problems: list) -> list[dict]:
+    """The ``limit`` newest jobs of a folder, by sidecar mtime (no need to read them all)."""
+    listing = queue.listing(folder)
+    paired = [e for n, e in listing.sidecars.items() if n in listing.datasets]
+    newest = sorted(paired, key=lambda e: e.stat().st_mtime_ns, reverse=True)[:limit]
+    jobs = [j for e in newest if isinstance(j := queue._load(e, problems), Job)]
+    return [j.summary() for j in sorted(jobs, key=lambda j: j.finished_at or "", reverse=True)]
+
+
+def _counts(queue: TrainingQueue, problems: list) -> tuple[dict, dict, int]:
+    counts, by_priority, waiting = {}, {}, 0
+    for priority in PRIORITIES:
+        listing = queue.listing(priority)
+        problems.extend(listing.problems)
+        by_priority[priority] = len(listing.datasets)
+        waiting += sum(1 for n in listing.datasets if n not in listing.sidecars)
+        for name, entry in listing.sidecars.items():
+            queue._load(entry, problems)  # surfaces malformed sidecars as problems
+    counts["queued"] = sum(by_priority.values())
+    for folder in STATE_FOLDERS:
+        listing = queue.listing(folder)
+        problems.extend(listing.problems)
+        counts[folder] = sum(1 for n in listing.datasets if n in listing.sidecars)
+    return counts, by_priority, waiting
+
+
+def build_status(queue: TrainingQueue, recent: int = 5) -> dict[str, Any]:
+    problems: list[dict] = []
+    counts, by_priority, waiting = _counts(queue, problems)
+    in_progress = []
+    for job in queue.jobs_in("processing", problems):
+        row = job.summary()
+        row.update(heartbeat_at=job.heartbeat_at, resume=job.resume)
+        in_progress.append(row)
+    return {
+        "schema": STATUS_SCHEMA,
+        "realm": str(queue.paths.base),
+        "counts": counts,
+        "queued_by_priority": by_priority,
+        "waiting_for_adoption": waiting,
+        "in_progress": in_progress,
+        "recent_completed": _recent(queue, "completed", recent, problems),
+        "recent_failed": _recent(queue, "failed", recent, problems),
+        "problems": _dedupe(problems),
+    }
+
+
+def _dedupe(problems: list[dict]) -> list[dict]:
+    seen, out = set(), []
+    for p in problems:
+        key = (p["path"], p["problem"])
+        if key not in seen:
+            seen.add(key)
+            out.append(p)
+    return sorted(out, key=lambda p: p["path"])
+
+
+def build_list(queue: TrainingQueue, state: str = "queued") -> dict[str, Any]:
+    """Jobs in one state; queued ones in claim order, datasets not adopted yet after each tier."""
+    rows: list[dict] = []
+    problems: list[dict] = []
+    if state in ("queued", "all"):
+        for priority in PRIORITIES:
+            rows += [j.summary() for j in claim_order(queue.jobs_in(priority, problems))]
+            rows += [{"id": None, "dataset": name, "path": f"queue/{priority}/{name}",
+                      "priority": priority, "status": why, "attempts": 0}
+                     for name, why in queue.waiting(priority)]
+    for folder in STATE_FOLDERS:
+        if state in (folder, "all"):
+            jobs = sorted(queue.jobs_in(folder, problems), key=lambda j: j.finished_at or "")
+            rows += [j.summary() for j in jobs]
+    for position, row in enumerate(rows, 1):
+        row["position"] = position
+    return {"schema": STATUS_SCHEMA, "state": state, "jobs": rows,
+            "problems": _dedupe(problems)}
+
+
+# --- text rendering -------------------------------------------------------------------------
+
+def _ago(stamp: str | None, now: datetime | None = None) -> str:
+    if not stamp:
+        return "-"
+    now = now or datetime.now(timezone.utc)
+    seconds = max(0, int((now - datetime.fromisoformat(stamp)).total_seconds()))
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{seconds // size}{unit} ago"
+    return f"{seconds}s ago"
+
+
+def render_status(status: dict) -> str:
+    c, q = status["counts"], status["queued_by_priority"]
+    lines = [f"realm queue  {status['realm']}", ""]
+    tiers = " · ".join(f"{p} {q[p]}" for p in PRIORITIES)
+    waiting = status["waiting_for_adoption"]
+    lines.append(f"  queued      {c['queued']:>6}   ({tiers})"
+                 + (f"   {waiting} waiting for adoption" if waiting else ""))
+    for folder in STATE_FOLDERS:
+        lines.append(f"  {folder:<11} {c[folder]:>6}")
+    lines += _section("In progress", status["in_progress"], _progress_line)
+    lines += _section("Recently completed", status["recent_completed"], _finished_line)
+    lines += _section("Recently failed", status["recent_failed"], _failed_line)
+    if status["problems"]:
+        lines += ["", "Problems"]
+        lines += [f"  {_problem(p)}" for p in status["problems"]]
+    return "\n".join(lines)
+
+
+def _problem(p: dict) -> str:
+    return p["problem"] if p["problem"].startswith(p["path"]) else f"{p['path']}: {p['problem']}"
+
+
+def _section(title: str, rows: list[dict], fmt) -> list[str]:
+    return ["", title, *(fmt(r) for r in rows)] if rows else []
+
+
+def _progress_line(r: dict) -> str:
+    worker = r.get("worker") or {}
+    return (f"  {r['id']}  {r['dataset']}  [{r['priority']}]  started {_ago(r['started_at'])}"
+            f"  on {worker.get('host')}:{worker.get('pid')}"
+            f"  heartbeat {_ago(r.get('heartbeat_at'))}")
+
+
+def _finished_line(r: dict) -> str:
+    return f"  {r['id']}  {r['dataset']}  finished {_ago(r['finished_at'])}"
+
+
+def _failed_line(r: dict) -> str:
+    return f"  {r['id']}  {r['dataset']}  failed {_ago(r['finished_at'])}: {r['last_error']}"
+
+
+def render_list(listing: dict) -> str:
+    if not listing["jobs"]:
+        return f"no {listing['state']} jobs"
+    lines = [f"{'#':>4}  {'state':<10} {'priority':<8} {'job id':<40} dataset"]
+    for r in listing["jobs"]:
+        lines.append(f"{r['position']:>4}  {r['status']:<10} {r['priority']:<8} "
+                     f"{r['id'] or '(no sidecar yet)':<40} {r['path']}")
+    lines += [f"problem: {_problem(p)}" for p in listing["problems"]]
+    return "\n".join(lines)
+
+
+def render_job(job: Job) -> str:
+    data = job.to_dict()
+    history = data.pop("history")
+    width = max(len(k) for k in data)
+    lines = [f"{k:<{width}}  {_fmt(v)}" for k, v in data.items() if k != "schema"]
+    lines += ["", "history"]
+    lines += [f"  {h['at']}  {h['from'] or '-'} -> {h['to']}  {h['reason']}" for h in history]
+    return "\n".join(lines)
+
+
+def _fmt(value: Any) -> str:
+    if value is None:
+        return "-"
+    if isinstance(value, dict):
+        return ", ".join(f"{k}={v}" for k, v in value.items()) or "{}"
+    return str(value)
+

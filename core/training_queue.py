@@ -1,0 +1,412 @@
+"""The file-backed priority queue: adoption, ordering, claims and every job move.
+
+State is location + sidecar: ``queue/{high,normal,low}/`` hold queued jobs, and
+``queue/{processing,completed,failed,skipped,cancelled}/`` the rest. There is no global metadata
+file. Every mutation (adopt, claim, move, sidecar rewrite) runs under one ``flock`` on
+``queue/.queue.lock`` and moves the pair sidecar-first with no-replace renames, so among any number
+of processes on one file system exactly one claims a job, and a crash between the two renames is
+repaired on the next mutation (the sidecar still records where its dataset was). Nothing is
+deleted; a name collision gets a ``name.2.jsonl`` suffix.
+
+Entry point: ``python -m core.training_queue status`` (same as ``realm queue status``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import shutil
+import socket
+from pathlib import Path
+from typing import Callable, Iterator
+
+from core.errors import ClaimLost, JobNotFound, SidecarError, UsageError
+from core.fsutil import locked, rename_noreplace, unique_name, write_json_atomic
+from core.job import Job, JobState, check_user_sidecar, new_job_id, transition, utc_now
+from core.job_ledger import JobLedger
+from core.paths import (
+    DATASET_SUFFIX,
+    PRIORITIES,
+    SIDECAR_SUFFIX,
+    STATE_FOLDERS,
+    RealmPaths,
+    resolve_base,
+)
+from core.queue_scan import (
+    Listing,
+    SidecarCache,
+    digest_file,
+    folder_state,
+    read_sidecar_json,
+    scan_folder,
+)
+from core.settle import Settler
+
+BYTES_PER_TOKEN_ESTIMATE = 4  # refined per hero tokenizer once heroes exist (issue 3)
+
+
+def _sidecar(path: Path) -> Path:
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def worker_identity() -> dict:
+    return {"host": socket.gethostname(), "pid": os.getpid()}
+
+
+class TrainingQueue:
+    """One realm's queue. Reads are lock-free; every write holds the queue lock."""
+
+    def __init__(self, base: str | os.PathLike | None = None, *, settle_seconds: float = 2.0,
+                 settler: Settler | None = None):
+        self.paths = RealmPaths(resolve_base(base))
+        self.settler = settler or Settler(settle_seconds)
+        self.ledger = JobLedger(self.paths.ledger)
+        self.cache = SidecarCache()
+
+    # --- reading ---------------------------------------------------------------------------
+
+    def listing(self, folder: str) -> Listing:
+        return scan_folder(self.paths, folder)
+
+    def jobs_in(self, folder: str, problems: list | None = None) -> list[Job]:
+        """Adopted jobs in ``folder``; unreadable sidecars go to ``problems``."""
+        listing = self.listing(folder)
+        jobs = []
+        for name, entry in listing.sidecars.items():
+            job = self._load(entry, problems)
+            if isinstance(job, Job) and name in listing.datasets:
+                job.status = folder_state(folder)  # the folder is the truth
+                jobs.append(job)
+        if problems is not None:
+            problems.extend(listing.problems)
+        return jobs
+
+    def _load(self, entry: os.DirEntry, problems: list | None) -> Job | dict | None:
+        try:
+            return self.cache.load(entry)
+        except SidecarError as exc:
+            if problems is not None:
+                rel = self.paths.relative(Path(entry.path))
+                problems.append({"path": rel, "problem": str(exc).replace(entry.path, rel)})
+            return None
+
+    def queued(self, problems: list | None = None) -> list[Job]:
+        """Adopted queued jobs in the exact order they will be claimed."""
+        return [job for p in PRIORITIES for job in claim_order(self.jobs_in(p, problems))]
+
+    def waiting(self, priority: str) -> list[tuple[str, str]]:
+        """Inbox datasets with no adopted sidecar yet, in adoption (name) order, each with
+        ``waiting`` (will be adopted once settled) or ``blocked`` (its sidecar is invalid)."""
+        listing = self.listing(priority)
+        out = []
+        for name in sorted(listing.datasets):
+            entry = listing.sidecars.get(name)
+            if entry is None:
+                out.append((name, "waiting"))
+                continue
+            loaded = self._load(entry, None)
+            if not isinstance(loaded, Job):
+                out.append((name, "waiting" if isinstance(loaded, dict) else "blocked"))
+        return out
+
+    def all_jobs(self, problems: list | None = None) -> Iterator[Job]:
+        yield from self.queued(problems)
+        for folder in STATE_FOLDERS:
+            yield from self.jobs_in(folder, problems)
+
+    def find(self, ref: str) -> Job:
+        """A job by id, unique id prefix, or current dataset file name."""
+        jobs = list(self.all_jobs())
+        exact = [j for j in jobs if ref in (j.id, Path(j.dataset_path).name, j.dataset_path)]
+        matches = exact or [j for j in jobs if j.id.startswith(ref)]
+        if len(matches) == 1:
+            return matches[0]
+        if not matches:
+            raise JobNotFound(
+                f"no job matches {ref!r}; `realm queue list --state all` shows every job id.")
+        listed = ", ".join(f"{j.id} ({j.dataset_path})" for j in matches[:10])
+        raise JobNotFound(f"{ref!r} matches {len(matches)} jobs: {listed}; give the full job id.")
+
+    # --- adoption -----------------------------------------------------------------------------
+
+    def adopt_new(self) -> list[Job]:
+        """Write sidecars for settled new datasets in the inboxes; return the new jobs."""
+        candidates = []
+        for priority in PRIORITIES:
+            listing = self.listing(priority)
+            for name in sorted(listing.datasets):
+                user = self._adoption_fields(listing, name)
+                entry = listing.datasets[name]
+                st = entry.stat(follow_symlinks=False)
+                if user is not None and self.settler.is_settled(entry.path, st.st_size,
+                                                                st.st_mtime_ns):
+                    digest = digest_file(Path(entry.path))  # outside the lock: may be slow
+                    candidates.append((priority, name, st, user, digest))
+        if not candidates:
+            return []
+        discovered_at = utc_now()  # one stamp per scan: ties within it break by name
+        with self._locked():
+            return [job for c in candidates if (job := self._adopt_locked(*c, discovered_at))]
+
+    def _adoption_fields(self, listing: Listing, name: str) -> dict | None:
+        """None if already adopted or its pre-written sidecar is invalid, else the user fields."""
+        entry = listing.sidecars.get(name)
+        if entry is None:
+            return {}
+        loaded = self._load(entry, None)
+        return loaded if isinstance(loaded, dict) else None
+
+    def _adopt_locked(self, priority, name, st, user, digest, discovered_at) -> Job | None:
+        path = self.paths.state_dir(priority) / name
+        try:
+            now_st = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            return None
+        if (now_st.st_size, now_st.st_mtime_ns, now_st.st_ino) != (st.st_size, st.st_mtime_ns,
+                                                                    st.st_ino):
+            return None  # changed since we hashed it: the settle rule will see it again
+        sidecar = _sidecar(path)
+        if os.path.lexists(sidecar):
+            try:  # a pre-written sidecar must still be the one we read, and not yet adopted
+                if check_user_sidecar(read_sidecar_json(sidecar), str(sidecar)) != user:
+                    return None
+            except SidecarError:
+                return None
+        elif user:
+            return None
+        job = self._new_job(path, priority, digest, discovered_at, user)
+        write_json_atomic(sidecar, job.to_dict(), replace=bool(user))
+        self.ledger.append(job, job.history[-1])
+        self.settler.forget(str(path))
+        return job
+
+    def _new_job(self, path: Path, priority: str, digest, created_at: str, user: dict) -> Job:
+        job = Job(
+            id=new_job_id(path.name),
+            dataset_path=self.paths.relative(path),
+            dataset_name=path.name,
+            priority=priority,
+            dataset_sha256=digest.sha256,
+            num_bytes=digest.num_bytes,
+            num_examples=digest.num_examples,
+            estimated_tokens=math.ceil(digest.num_bytes / BYTES_PER_TOKEN_ESTIMATE),
+            created_at=created_at,
+            **user,
+        )
+        how = "pre-written sidecar merged" if user else "sidecar created"
+        job.history.append({"from": None, "to": "queued", "at": created_at,
+                            "reason": f"adopted from queue/{priority}/ ({how})"})
+        return job
+
+    # --- adding from the command line ---------------------------------------------------------
+
+    def add(self, source: Path, *, priority: str = "normal", hero_id: str | None = None,
+            campaign_id: str | None = None, overrides: dict | None = None) -> Job:
+        """Copy ``source`` into an inbox atomically (temp name, then rename) as a queued job."""
+        source = Path(source)
+        if priority not in PRIORITIES:
+            raise UsageError(f"--priority {priority!r}: choose high, normal or low.")
+        if not source.is_file():
+            raise UsageError(f"{source}: no such file; give the path of a .jsonl dataset.")
+        if not source.name.endswith(DATASET_SUFFIX) or source.name.startswith("."):
+            raise UsageError(f"{source}: datasets must be visible .jsonl files; rename it to "
+                             f"end in .jsonl.")
+        inbox = self.paths.state_dir(priority)
+        tmp = inbox / f".{source.name}.{os.getpid()}.part"
+        shutil.copyfile(source, tmp)
+        with open(tmp, "rb+") as fh:
+            os.fsync(fh.fileno())
+        digest = digest_file(tmp)
+        with self._locked():
+            name = unique_name(inbox, source.name)
+            final = inbox / name
+            user = {"hero_id": hero_id, "campaign_id": campaign_id, "overrides": overrides or {}}
+            job = self._new_job(final, priority, digest, utc_now(), user)
+            job.history[-1]["reason"] = f"added by realm queue add from {source}"
+            # Sidecar first: a dataset never sits in an inbox without its record.
+            write_json_atomic(_sidecar(final), job.to_dict(), replace=False)
+            rename_noreplace(tmp, final)
+            self.ledger.append(job, job.history[-1])
+        return job
+
+    # --- claims and moves ---------------------------------------------------------------------
+
+    def claim_next(self, worker: dict | None = None) -> Job | None:
+        """Adopt what is new, then claim the first queued job; None when the queue is empty."""
+        self.adopt_new()
+        for job in self.queued():
+            try:
+                return self._move(job, JobState.PROCESSING,
+                                  reason=f"claimed by {_who(worker)}",
+                                  mutate=lambda j: _stamp_worker(j, worker))
+            except ClaimLost:
+                continue
+        return None
+
+    def complete(self, job: Job, *, reason: str = "training finished", **results) -> Job:
+        """processing -> completed, recording final_step, final_loss and friends."""
+        return self._move(job, JobState.COMPLETED, reason=reason,
+                          mutate=lambda j: _apply_results(j, results))
+
+    def fail(self, job: Job, reason: str, *, retryable: bool = False,
+             max_attempts: int = 3) -> Job:
+        """A retryable failure requeues until ``max_attempts``; anything else fails for good."""
+        def record(j: Job) -> None:
+            j.last_error = reason
+            if retryable:
+                j.attempts += 1
+
+        attempts_after = job.attempts + (1 if retryable else 0)
+        if retryable and attempts_after < max_attempts:
+            return self._move(job, JobState.QUEUED, mutate=record,
+                              reason=f"retryable failure, attempt {attempts_after}/{max_attempts}"
+                                     f": {reason}")
+        if retryable:
+            reason = f"gave up after {attempts_after} attempts: {reason}"
+        return self._move(job, JobState.FAILED, reason=reason, mutate=record)
+
+    def skip(self, job: Job, reason: str) -> Job:
+        return self._move(job, JobState.SKIPPED, reason=reason,
+                          mutate=lambda j: setattr(j, "last_error", reason))
+
+    def requeue(self, job: Job, reason: str, *, resume: dict | None = None) -> Job:
+        """processing -> queued in the job's own priority folder, keeping its resume point."""
+        def keep_resume(j: Job) -> None:
+            if resume is not None:
+                j.resume = resume
+
+        return self._move(job, JobState.QUEUED, reason=reason, mutate=keep_resume)
+
+    def retry(self, job: Job, reason: str = "retry requested") -> Job:
+        """failed, skipped or cancelled -> queued; the attempt budget starts again."""
+        previous = job.attempts
+
+        def reset(j: Job) -> None:
+            j.attempts = 0
+
+        return self._move(job, JobState.QUEUED, mutate=reset,
+                          reason=f"{reason} (attempts reset from {previous})")
+
+    def cancel(self, job: Job, reason: str = "cancelled by user") -> Job:
+        if job.status is JobState.PROCESSING:
+            raise UsageError(
+                f"job {job.id} is processing on {_who(job.worker)}; `queue cancel` moves queued "
+                "jobs only. Stop the daemon (SIGTERM returns the job to queued), then cancel it.")
+        return self._move(job, JobState.CANCELLED, reason=reason)
+
+    def rewrite(self, job: Job, mutate: Callable[[Job], None]) -> Job:
+        """Read-modify-write a job's sidecar in place (heartbeats, progress), under the lock."""
+        with self._locked():
+            fresh = self._fresh(job)
+            mutate(fresh)
+            write_json_atomic(_sidecar(self.paths.base / fresh.dataset_path), fresh.to_dict())
+            return fresh
+
+    def _fresh(self, job: Job) -> Job:
+        """The job as its sidecar says now; ClaimLost if it is no longer where ``job`` says."""
+        path = self.paths.base / job.dataset_path
+        try:
+            data = read_sidecar_json(_sidecar(path))
+        except FileNotFoundError:
+            raise ClaimLost(job.id) from None
+        fresh = Job.from_dict(data, source=str(_sidecar(path)))
+        if fresh.id != job.id or not path.is_file():
+            raise ClaimLost(job.id)
+        fresh.status = folder_state(path.parent.name)
+        return fresh
+
+    def _move(self, job: Job, to: JobState, *, reason: str,
+              mutate: Callable[[Job], None] | None = None) -> Job:
+        with self._locked():
+            fresh = self._fresh(job)
+            entry = transition(fresh, to, reason=reason)  # raises before anything moves
+            if mutate:
+                mutate(fresh)
+            src = self.paths.base / fresh.dataset_path
+            folder = fresh.priority if to is JobState.QUEUED else to.value
+            dst = self._move_pair(src, self.paths.state_dir(folder))
+            fresh.dataset_path = self.paths.relative(dst)
+            write_json_atomic(_sidecar(dst), fresh.to_dict())
+            self.ledger.append(fresh, entry)
+            return fresh
+
+    def _move_pair(self, src: Path, dst_dir: Path) -> Path:
+        """Sidecar first (it is the record and the claim), then the dataset; never overwrite."""
+        for _ in range(100):
+            dst = dst_dir / unique_name(dst_dir, src.name)
+            try:
+                rename_noreplace(_sidecar(src), _sidecar(dst))
+            except FileExistsError:
+                continue  # someone dropped that name just now: pick the next suffix
+            except FileNotFoundError:
+                raise ClaimLost(str(src)) from None
+            rename_noreplace(src, dst)
+            return dst
+        raise RuntimeError(f"could not find a free name for {src.name} in {dst_dir}")
+
+    # --- locking and crash repair -------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[None]:
+        self.paths.queue.mkdir(parents=True, exist_ok=True)
+        with locked(self.paths.queue_lock):
+            self.repair_half_moves()
+            yield
+
+    def repair_half_moves(self) -> list[str]:
+        """Finish pair moves a crash interrupted between the sidecar and the dataset rename.
+
+        A sidecar whose dataset is missing still records where the dataset was; if a dataset
+        without a sidecar is there, it is moved next to its sidecar. Caller holds the lock.
+        """
+        repaired = []
+        for folder in PRIORITIES + STATE_FOLDERS:
+            listing = self.listing(folder)
+            for name in set(listing.sidecars) - set(listing.datasets):
+                if (moved := self._repair_one(Path(listing.sidecars[name].path), name)):
+                    repaired.append(moved)
+        return repaired
+
+    def _repair_one(self, sidecar: Path, name: str) -> str | None:
+        try:
+            data = read_sidecar_json(sidecar)
+        except (SidecarError, FileNotFoundError):
+            return None
+        old = self.paths.base / str(data.get("dataset_path", "")) if isinstance(data, dict) \
+            else None
+        if not old or not old.is_file() or os.path.lexists(_sidecar(old)) \
+                or old == sidecar.parent / name:
+            return None
+        rename_noreplace(old, sidecar.parent / name)
+        return str(sidecar.parent / name)
+
+
+def claim_order(jobs: list[Job]) -> list[Job]:
+    """Within one tier: first discovered first, ties by name."""
+    return sorted(jobs, key=lambda j: (j.created_at, j.dataset_name, j.id))
+
+
+def _who(worker: dict | None) -> str:
+    worker = worker or worker_identity()
+    return f"{worker.get('host')}:{worker.get('pid')}"
+
+
+def _stamp_worker(job: Job, worker: dict | None) -> None:
+    job.worker = worker or worker_identity()
+    job.heartbeat_at = job.started_at
+
+
+def _apply_results(job: Job, results: dict) -> None:
+    for key, value in results.items():
+        if not hasattr(job, key):
+            raise TypeError(f"unknown job result field {key!r}")
+        setattr(job, key, value)
+
+
+if __name__ == "__main__":
+    import sys
+
+    from core.cli import main
+
+    sys.exit(main(["queue", *sys.argv[1:]]))

@@ -1,0 +1,1 @@
+"""realm guild: hero profiles and campaigns."""
