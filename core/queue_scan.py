@@ -46,31 +46,29 @@ class Listing:
     problems: list[dict[str, str]] = field(default_factory=list)
 
 
-def _classify(listing: Listing, entry: os.DirEntry, rel: str) -> None:
-    name = entry.name
-    if is_ignored(name):
-        return
-    if entry.is_symlink():
-        listing.problems.append({"path": rel, "problem": SYMLINK_REFUSAL})
-    elif name.endswith(SIDECAR_SUFFIX) and entry.is_file(follow_symlinks=False):
-        listing.sidecars[name[: -len(SIDECAR_SUFFIX)]] = entry
-    elif name.endswith(DATASET_SUFFIX) and entry.is_file(follow_symlinks=False):
-        listing.datasets[name] = entry
-    else:
-        listing.problems.append(
-            {"path": rel, "problem": "not a .jsonl dataset or .job.json sidecar; ignored"}
-        )
-
-
 def scan_folder(paths: RealmPaths, folder: str) -> Listing:
+    """One pass over a folder; DirEntry type checks use d_type, so no stat per file."""
     listing = Listing(folder)
-    directory = paths.state_dir(folder)
     try:
-        entries = list(os.scandir(directory))
+        entries = list(os.scandir(paths.state_dir(folder)))
     except FileNotFoundError:
         return listing
+    sidecars, datasets, cut = listing.sidecars, listing.datasets, -len(SIDECAR_SUFFIX)
     for entry in entries:
-        _classify(listing, entry, f"queue/{folder}/{entry.name}")
+        name = entry.name
+        if name[0] == "." or name.endswith(IGNORED_SUFFIXES):
+            continue
+        if entry.is_file(follow_symlinks=False):
+            if name.endswith(SIDECAR_SUFFIX):
+                sidecars[name[:cut]] = entry
+                continue
+            if name.endswith(DATASET_SUFFIX):
+                datasets[name] = entry
+                continue
+        rel = f"queue/{folder}/{name}"
+        problem = SYMLINK_REFUSAL if entry.is_symlink() else \
+            "not a .jsonl dataset or .job.json sidecar; ignored"
+        listing.problems.append({"path": rel, "problem": problem})
     return listing
 
 

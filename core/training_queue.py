@@ -18,6 +18,7 @@ import math
 import os
 import shutil
 import socket
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -71,16 +72,24 @@ class TrainingQueue:
 
     def jobs_in(self, folder: str, problems: list | None = None) -> list[Job]:
         """Adopted jobs in ``folder``; unreadable sidecars go to ``problems``."""
-        listing = self.listing(folder)
-        jobs = []
-        for name, entry in listing.sidecars.items():
-            job = self._load(entry, problems)
-            if isinstance(job, Job) and name in listing.datasets:
-                job.status = folder_state(folder)  # the folder is the truth
-                jobs.append(job)
+        return self._split(self.listing(folder), problems).jobs
+
+    def _split(self, listing: Listing, problems: list | None = None) -> "_Split":
+        """Sort a folder's datasets into adopted jobs, new datasets and blocked ones."""
+        split, state = _Split(), folder_state(listing.folder)
+        for name, entry in listing.datasets.items():
+            sidecar = listing.sidecars.get(name)
+            loaded = {} if sidecar is None else self._load(sidecar, problems)
+            if isinstance(loaded, Job):
+                loaded.status = state  # the folder is the truth
+                split.jobs.append(loaded)
+            elif isinstance(loaded, dict):
+                split.new.append((name, loaded))
+            else:
+                split.blocked.append(name)
         if problems is not None:
             problems.extend(listing.problems)
-        return jobs
+        return split
 
     def _load(self, entry: os.DirEntry, problems: list | None) -> Job | dict | None:
         try:
@@ -98,17 +107,9 @@ class TrainingQueue:
     def waiting(self, priority: str) -> list[tuple[str, str]]:
         """Inbox datasets with no adopted sidecar yet, in adoption (name) order, each with
         ``waiting`` (will be adopted once settled) or ``blocked`` (its sidecar is invalid)."""
-        listing = self.listing(priority)
-        out = []
-        for name in sorted(listing.datasets):
-            entry = listing.sidecars.get(name)
-            if entry is None:
-                out.append((name, "waiting"))
-                continue
-            loaded = self._load(entry, None)
-            if not isinstance(loaded, Job):
-                out.append((name, "waiting" if isinstance(loaded, dict) else "blocked"))
-        return out
+        split = self._split(self.listing(priority))
+        rows = [(n, "waiting") for n, _ in split.new] + [(n, "blocked") for n in split.blocked]
+        return sorted(rows)
 
     def all_jobs(self, problems: list | None = None) -> Iterator[Job]:
         yield from self.queued(problems)
@@ -130,32 +131,38 @@ class TrainingQueue:
 
     # --- adoption -----------------------------------------------------------------------------
 
-    def adopt_new(self) -> list[Job]:
-        """Write sidecars for settled new datasets in the inboxes; return the new jobs."""
+    def adopt_new(self, splits: dict[str, "_Split"] | None = None) -> list[Job]:
+        """Write sidecars for settled new datasets in the inboxes; return the new jobs.
+
+        ``splits`` (inbox -> _Split) lets ``claim_next`` share one scan; tiers that gained jobs
+        are scanned again in place.
+        """
+        splits = splits if splits is not None else {}
         candidates = []
         for priority in PRIORITIES:
-            listing = self.listing(priority)
-            for name in sorted(listing.datasets):
-                user = self._adoption_fields(listing, name)
-                entry = listing.datasets[name]
-                st = entry.stat(follow_symlinks=False)
-                if user is not None and self.settler.is_settled(entry.path, st.st_size,
-                                                                st.st_mtime_ns):
-                    digest = digest_file(Path(entry.path))  # outside the lock: may be slow
+            if priority not in splits:
+                splits[priority] = self._split(self.listing(priority))
+            split = splits[priority]
+            for name, user in sorted(split.new):
+                path = self.paths.state_dir(priority) / name
+                try:
+                    st = os.stat(path, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if self.settler.is_settled(str(path), st.st_size, st.st_mtime_ns):
+                    digest = digest_file(path)  # outside the lock: may be slow on big files
                     candidates.append((priority, name, st, user, digest))
         if not candidates:
             return []
         discovered_at = utc_now()  # one stamp per scan: ties within it break by name
         with self._locked():
-            return [job for c in candidates if (job := self._adopt_locked(*c, discovered_at))]
-
-    def _adoption_fields(self, listing: Listing, name: str) -> dict | None:
-        """None if already adopted or its pre-written sidecar is invalid, else the user fields."""
-        entry = listing.sidecars.get(name)
-        if entry is None:
-            return {}
-        loaded = self._load(entry, None)
-        return loaded if isinstance(loaded, dict) else None
+            # A dataset without a sidecar may be the second half of a move a crash interrupted:
+            # finish such moves before treating anything as new.
+            self._repair_locked()
+            adopted = [job for c in candidates if (job := self._adopt_locked(*c, discovered_at))]
+        for priority in {job.priority for job in adopted}:
+            splits[priority] = self._split(self.listing(priority))
+        return adopted
 
     def _adopt_locked(self, priority, name, st, user, digest, discovered_at) -> Job | None:
         path = self.paths.state_dir(priority) / name
@@ -234,14 +241,16 @@ class TrainingQueue:
 
     def claim_next(self, worker: dict | None = None) -> Job | None:
         """Adopt what is new, then claim the first queued job; None when the queue is empty."""
-        self.adopt_new()
-        for job in self.queued():
-            try:
-                return self._move(job, JobState.PROCESSING,
-                                  reason=f"claimed by {_who(worker)}",
-                                  mutate=lambda j: _stamp_worker(j, worker))
-            except ClaimLost:
-                continue
+        splits = {p: self._split(self.listing(p)) for p in PRIORITIES}  # one scan, two uses
+        self.adopt_new(splits)
+        for priority in PRIORITIES:
+            for job in _claim_candidates(splits[priority].jobs):
+                try:
+                    return self._move(job, JobState.PROCESSING,
+                                      reason=f"claimed by {_who(worker)}",
+                                      mutate=lambda j: _stamp_worker(j, worker))
+                except ClaimLost:
+                    continue  # another process won this one: take the next
         return None
 
     def complete(self, job: Job, *, reason: str = "training finished", **results) -> Job:
@@ -351,15 +360,16 @@ class TrainingQueue:
     def _locked(self) -> Iterator[None]:
         self.paths.queue.mkdir(parents=True, exist_ok=True)
         with locked(self.paths.queue_lock):
-            self.repair_half_moves()
             yield
 
     def repair_half_moves(self) -> list[str]:
-        """Finish pair moves a crash interrupted between the sidecar and the dataset rename.
+        """Finish pair moves that a crash interrupted between the sidecar and dataset renames."""
+        with self._locked():
+            return self._repair_locked()
 
-        A sidecar whose dataset is missing still records where the dataset was; if a dataset
-        without a sidecar is there, it is moved next to its sidecar. Caller holds the lock.
-        """
+    def _repair_locked(self) -> list[str]:
+        """A sidecar whose dataset is missing still records where the dataset was; if a dataset
+        without a sidecar is there, move it next to its sidecar. Caller holds the lock."""
         repaired = []
         for folder in PRIORITIES + STATE_FOLDERS:
             listing = self.listing(folder)
@@ -382,9 +392,29 @@ class TrainingQueue:
         return str(sidecar.parent / name)
 
 
+@dataclass
+class _Split:
+    jobs: list[Job] = field(default_factory=list)
+    new: list[tuple[str, dict]] = field(default_factory=list)
+    blocked: list[str] = field(default_factory=list)
+
+
+def _order_key(job: Job) -> tuple:
+    return job.created_at, job.dataset_name, job.id
+
+
 def claim_order(jobs: list[Job]) -> list[Job]:
     """Within one tier: first discovered first, ties by name."""
-    return sorted(jobs, key=lambda j: (j.created_at, j.dataset_name, j.id))
+    return sorted(jobs, key=_order_key)
+
+
+def _claim_candidates(jobs: list[Job]) -> Iterator[Job]:
+    """The first job in claim order, then (only if it was lost to a race) the rest."""
+    if not jobs:
+        return
+    first = min(jobs, key=_order_key)
+    yield first
+    yield from (j for j in claim_order(jobs) if j is not first)
 
 
 def _who(worker: dict | None) -> str:
