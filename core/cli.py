@@ -57,17 +57,20 @@ def cmd_queue_status(args) -> int:
     from core.queue_status import build_status, render_status
 
     queue = _queue(args)
-    while True:
-        status = build_status(queue)
-        if args.json:
-            _print_json(status)
-        else:
-            if args.watch and sys.stdout.isatty():
-                print("\033[2J\033[H", end="")
-            print(render_status(status), flush=True)
-        if not args.watch:
-            return 0
-        time.sleep(args.interval)
+    try:
+        while True:
+            status = build_status(queue)
+            if args.json:
+                print(json.dumps(status, ensure_ascii=False), flush=True)  # one line per refresh
+            else:
+                if args.watch and sys.stdout.isatty():
+                    print("\033[2J\033[H", end="")
+                print(render_status(status), flush=True)
+            if not args.watch:
+                return 0
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0  # Ctrl-C is how a person ends --watch
 
 
 def cmd_queue_list(args) -> int:

@@ -143,3 +143,22 @@ def test_core_never_imports_torch():
             "core.cli.build_parser(); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False"
+
+
+def test_status_watch_refreshes_and_ctrl_c_exits_0(realm):
+    import signal
+    import time
+
+    proc = subprocess.Popen([sys.executable, "-m", "core.cli", "--base-dir", str(realm.base),
+                             "queue", "status", "--watch", "--json", "--interval", "0.2"],
+                            stdout=subprocess.PIPE, text=True)
+    first = json.loads(proc.stdout.readline())
+    drop(realm, "high", "later.jsonl")
+    deadline = time.monotonic() + 10
+    seen = first
+    while seen["queued_by_priority"]["high"] == 0 and time.monotonic() < deadline:
+        seen = json.loads(proc.stdout.readline())
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=10) == 0
+    proc.stdout.close()
+    assert first["queued_by_priority"]["high"] == 0 and seen["queued_by_priority"]["high"] == 1
