@@ -8,159 +8,31 @@ overrides anything. ``--json`` output carries ``"schema": 1``.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
-import time
 import traceback
-from pathlib import Path
 
-from core.errors import RealmError, UsageError
-from core.paths import PRIORITIES, RealmPaths, check_name, init_layout, is_initialised, \
-    resolve_base
+from core import cli_guild, cli_queue
+from core.cli_common import realm_paths
+from core.errors import RealmError
+from core.paths import init_layout
 
 
 def _debug_wanted(argv: list[str]) -> bool:
     return "--debug" in argv or os.environ.get("REALM_DEBUG", "") not in ("", "0")
 
 
-def _print_json(data) -> None:
-    print(json.dumps(data, indent=2, ensure_ascii=False))
-
-
-def _realm(args, *, must_exist: bool = True) -> RealmPaths:
-    paths = RealmPaths(resolve_base(args.base_dir))
-    if must_exist and not is_initialised(paths):
-        raise UsageError(f"{paths.base} is not a realm (no queue/ folders); run `realm init` there "
-                         "or point --base-dir / REALM_HOME at one.")
-    return paths
-
-
-def _queue(args):
-    from core.training_queue import TrainingQueue
-
-    return TrainingQueue(_realm(args).base)
-
-
-# --- handlers -------------------------------------------------------------------------------
-
 def cmd_init(args) -> int:
-    paths = _realm(args, must_exist=False)
+    from guild.heroes import install_shipped
+
+    paths = realm_paths(args, must_exist=False)
     paths.base.mkdir(parents=True, exist_ok=True)
     created = init_layout(paths)
-    print(f"realm ready at {paths.base}" + (f" ({len(created)} folders created)" if created
-                                           else " (nothing to do)"))
+    heroes = install_shipped(paths)
+    done = [f"{len(created)} folders created"] if created else []
+    done += [f"hero profiles installed: {', '.join(h.stem for h in heroes)}"] if heroes else []
+    print(f"realm ready at {paths.base} ({'; '.join(done) or 'nothing to do'})")
     return 0
-
-
-def cmd_queue_status(args) -> int:
-    from core.queue_status import build_status, render_status
-
-    queue = _queue(args)
-    try:
-        while True:
-            status = build_status(queue)
-            if args.json:
-                print(json.dumps(status, ensure_ascii=False), flush=True)  # one line per refresh
-            else:
-                if args.watch and sys.stdout.isatty():
-                    print("\033[2J\033[H", end="")
-                print(render_status(status), flush=True)
-            if not args.watch:
-                return 0
-            time.sleep(args.interval)
-    except KeyboardInterrupt:
-        return 0  # Ctrl-C is how a person ends --watch
-
-
-def cmd_queue_list(args) -> int:
-    from core.queue_status import build_list, render_list
-
-    listing = build_list(_queue(args), args.state)
-    print(json.dumps(listing, indent=2) if args.json else render_list(listing))
-    return 0
-
-
-def cmd_queue_show(args) -> int:
-    from core.queue_status import render_job
-
-    job = _queue(args).find(args.job)
-    if args.json:
-        _print_json(job.to_dict())
-    else:
-        print(render_job(job))
-    return 0
-
-
-def cmd_queue_add(args) -> int:
-    from core.overrides import parse_sets
-
-    for value, what in ((args.hero, "--hero"), (args.campaign, "--campaign")):
-        if value is not None:
-            check_name(value, what)
-    overrides = parse_sets(args.set)
-    job = _queue(args).add(Path(args.file), priority=args.priority, hero_id=args.hero,
-                           campaign_id=args.campaign, overrides=overrides)
-    print(f"queued {job.id} as {job.dataset_path} ({job.num_examples} examples, "
-          f"{job.num_bytes} bytes)")
-    return 0
-
-
-def cmd_queue_retry(args) -> int:
-    queue = _queue(args)
-    job = queue.retry(queue.find(args.job), reason=args.reason)
-    print(f"{job.id}: requeued as {job.dataset_path}")
-    return 0
-
-
-def cmd_queue_cancel(args) -> int:
-    queue = _queue(args)
-    job = queue.cancel(queue.find(args.job), reason=args.reason)
-    print(f"{job.id}: cancelled, now {job.dataset_path}")
-    return 0
-
-
-# --- parser ---------------------------------------------------------------------------------
-
-def _add_queue_parsers(sub) -> None:
-    from core.queue_status import LIST_STATES
-
-    queue = sub.add_parser("queue", help="inspect and change the job queue")
-    qsub = queue.add_subparsers(dest="queue_command", required=True, metavar="COMMAND")
-
-    p = qsub.add_parser("status", help="counts, the running job, recent results, problems")
-    p.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
-    p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
-    p.add_argument("--interval", type=float, default=2.0, help=argparse.SUPPRESS)
-    p.set_defaults(handler=cmd_queue_status)
-
-    p = qsub.add_parser("list", help="jobs in one state; queued ones in claim order")
-    p.add_argument("--state", choices=LIST_STATES, default="queued")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_queue_list)
-
-    p = qsub.add_parser("show", help="one job's full record and history")
-    p.add_argument("job", help="job id, unique id prefix, or dataset file name")
-    p.add_argument("--json", action="store_true")
-    p.set_defaults(handler=cmd_queue_show)
-
-    p = qsub.add_parser("add", help="copy a dataset into the queue atomically")
-    p.add_argument("file")
-    p.add_argument("--priority", choices=PRIORITIES, default="normal")
-    p.add_argument("--hero")
-    p.add_argument("--campaign")
-    p.add_argument("--set", action="append", metavar="KEY=VALUE",
-                   help="config override stored on the job (repeatable)")
-    p.set_defaults(handler=cmd_queue_add)
-
-    for name, handler, default, help_ in (
-        ("retry", cmd_queue_retry, "retry requested by user", "failed/skipped/cancelled -> queued"),
-        ("cancel", cmd_queue_cancel, "cancelled by user", "queued -> cancelled"),
-    ):
-        p = qsub.add_parser(name, help=help_)
-        p.add_argument("job", help="job id, unique id prefix, or dataset file name")
-        p.add_argument("--reason", default=default, help="recorded in history and the ledger")
-        p.set_defaults(handler=handler)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -170,7 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("init", help="create or repair a realm layout (idempotent)")
     p.set_defaults(handler=cmd_init)
-    _add_queue_parsers(sub)
+    cli_queue.add_parsers(sub)
+    cli_guild.add_parsers(sub)
     return parser
 
 
@@ -192,6 +65,26 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)",
               file=sys.stderr)
         return 1
+
+
+def module_main(command: str, argv: list[str] | None = None) -> int:
+    """The module forms (``python -m core.training_queue status``): ``realm COMMAND ...``, with
+    the global options (--base-dir, --debug) accepted anywhere on the line."""
+    rest = list(sys.argv[1:] if argv is None else argv)
+    head: list[str] = []
+    while rest and rest[0] in ("--base-dir", "--debug") or any(
+            a.startswith("--base-dir=") for a in rest[:1]):
+        arg = rest.pop(0)
+        head += [arg] + ([rest.pop(0)] if arg == "--base-dir" and rest else [])
+    for flag in ("--debug",):
+        if flag in rest:
+            rest.remove(flag)
+            head.append(flag)
+    if "--base-dir" in rest:
+        i = rest.index("--base-dir")
+        head += rest[i:i + 2]
+        del rest[i:i + 2]
+    return main([*head, command, *rest])
 
 
 if __name__ == "__main__":

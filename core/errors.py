@@ -42,3 +42,15 @@ class IllegalTransition(RealmError):
 
 class ClaimLost(Exception):
     """Control signal: another process moved the job first (not an error)."""
+
+
+class ConfigError(InputError):
+    """One or more config problems, reported together (each names key, layer, file and fix)."""
+
+    def __init__(self, problems: list[str] | str):
+        self.problems = [problems] if isinstance(problems, str) else list(problems)
+        if len(self.problems) == 1:
+            super().__init__(self.problems[0])
+        else:
+            body = "\n".join(f"  - {p}" for p in self.problems)
+            super().__init__(f"{len(self.problems)} config problems:\n{body}")

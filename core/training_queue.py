@@ -437,6 +437,6 @@ def _apply_results(job: Job, results: dict) -> None:
 if __name__ == "__main__":
     import sys
 
-    from core.cli import main
+    from core.cli import module_main
 
-    sys.exit(main(["queue", *sys.argv[1:]]))
+    sys.exit(module_main("queue"))

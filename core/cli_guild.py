@@ -1,0 +1,202 @@
+"""``realm hero ...``, ``realm campaign ...`` and ``realm config show``.
+
+Heavy modules (yaml, the resolver) are imported inside the handlers; none of them imports torch.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import yaml
+
+from core.cli_common import add_common_flags, cli_layer_from, print_json, realm_paths
+
+CONFIG_SCHEMA = 1
+
+
+# --- heroes ---------------------------------------------------------------------------------
+
+def cmd_hero_list(args) -> int:
+    from guild.heroes import hero_files, load_hero_file
+
+    paths = realm_paths(args, must_exist=False)
+    rows = [load_hero_file(p).summary() for p in hero_files(paths).values()]
+    if args.json:
+        print_json({"schema": CONFIG_SCHEMA, "heroes": rows})
+        return 0
+    for r in rows:
+        print(f"{r['id']:<16} {r['architecture']:<20} vocab {r['vocab_size']:<7} "
+              f"context {r['context_length']:<6} {r['weights']}")
+    return 0
+
+
+def cmd_hero_show(args) -> int:
+    from guild.heroes import load_hero
+
+    hero = load_hero(realm_paths(args, must_exist=False), args.hero)
+    if args.json:
+        print_json({"schema": CONFIG_SCHEMA, **hero.summary(), "description": hero.description,
+                    "model_config": hero.model.config, "tokenizer": hero.tokenizer,
+                    "chat": hero.chat, "training_defaults": hero.training_defaults})
+        return 0
+    print(f"# {hero.source}")
+    print(hero.source.read_text(), end="")
+    return 0
+
+
+# --- campaigns ------------------------------------------------------------------------------
+
+def cmd_campaign_create(args) -> int:
+    from core.overrides import parse_sets
+    from guild.campaigns import create_campaign
+
+    campaign = create_campaign(realm_paths(args), args.name, args.hero,
+                               overrides=parse_sets(args.set), description=args.description or "",
+                               activate_it=not args.no_activate)
+    state = "active" if not args.no_activate else "not activated"
+    print(f"created campaign {campaign.ref} ({state}); config {campaign.config_hash[:19]}, "
+          f"code {campaign.code_version or 'outside git'}")
+    return 0
+
+
+def cmd_campaign_list(args) -> int:
+    from guild.campaigns import active_ref, list_campaigns
+
+    paths = realm_paths(args)
+    active = active_ref(paths)
+    rows = [{**c.to_dict(), "active": c.ref == active} for c in list_campaigns(paths)]
+    if args.json:
+        print_json({"schema": CONFIG_SCHEMA, "active": active, "campaigns": rows})
+        return 0
+    if not rows:
+        print("no campaigns yet: realm campaign create NAME --hero HERO")
+    for r in rows:
+        mark = "*" if r["active"] else " "
+        print(f"{mark} {r['hero_id']}/{r['name']:<24} created {r['created_at'][:19]}  "
+              f"{r['description']}")
+    return 0
+
+
+def cmd_campaign_activate(args) -> int:
+    from guild.campaigns import activate
+
+    campaign = activate(realm_paths(args), args.ref)
+    print(f"active campaign: {campaign.ref}")
+    return 0
+
+
+def cmd_campaign_show(args) -> int:
+    from guild.campaigns import active_ref, find_campaign
+
+    paths = realm_paths(args)
+    campaign = find_campaign(paths, args.ref)
+    data = {**campaign.to_dict(), "active": campaign.ref == active_ref(paths),
+            "path": str(campaign.path)}
+    if args.json:
+        print_json(data)
+    else:
+        print(yaml.safe_dump(data, sort_keys=False).rstrip())
+    return 0
+
+
+# --- config ---------------------------------------------------------------------------------
+
+def _job_for(paths, ref: str):
+    """A job from a dataset or sidecar path, or from a job id / name in the queue."""
+    from core.job import Job
+    from core.queue_scan import read_sidecar_json
+    from core.training_queue import TrainingQueue
+
+    path = Path(ref)
+    sidecar = path if path.name.endswith(".job.json") else path.with_name(path.name + ".job.json")
+    if sidecar.is_file():
+        data = read_sidecar_json(sidecar)
+        if isinstance(data, dict) and "id" not in data:  # written by hand, not adopted yet
+            data = {"id": "(not adopted)", "dataset_name": path.name, **data,
+                    "dataset_path": paths.relative(sidecar.resolve()).removesuffix(".job.json")}
+        return Job.from_dict(data, source=str(sidecar))
+    if path.is_file():
+        return None  # a dataset without a sidecar has no job layer
+    return TrainingQueue(paths.base).find(ref)
+
+
+def cmd_config_show(args) -> int:
+    from trainer.config.realm_config import resolve_for
+
+    paths = realm_paths(args, must_exist=False)
+    job = _job_for(paths, args.job) if args.job else None
+    resolved = resolve_for(paths, hero_id=args.hero, campaign=args.campaign, job=job,
+                           cli=cli_layer_from(args))
+    data = {"schema": CONFIG_SCHEMA, "hero": resolved.hero_id, "campaign": resolved.campaign,
+            "config_hash": resolved.config_hash, **resolved.canonical()}
+    if args.explain:
+        data["explain"] = resolved.explain()
+    if args.json:
+        print_json(data)
+    elif args.explain:
+        print(_explain_table(data))
+    else:
+        print(f"# hero {data['hero']}, campaign {data['campaign'] or '(none)'}, "
+              f"{data['config_hash']}")
+        print(yaml.safe_dump({**data["config"], "locked": data["locked"]}, sort_keys=False),
+              end="")
+    return 0
+
+
+def _explain_table(data: dict) -> str:
+    rows = [(r["key"], _show(r["value"]), r["layer"], r["source"]) for r in data["explain"]]
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    lines = [f"# hero {data['hero']}, campaign {data['campaign'] or '(none)'}, "
+             f"{data['config_hash']}",
+             f"{'key':<{widths[0]}}  {'value':<{widths[1]}}  {'layer':<{widths[2]}}  source"]
+    lines += [f"{k:<{widths[0]}}  {v:<{widths[1]}}  {l:<{widths[2]}}  {s}" for k, v, l, s in rows]
+    return "\n".join(lines)
+
+
+def _show(value) -> str:
+    return "null" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+
+
+# --- parser ---------------------------------------------------------------------------------
+
+def add_parsers(sub) -> None:
+    hero = sub.add_parser("hero", help="model profiles").add_subparsers(
+        dest="hero_command", required=True, metavar="COMMAND")
+    p = hero.add_parser("list", help="every hero this realm knows")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_hero_list)
+    p = hero.add_parser("show", help="one hero profile")
+    p.add_argument("hero")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_hero_show)
+
+    camp = sub.add_parser("campaign", help="training lineages").add_subparsers(
+        dest="campaign_command", required=True, metavar="COMMAND")
+    p = camp.add_parser("create", help="create (and activate) a campaign")
+    p.add_argument("name")
+    p.add_argument("--hero", required=True)
+    p.add_argument("--description")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="campaign override")
+    p.add_argument("--no-activate", action="store_true")
+    p.set_defaults(handler=cmd_campaign_create)
+    p = camp.add_parser("list", help="every campaign; * marks the active one")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_campaign_list)
+    p = camp.add_parser("activate", help="make HERO/NAME the active campaign")
+    p.add_argument("ref", metavar="HERO/NAME")
+    p.set_defaults(handler=cmd_campaign_activate)
+    p = camp.add_parser("show", help="one campaign (default: the active one)")
+    p.add_argument("ref", nargs="?", metavar="HERO/NAME")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_campaign_show)
+
+    config = sub.add_parser("config", help="the resolved configuration").add_subparsers(
+        dest="config_command", required=True, metavar="COMMAND")
+    p = config.add_parser("show", help="resolved config; --explain adds layer and source")
+    p.add_argument("--hero")
+    p.add_argument("--campaign", metavar="HERO/NAME")
+    p.add_argument("--job", metavar="FILE|JOB", help="a dataset, sidecar or queued job id")
+    p.add_argument("--explain", action="store_true")
+    p.add_argument("--json", action="store_true")
+    add_common_flags(p)
+    p.set_defaults(handler=cmd_config_show)

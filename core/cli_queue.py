@@ -1,0 +1,128 @@
+"""``realm queue ...``: status, list, show, add, retry, cancel."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+from core.cli_common import print_json, realm_paths
+from core.paths import PRIORITIES, check_name
+
+
+def _queue(args):
+    from core.training_queue import TrainingQueue
+
+    return TrainingQueue(realm_paths(args).base)
+
+
+def cmd_queue_status(args) -> int:
+    from core.queue_status import build_status, render_status
+
+    queue = _queue(args)
+    try:
+        while True:
+            status = build_status(queue)
+            if args.json:
+                print(json.dumps(status, ensure_ascii=False), flush=True)  # one line per refresh
+            else:
+                if args.watch and sys.stdout.isatty():
+                    print("\033[2J\033[H", end="")
+                print(render_status(status), flush=True)
+            if not args.watch:
+                return 0
+            time.sleep(args.interval)
+    except KeyboardInterrupt:
+        return 0  # Ctrl-C is how a person ends --watch
+
+
+def cmd_queue_list(args) -> int:
+    from core.queue_status import build_list, render_list
+
+    listing = build_list(_queue(args), args.state)
+    print(json.dumps(listing, indent=2) if args.json else render_list(listing))
+    return 0
+
+
+def cmd_queue_show(args) -> int:
+    from core.queue_status import render_job
+
+    job = _queue(args).find(args.job)
+    if args.json:
+        print_json(job.to_dict())
+    else:
+        print(render_job(job))
+    return 0
+
+
+def cmd_queue_add(args) -> int:
+    from core.overrides import parse_sets
+
+    for value, what in ((args.hero, "--hero"), (args.campaign, "--campaign")):
+        if value is not None:
+            check_name(value, what)
+    overrides = parse_sets(args.set)
+    job = _queue(args).add(Path(args.file), priority=args.priority, hero_id=args.hero,
+                           campaign_id=args.campaign, overrides=overrides)
+    print(f"queued {job.id} as {job.dataset_path} ({job.num_examples} examples, "
+          f"{job.num_bytes} bytes)")
+    return 0
+
+
+def cmd_queue_retry(args) -> int:
+    queue = _queue(args)
+    job = queue.retry(queue.find(args.job), reason=args.reason)
+    print(f"{job.id}: requeued as {job.dataset_path}")
+    return 0
+
+
+def cmd_queue_cancel(args) -> int:
+    queue = _queue(args)
+    job = queue.cancel(queue.find(args.job), reason=args.reason)
+    print(f"{job.id}: cancelled, now {job.dataset_path}")
+    return 0
+
+
+def add_parsers(sub) -> None:
+    from core.queue_status import LIST_STATES
+
+    queue = sub.add_parser("queue", help="inspect and change the job queue")
+    qsub = queue.add_subparsers(dest="queue_command", required=True, metavar="COMMAND")
+
+    p = qsub.add_parser("status", help="counts, the running job, recent results, problems")
+    p.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
+    p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    p.add_argument("--interval", type=float, default=2.0, help=argparse.SUPPRESS)
+    p.set_defaults(handler=cmd_queue_status)
+
+    p = qsub.add_parser("list", help="jobs in one state; queued ones in claim order")
+    p.add_argument("--state", choices=LIST_STATES, default="queued")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_queue_list)
+
+    p = qsub.add_parser("show", help="one job's full record and history")
+    p.add_argument("job", help="job id, unique id prefix, or dataset file name")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(handler=cmd_queue_show)
+
+    p = qsub.add_parser("add", help="copy a dataset into the queue atomically")
+    p.add_argument("file")
+    p.add_argument("--priority", choices=PRIORITIES, default="normal")
+    p.add_argument("--hero")
+    p.add_argument("--campaign")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE",
+                   help="config override stored on the job (repeatable)")
+    p.set_defaults(handler=cmd_queue_add)
+
+    for name, handler, default, help_ in (
+        ("retry", cmd_queue_retry, "retry requested by user", "failed/skipped/cancelled -> queued"),
+        ("cancel", cmd_queue_cancel, "cancelled by user", "queued -> cancelled"),
+    ):
+        p = qsub.add_parser(name, help=help_)
+        p.add_argument("job", help="job id, unique id prefix, or dataset file name")
+        p.add_argument("--reason", default=default, help="recorded in history and the ledger")
+        p.set_defaults(handler=handler)
+
+

@@ -1,0 +1,172 @@
+"""Campaigns: one training lineage of one hero, ``campaigns/<hero>/<name>/campaign.json``.
+
+Exactly one campaign is active, named by ``campaigns/active.json``. Both files are written
+atomically. A campaign is created whole or not at all: its folder is assembled under a hidden
+temporary name and renamed into place without replacing anything, so a duplicate name fails and
+leaves the first campaign untouched.
+"""
+
+from __future__ import annotations
+
+import difflib
+import secrets
+import shutil
+import subprocess
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from core.errors import ConfigError, UsageError
+from core.fsutil import rename_noreplace, write_json_atomic
+from core.job import utc_now
+from core.paths import RealmPaths, check_name
+from trainer.config.locked import LOCKED_FIELDS
+from trainer.config.sources import load_json
+
+CAMPAIGN_SCHEMA = 1
+_FIELDS = {"schema", "name", "hero_id", "description", "created_at", "status", "overrides",
+           "code_version", "config_hash"}
+
+
+@dataclass
+class Campaign:
+    name: str
+    hero_id: str
+    description: str = ""
+    created_at: str = field(default_factory=utc_now)
+    status: str = "open"
+    overrides: dict = field(default_factory=dict)
+    code_version: Optional[str] = None
+    config_hash: Optional[str] = None
+    path: Optional[Path] = None
+    """The campaign.json this was read from (not stored)."""
+    stray: dict = field(default_factory=dict)
+    """Top-level keys campaign.json holds besides its fields (reported by the resolver)."""
+
+    @property
+    def ref(self) -> str:
+        return f"{self.hero_id}/{self.name}"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"schema": CAMPAIGN_SCHEMA, "name": self.name, "hero_id": self.hero_id,
+                "description": self.description, "created_at": self.created_at,
+                "status": self.status, "overrides": self.overrides,
+                "code_version": self.code_version, "config_hash": self.config_hash}
+
+
+def campaign_dir(paths: RealmPaths, hero_id: str, name: str) -> Path:
+    return paths.campaigns / check_name(hero_id, "hero") / check_name(name, "campaign")
+
+
+def code_version() -> str | None:
+    """Short git hash of the realm code, or None outside a git checkout."""
+    src = Path(__file__).resolve().parents[2]
+    try:
+        out = subprocess.run(["git", "-C", str(src), "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def read_campaign(path: Path) -> Campaign:
+    data = load_json(path)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: campaign.json must be a JSON object.")
+    problems = []
+    stray = {k: v for k, v in data.items() if k not in _FIELDS}
+    for key in stray:
+        if key not in LOCKED_FIELDS and key != "locked":
+            close = difflib.get_close_matches(key, sorted(_FIELDS), n=1)
+            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            problems.append(f"{path}: unknown key '{key}'{hint}.")
+    if not isinstance(data.get("overrides", {}), dict):
+        problems.append(f"{path}: 'overrides' must be an object.")
+    for key in ("name", "hero_id"):
+        if not isinstance(data.get(key), str):
+            problems.append(f"{path}: missing or invalid '{key}'.")
+    if problems:
+        raise ConfigError(problems)
+    known = {k: v for k, v in data.items() if k in _FIELDS and k != "schema"}
+    return Campaign(**known, path=path,
+                    stray={k: v for k, v in stray.items() if k in LOCKED_FIELDS or k == "locked"})
+
+
+def list_campaigns(paths: RealmPaths) -> list[Campaign]:
+    out = []
+    for path in sorted(paths.campaigns.glob("*/*/campaign.json")):
+        if not path.parent.name.startswith("."):
+            out.append(read_campaign(path))
+    return out
+
+
+def active_ref(paths: RealmPaths) -> str | None:
+    pointer = paths.campaigns / "active.json"
+    if not pointer.exists():
+        return None
+    data = load_json(pointer)
+    try:
+        return f"{check_name(data['hero_id'], 'hero')}/{check_name(data['campaign'], 'campaign')}"
+    except (KeyError, TypeError, UsageError):
+        raise ConfigError(f"{pointer}: expected {{\"hero_id\": ..., \"campaign\": ...}}; fix it "
+                          "or run `realm campaign activate HERO/NAME`.") from None
+
+
+def find_campaign(paths: RealmPaths, ref: str | None = None) -> Campaign:
+    """A campaign by ``hero/name``, by a name unique across heroes, or the active one."""
+    ref = ref or active_ref(paths)
+    if ref is None:
+        raise UsageError("no campaign is active; create one with `realm campaign create NAME "
+                         "--hero HERO` or name one with --campaign HERO/NAME.")
+    if "/" in ref:
+        hero_id, _, name = ref.partition("/")
+        path = campaign_dir(paths, hero_id, name) / "campaign.json"
+        if not path.exists():
+            raise UsageError(f"no campaign '{ref}' ({path} does not exist); "
+                             "`realm campaign list` shows the campaigns.")
+        return read_campaign(path)
+    matches = [c for c in list_campaigns(paths) if c.name == check_name(ref, "campaign")]
+    if len(matches) != 1:
+        what = "no campaign" if not matches else f"{len(matches)} campaigns"
+        raise UsageError(f"{what} named '{ref}'; give it as HERO/NAME "
+                         "(`realm campaign list` shows them).")
+    return matches[0]
+
+
+def activate(paths: RealmPaths, ref: str) -> Campaign:
+    campaign = find_campaign(paths, ref)
+    write_json_atomic(paths.campaigns / "active.json",
+                      {"schema": CAMPAIGN_SCHEMA, "hero_id": campaign.hero_id,
+                       "campaign": campaign.name, "activated_at": utc_now()})
+    return campaign
+
+
+def create_campaign(paths: RealmPaths, name: str, hero_id: str, *, overrides: dict | None = None,
+                    description: str = "", activate_it: bool = True) -> Campaign:
+    """Validate overrides through the resolver, then create the folder atomically."""
+    from trainer.config.realm_config import resolve_for
+
+    final = campaign_dir(paths, hero_id, name)
+    campaign = Campaign(name=name, hero_id=hero_id, description=description,
+                        overrides=overrides or {}, code_version=code_version())
+    resolved = resolve_for(paths, hero_id=hero_id, campaign=campaign)  # raises on bad overrides
+    campaign.config_hash = resolved.config_hash
+    if final.exists():
+        raise UsageError(f"campaign '{hero_id}/{name}' already exists ({final}); choose another "
+                         "name (nothing was changed).")
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.parent / f".{name}.{secrets.token_hex(4)}.tmp"
+    (tmp / "checkpoints").mkdir(parents=True)
+    try:
+        write_json_atomic(tmp / "campaign.json", campaign.to_dict())
+        rename_noreplace(tmp, final)
+    except FileExistsError:
+        raise UsageError(f"campaign '{hero_id}/{name}' already exists ({final}); choose another "
+                         "name (nothing was changed).") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp)  # our own scratch folder, never the campaign
+    campaign.path = final / "campaign.json"
+    if activate_it:
+        activate(paths, campaign.ref)
+    return campaign

@@ -1,0 +1,171 @@
+"""Hero profiles: which model a campaign trains and its training defaults.
+
+A hero is ``configs/heroes/<id>.yaml`` in the realm, or one of the profiles shipped inside this
+package (``guild/heroes/profiles/``, installed into a realm by ``realm init``). A realm's own file
+wins over the shipped one of the same id. Files are read with ``yaml.safe_load`` and validated;
+every error names the file, the line and the key path.
+"""
+
+from __future__ import annotations
+
+import difflib
+import shutil
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Optional
+
+from core.errors import ConfigError, UsageError
+from core.paths import RealmPaths, check_name
+from trainer.config.sources import load_yaml, where
+
+DEFAULT_HERO = "tiny-qwen3"
+
+_TOP = {"id": str, "name": str, "description": str, "model": dict, "tokenizer": dict,
+        "chat": dict, "training_defaults": dict}
+_MODEL = {"architecture": str, "vocab_size": int, "context_length": int, "hf_name": str,
+          "path": str, "init": str, "config": dict}
+_TOKENIZER = {"kind": str, "path": str}
+_CHAT = {"template": str}
+_REQUIRED = ("id", "model", "model.architecture", "model.vocab_size", "model.context_length")
+_CHOICES = {"model.init": ("pretrained", "random"), "tokenizer.kind": ("pretrained", "byte")}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    architecture: str
+    vocab_size: int
+    context_length: int
+    hf_name: Optional[str] = None
+    path: Optional[str] = None
+    init: str = "pretrained"
+    config: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class HeroProfile:
+    id: str
+    name: str
+    description: str
+    model: ModelSpec
+    tokenizer: dict
+    chat: dict
+    training_defaults: dict
+    source: Path
+    """The YAML file this profile was read from."""
+    lines: dict = field(default_factory=dict, compare=False, repr=False)
+    """Line of each key path in ``source`` (for error messages)."""
+
+    def summary(self) -> dict[str, Any]:
+        m = self.model
+        weights = m.path or m.hf_name or ("random init" if m.init == "random" else None)
+        return {"id": self.id, "name": self.name, "architecture": m.architecture,
+                "vocab_size": m.vocab_size, "context_length": m.context_length,
+                "weights": weights, "source": str(self.source)}
+
+
+def shipped_dir() -> Path:
+    return Path(str(resources.files("guild.heroes") / "profiles"))
+
+
+def _check_keys(data: dict, schema: dict, prefix: str, path: Path, lines: dict,
+                problems: list[str]) -> None:
+    for key, value in data.items():
+        dotted = f"{prefix}{key}"
+        if key not in schema:
+            close = difflib.get_close_matches(str(key), list(schema), n=1)
+            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            problems.append(f"{where(path, lines, dotted)}: unknown key '{dotted}'{hint}.")
+        elif value is not None and not _is(value, schema[key]):
+            problems.append(f"{where(path, lines, dotted)}: '{dotted}' must be "
+                            f"{_NAMES[schema[key]]}, got {value!r}.")
+        elif dotted in _CHOICES and value is not None and value not in _CHOICES[dotted]:
+            problems.append(f"{where(path, lines, dotted)}: '{dotted}' must be one of "
+                            f"{', '.join(_CHOICES[dotted])}, got {value!r}.")
+
+
+_NAMES = {str: "a string", int: "an integer", dict: "a mapping"}
+
+
+def _is(value: Any, kind: type) -> bool:
+    return isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+
+
+def _get(data: dict, dotted: str) -> Any:
+    node: Any = data
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _validate(data: Any, path: Path, lines: dict) -> list[str]:
+    if not isinstance(data, dict):
+        return [f"{path}: a hero profile must be a YAML mapping (id, model, ...), "
+                f"got {type(data).__name__}."]
+    problems: list[str] = []
+    _check_keys(data, _TOP, "", path, lines, problems)
+    for section, schema in (("model", _MODEL), ("tokenizer", _TOKENIZER), ("chat", _CHAT)):
+        if isinstance(data.get(section), dict):
+            _check_keys(data[section], schema, f"{section}.", path, lines, problems)
+    problems += [f"{path}: missing required key '{k}'." for k in _REQUIRED if _get(data, k) is None]
+    model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    if model and model.get("init") == "random" and not model.get("config"):
+        problems.append(f"{where(path, lines, 'model.init')}: 'model.init: random' needs "
+                        "'model.config' (the architecture's config keys).")
+    if model and model.get("init", "pretrained") == "pretrained" and not (
+            model.get("path") or model.get("hf_name")):
+        problems.append(f"{path}: 'model' needs 'path' (a local model folder), 'hf_name', or "
+                        "'init: random' with a 'config'.")
+    if isinstance(data.get("id"), str) and data["id"] != path.stem:
+        problems.append(f"{where(path, lines, 'id')}: id '{data['id']}' must match the file name "
+                        f"'{path.stem}'.")
+    return problems
+
+
+def load_hero_file(path: Path) -> HeroProfile:
+    path = Path(path)
+    data, lines = load_yaml(path)
+    problems = _validate(data, path, lines)
+    if not problems and data.get("training_defaults"):
+        from trainer.config.realm_config import check_training_defaults_raw
+
+        problems = check_training_defaults_raw(data["training_defaults"], path, lines)
+    if problems:
+        raise ConfigError(problems)
+    model = ModelSpec(**{k: v for k, v in data["model"].items() if v is not None})
+    return HeroProfile(
+        id=data["id"], name=data.get("name") or data["id"],
+        description=(data.get("description") or "").strip(), model=model,
+        tokenizer=data.get("tokenizer") or {}, chat=data.get("chat") or {},
+        training_defaults=data.get("training_defaults") or {}, source=path, lines=lines)
+
+
+def hero_files(paths: RealmPaths | None) -> dict[str, Path]:
+    """Every known hero id -> its file; the realm's own profiles override shipped ones."""
+    found = {p.stem: p for p in sorted(shipped_dir().glob("*.yaml"))}
+    if paths is not None and paths.heroes.is_dir():
+        found.update({p.stem: p for p in sorted(paths.heroes.glob("*.yaml"))})
+    return found
+
+
+def load_hero(paths: RealmPaths | None, hero_id: str) -> HeroProfile:
+    check_name(hero_id, "hero")
+    files = hero_files(paths)
+    if hero_id not in files:
+        close = difflib.get_close_matches(hero_id, list(files), n=1)
+        hint = f" Did you mean '{close[0]}'?" if close else ""
+        raise UsageError(f"unknown hero '{hero_id}'; known heroes: {', '.join(sorted(files))}."
+                         f"{hint} Add configs/heroes/{hero_id}.yaml to define it.")
+    return load_hero_file(files[hero_id])
+
+
+def install_shipped(paths: RealmPaths) -> list[Path]:
+    """Copy shipped profiles missing from the realm's configs/heroes/ (never overwrites)."""
+    paths.heroes.mkdir(parents=True, exist_ok=True)
+    installed = []
+    for src in sorted(shipped_dir().glob("*.yaml")):
+        dst = paths.heroes / src.name
+        if not dst.exists() and not dst.is_symlink():
+            shutil.copyfile(src, dst)
+            installed.append(dst)
+    return installed

@@ -1,0 +1,1 @@
+"""Configuration: the typed schema, the six-layer resolver with provenance, the locked block."""

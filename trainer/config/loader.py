@@ -1,0 +1,245 @@
+"""The config resolver: six layers, later wins, every value remembering where it came from.
+
+    1 schema    dataclass defaults (trainer/config/schema.py)
+    2 hero      configs/heroes/<hero>.yaml  training_defaults
+    3 campaign  campaigns/<hero>/<campaign>/campaign.json  overrides
+    4 realm     <realm>/config.json
+    5 job       <dataset>.job.json  overrides
+    6 cli       command-line flags, then --set a.b=c (a flag not given overrides nothing)
+
+Unknown keys get a did-you-mean, types are checked (strings from --set or YAML are parsed),
+bounds and cross-field rules are checked, and every problem of one resolution is reported in one
+ConfigError. No layer may set a locked field: ``build_locked_config`` alone produces ``locked``.
+"""
+
+from __future__ import annotations
+
+import difflib
+import hashlib
+import json
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+from core.errors import ConfigError
+from trainer.config.locked import LOCKED_FIELDS, build_locked_config
+from trainer.config.schema import BOUNDS, SECTIONS, FieldSpec, RealmConfig, field_specs, \
+    from_flat, to_nested
+
+LAYERS = ("schema", "hero", "campaign", "realm", "job", "cli")
+SPECS = field_specs()
+
+# Command-line flags -> config keys (SPEC section 3's common flags).
+FLAG_KEYS = {
+    "batch_size": "training.micro_batch_size", "grad_accum": "training.grad_accum",
+    "learning_rate": "training.learning_rate", "max_steps": "training.max_steps",
+    "epochs": "training.epochs", "max_length": "data.max_length", "seed": "training.seed",
+}
+
+
+@dataclass
+class Layer:
+    """Values one layer sets, as written (nested or dotted keys), and where they came from."""
+
+    name: str
+    source: str
+    values: dict
+    key_sources: dict[str, str] = field(default_factory=dict)
+    """Per-key source where it differs from ``source`` (e.g. ``--learning-rate``)."""
+    lines: dict[str, int] = field(default_factory=dict)
+
+    def where(self, key: str) -> str:
+        src = self.key_sources.get(key, self.source)
+        line = self.lines.get(key)
+        return f"{src}:{line}" if line else src
+
+
+@dataclass
+class Resolved:
+    """A resolved config with provenance and the locked block."""
+
+    config: RealmConfig
+    locked: dict[str, Any]
+    provenance: dict[str, tuple[str, str]]
+    """dotted key -> (layer, source)."""
+    hero_id: str
+    campaign: str | None = None
+
+    def get(self, key: str) -> Any:
+        section, name = key.split(".", 1)
+        return getattr(getattr(self.config, section), name)
+
+    def canonical(self) -> dict[str, Any]:
+        return {"config": to_nested(self.config), "locked": self.locked}
+
+    @property
+    def config_hash(self) -> str:
+        """sha256 of the canonical resolved values: the config and the architecture.
+
+        Provenance and ``locked.model_version`` (the lineage name) are left out, so two campaigns
+        resolved to the same settings on the same model have the same hash.
+        """
+        arch = {k: v for k, v in self.locked.items() if k != "model_version"}
+        canonical = {"config": to_nested(self.config), "locked": arch}
+        blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
+        return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+
+    def explain(self) -> list[dict[str, Any]]:
+        rows = [{"key": k, "value": self.get(k), "layer": layer, "source": src}
+                for k, (layer, src) in self.provenance.items()]
+        return rows + [{"key": f"locked.{k}", "value": v, "layer": "locked",
+                        "source": "build_locked_config(hero)"} for k, v in self.locked.items()]
+
+
+# --- one layer ---------------------------------------------------------------------------------
+
+def flatten(values: Any, prefix: str = "") -> list[tuple[str, Any]]:
+    """Nested and dotted keys alike -> [(dotted key, leaf value)]."""
+    if not isinstance(values, dict):
+        return [(prefix, values)]
+    out = []
+    for key, value in values.items():
+        dotted = f"{prefix}.{key}" if prefix else str(key)
+        if isinstance(value, dict) and (dotted in SECTIONS or dotted == "locked"
+                                        or dotted not in SPECS):
+            out += flatten(value, dotted) if value else [(dotted, value)]
+        else:
+            out.append((dotted, value))
+    return out
+
+
+def _unknown(key: str) -> str:
+    close = difflib.get_close_matches(key, list(SPECS), n=1, cutoff=0.6)
+    if close:
+        return f"unknown key '{key}' (did you mean '{close[0]}'?)"
+    section = key.split(".")[0]
+    if section in SECTIONS:
+        names = ", ".join(k.split(".", 1)[1] for k in SPECS if k.startswith(section + "."))
+        return f"unknown key '{key}' (section '{section}' has: {names})"
+    return f"unknown key '{key}' (sections: {', '.join(SECTIONS)})"
+
+
+_INT = re.compile(r"[+-]?\d+")
+
+
+def coerce(spec: FieldSpec, value: Any) -> tuple[bool, Any]:
+    """(True, typed value) or (False, what was expected)."""
+    if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
+        return (True, None) if spec.optional else (False, "a value (null is not allowed here)")
+    kind = spec.type
+    if isinstance(kind, tuple):
+        return (True, value) if value in kind else (False, f"one of {', '.join(kind)}")
+    if kind is bool:
+        if isinstance(value, str) and value.lower() in ("true", "false"):
+            return True, value.lower() == "true"
+        return (True, value) if isinstance(value, bool) else (False, "true or false")
+    if isinstance(value, bool):
+        return False, _EXPECTED[kind]
+    if kind is int:
+        if isinstance(value, str) and _INT.fullmatch(value.strip()):
+            return True, int(value)
+        return (True, value) if isinstance(value, int) else (False, "an integer")
+    if kind is float:
+        try:
+            return (True, float(value)) if isinstance(value, (int, float, str)) else (False, "")
+        except ValueError:
+            return False, "a number"
+    return (True, value) if isinstance(value, kind) else (False, _EXPECTED.get(kind, str(kind)))
+
+
+_EXPECTED = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+
+
+def check_layer(layer: Layer) -> tuple[dict[str, Any], list[str]]:
+    """Typed dotted values of one layer, and its problems (each naming key and source)."""
+    typed, problems = {}, []
+    for key, value in flatten(layer.values):
+        parts = key.split(".")
+        if parts[0] == "locked" or parts[-1] in LOCKED_FIELDS:
+            problems.append(
+                f"{key}: set by the {layer.name} layer ({layer.where(key)}), but the locked "
+                "architecture comes only from the hero profile (build_locked_config); remove it "
+                "(to train another architecture, create a campaign on another hero).")
+        elif key not in SPECS:
+            problems.append(f"{_unknown(key)}, set by the {layer.name} layer ({layer.where(key)}).")
+        else:
+            ok, result = coerce(SPECS[key], value)
+            if ok:
+                typed[key] = result
+            else:
+                problems.append(f"{key}: expected {result or _EXPECTED[SPECS[key].type]}, got "
+                                f"{value!r} (from the {layer.name} layer, {layer.where(key)}).")
+    return typed, problems
+
+
+# --- all layers --------------------------------------------------------------------------------
+
+def resolve(layers: list[Layer], hero, *, campaign: str | None = None) -> Resolved:
+    """Apply ``layers`` (in LAYERS order) over the schema defaults; raise one ConfigError."""
+    values = {k: s.default for k, s in SPECS.items()}
+    provenance = {k: ("schema", "trainer/config/schema.py") for k in SPECS}
+    problems: list[str] = []
+    for layer in sorted(layers, key=lambda l: LAYERS.index(l.name)):
+        typed, layer_problems = check_layer(layer)
+        problems += layer_problems
+        for key, value in typed.items():
+            values[key] = value
+            provenance[key] = (layer.name, layer.where(key))
+    locked = build_locked_config(hero, None, values["data.max_length"],
+                                 model_version=campaign or hero.id)
+    problems += _check_bounds(values, provenance) + _cross_field(values, provenance, locked, hero)
+    if problems:
+        raise ConfigError(problems)
+    return Resolved(from_flat(values), locked, provenance, hero.id, campaign)
+
+
+def _origin(key: str, provenance: dict) -> str:
+    layer, source = provenance[key]
+    return f"set by the {layer} layer ({source})"
+
+
+def _check_bounds(values: dict, provenance: dict) -> list[str]:
+    problems = []
+    for key, (low, high) in BOUNDS.items():
+        value = values[key]
+        if value is None:
+            continue
+        if (low is not None and value < low) or (high is not None and value > high):
+            rng = f"at least {low}" if high is None else f"between {low} and {high}"
+            problems.append(f"{key}: must be {rng}, got {value} ({_origin(key, provenance)}).")
+    return problems
+
+
+def _cross_field(values: dict, provenance: dict, locked: dict, hero) -> list[str]:
+    problems = []
+    if values["data.max_length"] > locked["max_context_length"]:
+        problems.append(
+            f"data.max_length: {values['data.max_length']} is above the hero's context length "
+            f"{locked['max_context_length']} ({hero.id}, {hero.source}); "
+            f"{_origin('data.max_length', provenance)}. Use at most "
+            f"{locked['max_context_length']}.")
+    if values["governor.min_history"] > values["governor.window"]:
+        problems.append(
+            f"governor.min_history: {values['governor.min_history']} is larger than "
+            f"governor.window {values['governor.window']}: the window could never hold enough "
+            f"history ({_origin('governor.min_history', provenance)}).")
+    if values["daemon.lease_seconds"] <= values["daemon.heartbeat_seconds"]:
+        problems.append(
+            f"daemon.lease_seconds ({values['daemon.lease_seconds']}) must be longer than "
+            f"daemon.heartbeat_seconds ({values['daemon.heartbeat_seconds']}), or every lease "
+            f"would expire between two heartbeats ({_origin('daemon.lease_seconds', provenance)}).")
+    return problems
+
+
+def cli_layer(flags: dict[str, Any], sets: dict[str, Any], set_items: list[str]) -> Layer:
+    """The cli layer: flags that were given (None = not given), then --set (which wins)."""
+    values: dict[str, Any] = {}
+    key_sources: dict[str, str] = {}
+    for flag, value in flags.items():
+        if value is not None:
+            values[FLAG_KEYS[flag]] = value
+            key_sources[FLAG_KEYS[flag]] = "--" + flag.replace("_", "-")
+    for key, value in flatten(sets):
+        values[key] = value
+        key_sources[key] = "--set"
+    return Layer("cli", "--set", values, key_sources)

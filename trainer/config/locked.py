@@ -1,0 +1,61 @@
+"""The locked architecture block: the one place it is produced, and the check used on resume.
+
+``build_locked_config`` is the ONLY producer of ``locked`` (seed 002, task 1.1). The resolver
+refuses any config layer that tries to set one of ``LOCKED_FIELDS``; every checkpoint stores the
+block, and continuing from a checkpoint whose block differs is refused with ``verify_locked``'s
+diff. What it protects: the shape of the weights (architecture, vocabulary) and the lineage
+(which base model, which campaign), which no override can change mid-campaign.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Optional
+
+if TYPE_CHECKING:
+    from guild.heroes import HeroProfile
+
+LOCKED_FIELDS = ("base_model", "model_architecture", "max_context_length", "vocab_size",
+                 "model_version")
+
+
+def build_locked_config(hero: Optional["HeroProfile"], model_path: str | None,
+                        max_length: int, model_version: str = "v1") -> dict[str, Any]:
+    """The locked block for a hero (preferred) or, without one, for a bare model path.
+
+    With a hero, ``max_context_length`` is the hero's context length (``max_length`` is the
+    training row length and is checked against it by the resolver). Without a hero the caller's
+    ``max_length`` is the only context length known.
+    """
+    if hero is not None:
+        model = hero.model
+        return {
+            "base_model": model.path or model.hf_name or f"random-init:{hero.id}",
+            "model_architecture": model.architecture,
+            "max_context_length": model.context_length,
+            "vocab_size": model.vocab_size,
+            "model_version": model_version,
+        }
+    if not model_path:
+        raise ValueError("build_locked_config needs a hero profile or a model path")
+    return {
+        "base_model": model_path,
+        "model_architecture": "AutoModelForCausalLM",
+        "max_context_length": max_length,
+        "vocab_size": None,  # unknown until the model config is read; verified on load
+        "model_version": model_version,
+    }
+
+
+def verify_locked(stored: dict[str, Any], current: dict[str, Any], *,
+                  stored_name: str = "checkpoint", current_name: str = "campaign") -> str | None:
+    """None when the blocks agree, else a readable diff naming every differing field."""
+    lines = []
+    for key in LOCKED_FIELDS:
+        a, b = stored.get(key), current.get(key)
+        if a != b:
+            lines.append(f"  {key}: {stored_name} has {a!r}, {current_name} has {b!r}")
+    extra = sorted((set(stored) ^ set(current)) - set(LOCKED_FIELDS))
+    lines += [f"  {key}: present in only one block" for key in extra]
+    if not lines:
+        return None
+    return f"locked architecture differs ({stored_name} vs {current_name}):\n" + "\n".join(lines)

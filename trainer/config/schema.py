@@ -1,0 +1,234 @@
+"""The config schema: typed dataclasses, one per section, a docstring under every field.
+
+Layer 1 of the resolver (schema defaults). Closed choices are ``Literal``; bounds that a type
+cannot express live in ``BOUNDS``. The ``locked`` block is not here: only
+``trainer.config.locked.build_locked_config`` produces it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional
+
+
+@dataclass
+class TrainingConfig:
+    micro_batch_size: int = 8
+    """Rows (packed sequences) per forward pass; CLI --batch-size."""
+    grad_accum: int = 1
+    """Micro-batches accumulated per optimizer step; CLI --grad-accum."""
+    learning_rate: float = 2e-4
+    """Peak AdamW learning rate; CLI --learning-rate."""
+    weight_decay: float = 0.0
+    """AdamW decoupled weight decay."""
+    adam_beta1: float = 0.9
+    """AdamW first-moment decay."""
+    adam_beta2: float = 0.95
+    """AdamW second-moment decay."""
+    warmup_steps: int = 10
+    """Linear warmup length in optimizer steps."""
+    schedule: Literal["cosine", "constant"] = "cosine"
+    """Learning-rate shape after warmup."""
+    min_lr_ratio: float = 0.1
+    """Cosine floor as a fraction of the peak learning rate."""
+    epochs: int = 1
+    """Passes over the dataset; CLI --epochs."""
+    max_steps: Optional[int] = None
+    """Stop after this many optimizer steps in the job (None: run the epochs); CLI --max-steps."""
+    max_grad_norm: float = 1.0
+    """Gradient clipping threshold (0 disables clipping)."""
+    seed: int = 42
+    """Seed for data order, dropout and initialisation; CLI --seed."""
+    precision: Literal["auto", "fp32", "bf16"] = "auto"
+    """auto: bf16 autocast on CUDA when supported, fp32 on CPU."""
+    compile: bool = False
+    """Wrap the model in torch.compile."""
+
+
+@dataclass
+class DataConfig:
+    format: Literal["auto", "text", "prompt_completion", "messages"] = "auto"
+    """Line format; auto detects it per line from the keys present."""
+    max_length: int = 512
+    """Tokens per training row; must not exceed the hero's context length; CLI --max-length."""
+    packing: bool = True
+    """Pack several examples per row with attention isolated per example."""
+    train_on_inputs: bool = False
+    """Also compute loss on prompt / non-assistant tokens."""
+    on_bad_line: Literal["fail", "skip"] = "fail"
+    """fail: stop at the first bad line naming file:line; skip: count and log bad lines."""
+    max_bad_fraction: float = 0.01
+    """With on_bad_line=skip, fail the job when more than this fraction of lines is bad."""
+    val_fraction: float = 0.0
+    """Fraction of examples held out for validation loss (0 disables validation)."""
+    shuffle: bool = True
+    """Shuffle example order each epoch (seeded)."""
+
+
+@dataclass
+class CheckpointConfig:
+    save_steps: int = 100
+    """Write a checkpoint every N optimizer steps (and always at the end of a job)."""
+    keep_last: int = 3
+    """Complete checkpoints to keep per campaign; older ones are removed (logged)."""
+
+
+@dataclass
+class GovernorConfig:
+    enabled: bool = True
+    """Disabling is allowed, recorded on the job and warned about."""
+    window: int = 20
+    """Healthy losses kept for the divergence statistics."""
+    min_history: int = 10
+    """No statistical verdict before this many healthy losses."""
+    sigma_k: float = 6.0
+    """Divergence needs loss > mean + k * std of the healthy window."""
+    multiplier: float = 3.0
+    """... and loss > multiplier * mean of the healthy window."""
+    divergence_floor: float = 1.0
+    """... and loss above this absolute value (tiny losses never count as divergence)."""
+    min_panics: int = 3
+    """Consecutive anomalous steps before a divergence panic."""
+    lobotomy_tolerance: float = 0.065
+    """Collapse to ln(vocab) +/- tolerance * ln(vocab) counts as lobotomy."""
+    lobotomy_healthy_ratio: float = 0.6
+    """... only when the healthy average was below this fraction of ln(vocab)."""
+    snapshot_steps: int = 25
+    """Take a last-known-good snapshot every N healthy optimizer steps."""
+    max_rollbacks: int = 3
+    """Rollbacks allowed in one job before it fails permanently."""
+    lr_backoff: float = 0.5
+    """Multiply the learning rate by this after a rollback (1.0 keeps it)."""
+
+
+@dataclass
+class DaemonConfig:
+    settle_seconds: float = 2.0
+    """A new dataset must hold still (size and mtime) this long before it is adopted."""
+    poll_interval: float = 5.0
+    """Seconds between periodic rescans (the only wake-up with --poll)."""
+    max_attempts: int = 3
+    """Retryable failures (crash, OOM, timeout) before a job fails for good."""
+    heartbeat_seconds: float = 5.0
+    """How often a running job renews its lease."""
+    lease_seconds: float = 60.0
+    """A lease not renewed for this long is reaped by another daemon."""
+    job_timeout: float = 600.0
+    """Kill a child that sends no heartbeat for this many seconds."""
+    stop_grace_seconds: float = 60.0
+    """After the first SIGTERM, how long the child may take to checkpoint and stop."""
+    min_free_disk_gb: float = 1.0
+    """Do not claim a job while the realm's file system has less free space."""
+    min_free_memory_gb: float = 0.5
+    """Do not claim a job while less memory is available."""
+
+
+@dataclass
+class LoggingConfig:
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    """Minimum level written to logs/daemon.jsonl and the console."""
+    log_every_steps: int = 10
+    """One compact progress line every N optimizer steps."""
+    status_every_seconds: float = 2.0
+    """Minimum interval between rewrites of status/training_status.json."""
+
+
+@dataclass
+class RealmConfig:
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    governor: GovernorConfig = field(default_factory=GovernorConfig)
+    daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+
+# (minimum, maximum) inclusive; None means unbounded.
+BOUNDS: dict[str, tuple[float | None, float | None]] = {
+    "training.micro_batch_size": (1, None), "training.grad_accum": (1, None),
+    "training.learning_rate": (0, None), "training.weight_decay": (0, None),
+    "training.adam_beta1": (0, 1), "training.adam_beta2": (0, 1),
+    "training.warmup_steps": (0, None), "training.min_lr_ratio": (0, 1),
+    "training.epochs": (1, None), "training.max_steps": (1, None),
+    "training.max_grad_norm": (0, None), "training.seed": (0, None),
+    "data.max_length": (8, None), "data.max_bad_fraction": (0, 1), "data.val_fraction": (0, 0.5),
+    "checkpoint.save_steps": (1, None), "checkpoint.keep_last": (1, None),
+    "governor.window": (2, None), "governor.min_history": (2, None), "governor.sigma_k": (0, None),
+    "governor.multiplier": (1, None), "governor.min_panics": (1, None),
+    "governor.lobotomy_tolerance": (0, 1), "governor.lobotomy_healthy_ratio": (0, 1),
+    "governor.snapshot_steps": (1, None), "governor.max_rollbacks": (0, None),
+    "governor.lr_backoff": (0, 1),
+    "daemon.settle_seconds": (0, None), "daemon.poll_interval": (0.05, None),
+    "daemon.max_attempts": (1, None), "daemon.heartbeat_seconds": (0.05, None),
+    "daemon.lease_seconds": (0.1, None), "daemon.job_timeout": (1, None),
+    "daemon.stop_grace_seconds": (0, None), "daemon.min_free_disk_gb": (0, None),
+    "daemon.min_free_memory_gb": (0, None),
+    "logging.log_every_steps": (1, None), "logging.status_every_seconds": (0, None),
+}
+
+
+@dataclass(frozen=True)
+class FieldSpec:
+    key: str
+    """Dotted key as the user writes it: ``training.learning_rate``."""
+    type: Any
+    """int, float, bool, str, or a tuple of allowed strings for a Literal."""
+    optional: bool
+    default: Any
+    doc: str
+
+
+def _field_docs(cls: type) -> dict[str, str]:
+    """Docstrings written under dataclass fields (read from the source)."""
+    import ast
+    import inspect
+    import textwrap
+
+    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
+    body = tree.body[0].body
+    docs = {}
+    for node, nxt in zip(body, body[1:]):
+        if isinstance(node, ast.AnnAssign) and isinstance(nxt, ast.Expr) and \
+                isinstance(getattr(nxt, "value", None), ast.Constant):
+            docs[node.target.id] = str(nxt.value.value)
+    return docs
+
+
+def _spec(section: str, f: dataclasses.Field, hint: Any, doc: str) -> FieldSpec:
+    args = typing.get_args(hint)
+    optional = type(None) in args
+    base = next(a for a in args if a is not type(None)) if optional else hint
+    if typing.get_origin(base) is Literal:
+        base = tuple(typing.get_args(base))
+    return FieldSpec(f"{section}.{f.name}", base, optional, f.default, doc)
+
+
+def field_specs() -> dict[str, FieldSpec]:
+    """Every settable key of the schema, by dotted name."""
+    specs = {}
+    for section in dataclasses.fields(RealmConfig):
+        cls = section.default_factory  # type: ignore[misc]
+        hints, docs = typing.get_type_hints(cls), _field_docs(cls)
+        for f in dataclasses.fields(cls):
+            spec = _spec(section.name, f, hints[f.name], docs.get(f.name, ""))
+            specs[spec.key] = spec
+    return specs
+
+
+SECTIONS = tuple(f.name for f in dataclasses.fields(RealmConfig))
+
+
+def to_nested(config: RealmConfig) -> dict[str, dict[str, Any]]:
+    return dataclasses.asdict(config)
+
+
+def from_flat(values: dict[str, Any]) -> RealmConfig:
+    """Build a RealmConfig from validated dotted keys (missing keys keep their defaults)."""
+    sections: dict[str, dict[str, Any]] = {s: {} for s in SECTIONS}
+    for key, value in values.items():
+        section, name = key.split(".", 1)
+        sections[section][name] = value
+    kinds = {f.name: f.default_factory for f in dataclasses.fields(RealmConfig)}  # type: ignore
+    return RealmConfig(**{s: kinds[s](**v) for s, v in sections.items()})
