@@ -1,0 +1,145 @@
+"""The on-disk tokenized dataset: built once, streamed, reused by retries and resumes.
+
+``<realm>/cache/tokens/<key>/`` holds ``ids.bin`` (int32), ``trained.bin`` (uint8), ``starts.npy``
+(int64 example boundaries) and ``meta.json``; ``COMPLETE`` is written last. The key is a hash of
+the dataset's sha256, the tokenizer fingerprint and the data settings that change tokens, so a
+changed dataset, tokenizer or setting never reuses stale tokens. A build writes into a temp folder
+and renames it into place; memory does not grow with the file (one line and one chunk at a time).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from core.fsutil import fsync_dir, rename_noreplace, write_json_atomic
+from trainer.data.reader import BadLine, BadLineCounter, check_bad_fraction, iter_examples, reject
+from trainer.data.tokenize import tokenize, tokenizer_fingerprint
+
+CACHE_VERSION = 1
+_FLUSH_TOKENS = 1 << 20
+
+
+@dataclass
+class TokenStore:
+    """Read-only view of a built cache (memory-mapped)."""
+
+    root: Path
+    ids: np.ndarray
+    trained: np.ndarray
+    starts: np.ndarray
+    meta: dict
+
+    def __len__(self) -> int:
+        return len(self.starts) - 1
+
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.starts)
+
+    def example(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = self.starts[i], self.starts[i + 1]
+        return self.ids[a:b], self.trained[a:b]
+
+
+def cache_key(dataset_sha256: str, tokenizer, data_cfg) -> str:
+    parts = {"v": CACHE_VERSION, "sha": dataset_sha256, "tok": tokenizer_fingerprint(tokenizer),
+             "format": data_cfg.format, "max_length": data_cfg.max_length,
+             "train_on_inputs": data_cfg.train_on_inputs, "on_bad_line": data_cfg.on_bad_line}
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
+
+
+def open_store(root: Path) -> TokenStore:
+    meta = json.loads((root / "meta.json").read_text())
+    ids = np.memmap(root / "ids.bin", dtype=np.int32, mode="r") if meta["num_tokens"] else \
+        np.zeros(0, np.int32)
+    trained = np.memmap(root / "trained.bin", dtype=np.uint8, mode="r") if meta["num_tokens"] \
+        else np.zeros(0, np.uint8)
+    return TokenStore(root, ids, trained, np.load(root / "starts.npy"), meta)
+
+
+def load_or_build(dataset: Path, dataset_sha256: str, tokenizer, data_cfg,
+                  cache_root: Path) -> tuple[TokenStore, bool]:
+    """(store, reused): the cached tokens for this dataset and settings, building them if needed."""
+    root = cache_root / cache_key(dataset_sha256, tokenizer, data_cfg)
+    if (root / "COMPLETE").exists():
+        return open_store(root), True
+    cache_root.mkdir(parents=True, exist_ok=True)
+    tmp = cache_root / f".{root.name}.{os.getpid()}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        _build(dataset, tokenizer, data_cfg, tmp)
+        try:
+            rename_noreplace(tmp, root)
+        except FileExistsError:
+            pass  # another process built the same cache first: use theirs
+        fsync_dir(cache_root)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return open_store(root), False
+
+
+class _Writer:
+    """Appends token chunks to the cache files, flushing every ~1 M tokens."""
+
+    def __init__(self, root: Path):
+        self.ids_fh = open(root / "ids.bin", "wb")
+        self.trained_fh = open(root / "trained.bin", "wb")
+        self.ids: list[int] = []
+        self.trained: list[bool] = []
+        self.starts = [0]
+
+    def add(self, ids: list[int], trained: list[bool]) -> None:
+        self.ids += ids
+        self.trained += trained
+        self.starts.append(self.starts[-1] + len(ids))
+        if len(self.ids) >= _FLUSH_TOKENS:
+            self.flush()
+
+    def flush(self) -> None:
+        np.asarray(self.ids, dtype=np.int32).tofile(self.ids_fh)
+        np.asarray(self.trained, dtype=np.uint8).tofile(self.trained_fh)
+        self.ids, self.trained = [], []
+
+    def close(self) -> None:
+        self.flush()
+        for fh in (self.ids_fh, self.trained_fh):
+            fh.flush()
+            os.fsync(fh.fileno())
+            fh.close()
+
+
+def _build(dataset: Path, tokenizer, data_cfg, root: Path) -> None:
+    counter = BadLineCounter()
+    writer = _Writer(root)
+    stats = {"truncated": 0, "trained_tokens": 0}
+    try:
+        for example in iter_examples(dataset, forced=data_cfg.format,
+                                     on_bad_line=data_cfg.on_bad_line, counter=counter):
+            try:
+                tok = tokenize(tokenizer, example, max_length=data_cfg.max_length,
+                               train_on_inputs=data_cfg.train_on_inputs)
+            except BadLine as bad:
+                reject(dataset, example.line, str(bad), data_cfg.on_bad_line, counter)
+                continue
+            stats["truncated"] += tok.truncated
+            stats["trained_tokens"] += sum(tok.trained[1:])
+            writer.add(tok.ids, tok.trained)
+    finally:
+        writer.close()
+    check_bad_fraction(dataset, counter, data_cfg.max_bad_fraction)
+    np.save(root / "starts.npy", np.asarray(writer.starts, dtype=np.int64))
+    num_tokens = writer.starts[-1]
+    write_json_atomic(root / "meta.json", {
+        "version": CACHE_VERSION, "dataset": str(dataset), "num_examples": len(writer.starts) - 1,
+        "num_tokens": num_tokens, "trained_tokens": stats["trained_tokens"],
+        "masked_fraction": 1 - stats["trained_tokens"] / max(1, num_tokens),
+        "truncated_examples": stats["truncated"], "lines": counter.total,
+        "bad_lines": counter.bad, "bad_line_samples": counter.samples})
+    (root / "COMPLETE").write_text("ok\n")

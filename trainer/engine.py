@@ -1,0 +1,397 @@
+"""The trainer for one job: setup, an epoch runner with small named helpers, finalize.
+
+    Trainer.train():  _setup_model -> _setup_data -> _setup_optimizer -> _restore
+                      -> EpochRunner.run() per epoch -> _finalize
+
+The step body lives in ``EpochRunner.train_step``: prepare microbatches, forward/backward each
+(loss summed over tokens and divided by the step's total target tokens, so accumulation equals
+one big batch), optimizer step with clipping, metrics. After every optimizer step the guard
+(the governor, issue 5) sees (loss, grad_norm) and approves the state; a checkpoint is written
+only from an approved state. One cooperative stop check per step: a stop request checkpoints at
+the step boundary and raises ``StopRequested``.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from trainer.checkpoint import (Checkpoint, apply_retention, clean_incomplete, latest_checkpoint,
+                                save_checkpoint)
+from trainer.config.locked import verify_locked
+from trainer.data.cache import TokenStore, load_or_build
+from trainer.data.packing import IGNORE, Batch, collate, pack_rows, packing_efficiency
+from trainer.data.reader import DataError
+from trainer.metrics import RunningStats, StatusWriter, StepMetrics, get_logger, \
+    progress_line, status_payload
+from trainer.model import load_model
+
+from core.errors import ConfigError
+
+
+class StopRequested(Exception):
+    """Control signal: the job stopped at a step boundary; ``checkpoint`` is its resume point."""
+
+    def __init__(self, checkpoint: Checkpoint):
+        super().__init__(f"stopped at step {checkpoint.step}")
+        self.checkpoint = checkpoint
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss or gradient norm is NaN/Inf and no guard can roll back."""
+
+
+@dataclass
+class JobSpec:
+    """Everything one job needs, resolved before training starts."""
+
+    job_id: str
+    dataset: Path
+    dataset_sha256: str
+    config: Any  # RealmConfig
+    locked: dict
+    hero: Any  # HeroProfile
+    checkpoint_root: Path
+    cache_root: Path
+    config_hash: str = ""
+    status_path: Path | None = None
+
+
+@dataclass
+class Position:
+    """Where the job is in its data: resume restores exactly this."""
+
+    epoch: int = 0
+    cursor: int = 0
+    """Microbatches of this epoch already consumed."""
+
+
+@dataclass
+class TrainResult:
+    start_step: int
+    final_step: int
+    final_loss: float | None
+    final_val_loss: float | None
+    tokens_per_sec_avg: float
+    checkpoint: Checkpoint | None
+    data: dict = field(default_factory=dict)
+    resumed_from: int | None = None
+
+
+class FiniteGuard:
+    """The minimal guard: approves finite steps, fails the job on NaN/Inf.
+
+    The governor (issue 5) replaces it with rollback to a last-known-good snapshot.
+    """
+
+    approved = True
+
+    def after_step(self, trainer: "Trainer", m: StepMetrics) -> None:
+        if not (math.isfinite(m.loss) and math.isfinite(m.grad_norm)):
+            self.approved = False
+            raise NonFiniteLoss(f"step {m.step}: loss {m.loss}, grad_norm {m.grad_norm}; no "
+                                "checkpoint written from this state")
+        self.approved = True
+
+
+def pick_device(precision: str) -> tuple[torch.device, torch.dtype | None]:
+    """(device, autocast dtype or None): bf16 autocast on CUDA when asked or auto; fp32 on CPU."""
+    if torch.cuda.is_available():
+        use_bf16 = precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
+        return torch.device("cuda"), torch.bfloat16 if use_bf16 else None
+    return torch.device("cpu"), None
+
+
+class Trainer:
+    def __init__(self, spec: JobSpec, *, stop_requested: Callable[[], bool] = lambda: False,
+                 guard=None, device: torch.device | None = None):
+        self.spec, self.cfg = spec, spec.config
+        self.stop_requested = stop_requested
+        self.guard = guard or FiniteGuard()
+        self.device, self.autocast_dtype = pick_device(self.cfg.training.precision)
+        if device is not None:
+            self.device, self.autocast_dtype = device, None
+        self.log = get_logger(job_id=spec.job_id)
+        self.stats = RunningStats()
+        self.position = Position()
+        self.status = StatusWriter(spec.status_path, self.cfg.logging.status_every_seconds)
+
+    # --- the spine ------------------------------------------------------------------------
+
+    def train(self) -> TrainResult:
+        self._setup_model()
+        self._setup_data()
+        self._setup_optimizer()
+        self._restore()
+        runner = EpochRunner(self)
+        while not self.finished():
+            runner.run()
+        return self._finalize()
+
+    def finished(self) -> bool:
+        return self.job_step >= self.total_steps or self.position.epoch >= self.cfg.training.epochs
+
+    @property
+    def job_step(self) -> int:
+        return self.global_step - self.job_start_step
+
+    # --- setup ----------------------------------------------------------------------------
+
+    def _setup_model(self) -> None:
+        root = self.spec.checkpoint_root
+        clean_incomplete(root)
+        self.start_checkpoint = latest_checkpoint(root)
+        if self.start_checkpoint is not None:
+            diff = verify_locked(self.start_checkpoint.locked(), self.spec.locked)
+            if diff:
+                raise ConfigError(f"refusing to continue from {self.start_checkpoint.path}: {diff}")
+        self.model, self.tokenizer = load_model(
+            self.spec.hero, self.spec.locked, seed=self.cfg.training.seed,
+            checkpoint=self.start_checkpoint.path if self.start_checkpoint else None)
+        self.model.to(self.device)
+        if self.cfg.training.compile:
+            self.model = torch.compile(self.model)
+        self.global_step = self.start_checkpoint.step if self.start_checkpoint else 0
+        self.job_start_step = self.global_step
+
+    def _setup_data(self) -> None:
+        data = self.cfg.data
+        store, reused = load_or_build(self.spec.dataset, self.spec.dataset_sha256,
+                                      self.tokenizer, data, self.spec.cache_root)
+        self.store = store
+        train_idx, val_idx = self._split(len(store))
+        lengths = store.lengths()
+        self.rows = [[train_idx[i] for i in row] for row in
+                     pack_rows(lengths[train_idx], data.max_length, data.packing)]
+        self.val_rows = [[val_idx[i] for i in row] for row in
+                         pack_rows(lengths[val_idx], data.max_length, data.packing)]
+        B, A = self.cfg.training.micro_batch_size, self.cfg.training.grad_accum
+        self.micro_per_epoch = math.ceil(len(self.rows) / B)
+        steps_per_epoch = math.ceil(self.micro_per_epoch / A)
+        total = steps_per_epoch * self.cfg.training.epochs
+        self.total_steps = min(total, self.cfg.training.max_steps or total)
+        self.data_stats = {
+            "packing_efficiency": round(packing_efficiency(self.rows, lengths, data.max_length), 4),
+            "rows": len(self.rows), "val_rows": len(self.val_rows), "cache_reused": reused,
+            **{k: store.meta[k] for k in ("num_examples", "num_tokens", "trained_tokens",
+                                          "masked_fraction", "truncated_examples", "bad_lines")}}
+        self.log.info("data.ready", **self.data_stats, total_steps=self.total_steps)
+        if not self.rows:
+            raise DataError(f"{self.spec.dataset}: no training rows after the validation split.")
+
+    def _split(self, n: int) -> tuple[list[int], list[int]]:
+        n_val = int(n * self.cfg.data.val_fraction)
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(self.cfg.training.seed))
+        val = sorted(order[:n_val].tolist())
+        held = set(val)
+        return [i for i in range(n) if i not in held], val
+
+    def _setup_optimizer(self) -> None:
+        t = self.cfg.training
+        fused = self.device.type == "cuda"
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.learning_rate,
+                                           betas=(t.adam_beta1, t.adam_beta2),
+                                           weight_decay=t.weight_decay, fused=fused)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+
+    def _lr_factor(self, step: int) -> float:
+        t = self.cfg.training
+        if step < t.warmup_steps:
+            return (step + 1) / t.warmup_steps
+        if t.schedule == "constant":
+            return 1.0
+        span = max(1, self.total_steps - t.warmup_steps)
+        progress = min(1.0, (step - t.warmup_steps) / span)
+        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def _restore(self) -> None:
+        """Resume this job's own checkpoint exactly; a previous job's only lends its weights."""
+        ckpt = self.start_checkpoint
+        if ckpt is None:
+            return
+        state = ckpt.state()
+        if state.get("job_id") != self.spec.job_id or state.get("job_finished"):
+            self.log.info("job.continues_from", checkpoint=str(ckpt.path), step=ckpt.step)
+            return
+        saved = ckpt.torch_state()
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng_cpu"])
+        if self.device.type == "cuda" and saved.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(saved["rng_cuda"])
+        self.job_start_step = state["job_start_step"]
+        self.position = Position(state["epoch"], state["cursor"])
+        self.stats.loss_ewma = state.get("loss_ewma")
+        self.resumed_from = ckpt.step
+        self.log.info("job.resumed", checkpoint=str(ckpt.path), step=ckpt.step,
+                      epoch=self.position.epoch, cursor=self.position.cursor)
+
+    # --- state the governor and checkpoints use -------------------------------------------
+
+    def checkpoint(self, *, finished: bool = False) -> Checkpoint:
+        state = {"job_id": self.spec.job_id, "job_start_step": self.job_start_step,
+                 "job_finished": finished, "epoch": self.position.epoch,
+                 "cursor": self.position.cursor, "loss_ewma": self.stats.loss_ewma,
+                 "dataset_sha256": self.spec.dataset_sha256, "config_hash": self.spec.config_hash,
+                 "tokens_seen": self.stats.tokens}
+        torch_state = {"optimizer": self.optimizer.state_dict(),
+                       "scheduler": self.scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
+                       "rng_cuda": torch.cuda.get_rng_state() if self.device.type == "cuda"
+                       else None}
+        model = getattr(self.model, "_orig_mod", self.model)
+        ckpt = save_checkpoint(self.spec.checkpoint_root, self.global_step, model, self.tokenizer,
+                               state=state, torch_state=torch_state, locked=self.spec.locked)
+        apply_retention(self.spec.checkpoint_root, self.cfg.checkpoint.keep_last,
+                        protect={ckpt.path})
+        self.log.info("checkpoint.saved", step=self.global_step, path=str(ckpt.path))
+        return ckpt
+
+    # --- the end --------------------------------------------------------------------------
+
+    def _finalize(self) -> TrainResult:
+        ckpt = self.checkpoint(finished=True) if self.guard.approved else None
+        val = self.evaluate(self.val_rows) if self.val_rows else None
+        last = self.stats.last
+        self.status.write({"state": "finished", "job_id": self.spec.job_id,
+                           "step": self.global_step}, force=True)
+        return TrainResult(self.job_start_step, self.global_step,
+                           last.loss if last else None, val, self.stats.tokens_per_sec_avg,
+                           ckpt, self.data_stats, getattr(self, "resumed_from", None))
+
+    @torch.no_grad()
+    def evaluate(self, rows: list[list[int]]) -> float:
+        self.model.eval()
+        total, count = 0.0, 0
+        B = self.cfg.training.micro_batch_size
+        for i in range(0, len(rows), B):
+            batch = collate(rows[i:i + B], self.store, self.tokenizer.pad_token_id).to(self.device)
+            total += float(token_loss_sum(self.model, batch, self.autocast_dtype))
+            count += batch.target_tokens
+        self.model.train()
+        return total / max(1, count)
+
+
+def token_loss_sum(model, batch: Batch, autocast_dtype) -> torch.Tensor:
+    """Sum of next-token cross-entropy over target tokens (fp32 logits math)."""
+    with torch.autocast(batch.input_ids.device.type, dtype=autocast_dtype,
+                        enabled=autocast_dtype is not None):
+        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
+                       position_ids=batch.position_ids).logits
+    return torch.nn.functional.cross_entropy(
+        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch.labels[:, 1:].reshape(-1),
+        ignore_index=IGNORE, reduction="sum")
+
+
+class EpochRunner:
+    """One epoch from ``trainer.position``: the loop reads top to bottom."""
+
+    def __init__(self, trainer: Trainer):
+        self.t = trainer
+
+    def run(self) -> None:
+        for groups in self._step_groups():
+            metrics = self.train_step(groups)
+            self._update_metrics(metrics)
+            self.t.guard.after_step(self.t, metrics)
+            self._after_step()
+            if self.t.finished():
+                return
+        self._finalize_epoch()
+
+    # --- helpers, in loop order -----------------------------------------------------------
+
+    def _step_groups(self):
+        """Microbatches (lists of rows) grouped per optimizer step, from the saved cursor."""
+        t = self.t
+        B, A = t.cfg.training.micro_batch_size, t.cfg.training.grad_accum
+        order = self._epoch_order(t.position.epoch)
+        micro = [order[i:i + B] for i in range(0, len(order), B)]
+        for start in range(t.position.cursor, len(micro), A):
+            yield [[t.rows[r] for r in mb] for mb in micro[start:start + A]]
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        n = len(self.t.rows)
+        if not self.t.cfg.data.shuffle:
+            return list(range(n))
+        gen = torch.Generator().manual_seed(self.t.cfg.training.seed * 1_000_003 + epoch)
+        return torch.randperm(n, generator=gen).tolist()
+
+    def train_step(self, groups: list[list[list[int]]]) -> StepMetrics:
+        t0 = time.perf_counter()
+        batches, wait_ms = self._prepare_microbatches(groups)
+        step_tokens = sum(b.target_tokens for b in batches)
+        loss_sum, h2d_ms = 0.0, 0.0
+        for batch in batches:
+            device_batch, ms = self._to_device(batch)
+            h2d_ms += ms
+            loss_sum += self._forward_backward(device_batch, step_tokens)
+        grad_norm, lr = self._optimizer_step()
+        self.t.position.cursor += len(groups)
+        self.t.global_step += 1
+        latency = (time.perf_counter() - t0) * 1000
+        loss = loss_sum / max(1, step_tokens)
+        return StepMetrics(self.t.global_step, loss, math.nan, grad_norm, lr, step_tokens,
+                           step_tokens / (latency / 1000), wait_ms, h2d_ms, latency)
+
+    def _prepare_microbatches(self, groups) -> tuple[list[Batch], float]:
+        start = time.perf_counter()
+        pin = self.t.device.type == "cuda"
+        batches = [collate(rows, self.t.store, self.t.tokenizer.pad_token_id) for rows in groups]
+        if pin:
+            batches = [b.pin_memory() for b in batches]
+        return batches, (time.perf_counter() - start) * 1000
+
+    def _to_device(self, batch: Batch) -> tuple[Batch, float]:
+        if self.t.device.type == "cpu":
+            return batch, 0.0
+        start = time.perf_counter()
+        moved = batch.to(self.t.device, non_blocking=True)  # pinned source: async copy
+        return moved, (time.perf_counter() - start) * 1000
+
+    def _forward_backward(self, batch: Batch, step_tokens: int) -> float:
+        loss_sum = token_loss_sum(self.t.model, batch, self.t.autocast_dtype)
+        (loss_sum / max(1, step_tokens)).backward()
+        return float(loss_sum.detach())
+
+    def _optimizer_step(self) -> tuple[float, float]:
+        t = self.t
+        max_norm = t.cfg.training.max_grad_norm
+        params = [p for p in t.model.parameters() if p.grad is not None]
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+        lr = t.optimizer.param_groups[0]["lr"]
+        t.optimizer.step()
+        t.scheduler.step()
+        t.optimizer.zero_grad(set_to_none=True)
+        return float(norm), lr
+
+    def _update_metrics(self, m: StepMetrics) -> None:
+        t = self.t
+        if math.isfinite(m.loss):
+            m.loss_ewma = t.stats.update_ewma(m.loss)
+        t.stats.record(m)
+        eta = (t.total_steps - t.job_step) * t.stats.seconds / max(1, t.stats.steps)
+        t.log.debug("train.step", **{k: getattr(m, k) for k in (
+            "step", "loss", "loss_ewma", "grad_norm", "lr", "tokens_per_sec", "input_wait_ms",
+            "h2d_copy_ms", "step_latency_ms")})
+        if t.job_step % t.cfg.logging.log_every_steps == 0 or t.job_step == t.total_steps:
+            t.log.info("train.progress", line=progress_line(m, t.job_step, t.total_steps, eta))
+        t.status.write(status_payload(t.spec.job_id, m, job_step=t.job_step,
+                                      total_steps=t.total_steps, stats=t.stats))
+
+    def _after_step(self) -> None:
+        t = self.t
+        if not t.guard.approved:
+            return
+        if t.stop_requested():
+            raise StopRequested(t.checkpoint())
+        if t.job_step % t.cfg.checkpoint.save_steps == 0 and not t.finished():
+            t.checkpoint()
+
+    def _finalize_epoch(self) -> None:
+        self.t.position = Position(self.t.position.epoch + 1, 0)
+        self.t.log.info("epoch.done", epoch=self.t.position.epoch, step=self.t.global_step)

@@ -1,0 +1,123 @@
+"""Model and tokenizer from a hero profile, a local folder, or a campaign checkpoint.
+
+Sources, in order: a checkpoint to continue from; the hero's ``model.path``
+(``from_pretrained(..., local_files_only=True)``); its ``hf_name`` looked up in the local
+Hugging Face cache only (nothing is downloaded); or ``init: random`` with ``model.config`` and,
+for ``tokenizer.kind: byte``, the byte-level tokenizer built here in code. The loaded model's
+config is checked against the locked block.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+import transformers
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
+
+from core.errors import ConfigError, InputError
+
+# Architecture name -> transformers model_type, for heroes built from a config (a registry, not a
+# dotted path from a file: an unknown name lists the known ones).
+MODEL_TYPES = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2",
+               "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+
+BYTE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Minimal ChatML-style template for the byte tokenizer. {% generation %} marks the assistant
+# tokens so apply_chat_template can return an exact assistant mask (see shared/FACTS.md).
+BYTE_CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' }}"
+    "{% if message['role'] == 'assistant' %}"
+    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}"
+    "{{ '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+
+
+def build_byte_tokenizer() -> PreTrainedTokenizerFast:
+    """256 byte tokens plus 3 specials: round-trips any UTF-8 text, needs no files."""
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {ch: i for i, ch in enumerate(alphabet)}
+    core = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    core.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    core.decoder = decoders.ByteLevel()
+    tok = PreTrainedTokenizerFast(tokenizer_object=core, eos_token="<|endoftext|>",
+                                  pad_token="<|endoftext|>",
+                                  additional_special_tokens=BYTE_SPECIALS[1:])
+    tok.add_special_tokens({"additional_special_tokens": BYTE_SPECIALS[1:]})
+    tok.chat_template = BYTE_CHAT_TEMPLATE
+    return tok
+
+
+def _random_model(hero, seed: int) -> torch.nn.Module:
+    arch = hero.model.architecture
+    if arch not in MODEL_TYPES:
+        raise ConfigError(f"{hero.source}: model.architecture '{arch}' cannot be built from a "
+                          f"config; known: {', '.join(MODEL_TYPES)}.")
+    config = AutoConfig.for_model(MODEL_TYPES[arch], vocab_size=hero.model.vocab_size,
+                                  architectures=[arch], **hero.model.config)
+    torch.manual_seed(seed)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa",
+                                            dtype=torch.float32)
+
+
+def _pretrained_source(hero) -> str:
+    model = hero.model
+    if model.path:
+        if not Path(model.path).is_dir():
+            raise InputError(f"{hero.source}: model.path '{model.path}' does not exist; download "
+                             f"the model folder there (config.json, *.safetensors, tokenizer "
+                             f"files) or fix the path.")
+        return model.path
+    return model.hf_name
+
+
+def _from_pretrained(source: str, hero) -> tuple[torch.nn.Module, Any]:
+    try:
+        model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True,
+                                                     attn_implementation="sdpa",
+                                                     dtype=torch.float32)
+        tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except OSError as exc:
+        raise InputError(
+            f"cannot load model '{source}' for hero {hero.id} without a download ({exc}). This "
+            f"machine cannot reach a model hub: put the model folder on disk and set model.path "
+            f"in configs/heroes/{hero.id}.yaml.") from None
+    return model, tokenizer
+
+
+def load_model(hero, locked: dict, *, checkpoint: Path | None = None, seed: int = 0):
+    """(model, tokenizer) for a hero, continuing from ``checkpoint`` when given."""
+    if checkpoint is not None:
+        model, tokenizer = _from_pretrained(str(checkpoint), hero)
+    elif hero.model.init == "random":
+        model = _random_model(hero, seed)
+        tokenizer = build_byte_tokenizer() if hero.tokenizer.get("kind") == "byte" else \
+            AutoTokenizer.from_pretrained(hero.tokenizer["path"], local_files_only=True)
+    else:
+        model, tokenizer = _from_pretrained(_pretrained_source(hero), hero)
+    check_against_locked(model.config, locked, source=str(checkpoint or hero.source))
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return model, tokenizer
+
+
+def check_against_locked(config, locked: dict, *, source: str) -> None:
+    archs = list(getattr(config, "architectures", None) or [])
+    problems = []
+    if locked.get("model_architecture") and archs and archs[0] != locked["model_architecture"]:
+        problems.append(f"architecture {archs[0]} != locked {locked['model_architecture']}")
+    if locked.get("vocab_size") and config.vocab_size != locked["vocab_size"]:
+        problems.append(f"vocab_size {config.vocab_size} != locked {locked['vocab_size']}")
+    if problems:
+        raise ConfigError(f"{source}: loaded model does not match the campaign's locked "
+                          f"architecture: {'; '.join(problems)}.")
+
+
+def transformers_version() -> str:
+    return transformers.__version__
