@@ -19,6 +19,9 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from core.errors import ConfigError, InputError
 
+# Weight-loading progress bars are noise in job logs, and tqdm's monitor thread outlives them.
+transformers.utils.logging.disable_progress_bar()
+
 # Architecture name -> transformers model_type, for heroes built from a config (a registry, not a
 # dotted path from a file: an unknown name lists the known ones).
 MODEL_TYPES = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2",

@@ -19,7 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from core.fsutil import fsync_dir, rename_noreplace, write_json_atomic
-from trainer.data.reader import BadLine, BadLineCounter, check_bad_fraction, iter_examples, reject
+from trainer.data.reader import (BadLine, BadLineCounter, DataError, check_bad_fraction,
+                                 iter_examples, reject)
 from trainer.data.tokenize import tokenize, tokenizer_fingerprint
 
 CACHE_VERSION = 1
@@ -118,7 +119,7 @@ class _Writer:
 def _build(dataset: Path, tokenizer, data_cfg, root: Path) -> None:
     counter = BadLineCounter()
     writer = _Writer(root)
-    stats = {"truncated": 0, "trained_tokens": 0}
+    stats = {"truncated": 0, "trained_tokens": 0, "dropped": 0}
     try:
         for example in iter_examples(dataset, forced=data_cfg.format,
                                      on_bad_line=data_cfg.on_bad_line, counter=counter):
@@ -129,17 +130,24 @@ def _build(dataset: Path, tokenizer, data_cfg, root: Path) -> None:
                 reject(dataset, example.line, str(bad), data_cfg.on_bad_line, counter)
                 continue
             stats["truncated"] += tok.truncated
+            if tok.empty:
+                stats["dropped"] += 1
+                continue
             stats["trained_tokens"] += sum(tok.trained[1:])
             writer.add(tok.ids, tok.trained)
     finally:
         writer.close()
     check_bad_fraction(dataset, counter, data_cfg.max_bad_fraction)
+    if len(writer.starts) == 1:
+        raise DataError(f"{dataset}: every example lost all its trained tokens to truncation at "
+                        f"data.max_length {data_cfg.max_length}; raise data.max_length.")
     np.save(root / "starts.npy", np.asarray(writer.starts, dtype=np.int64))
     num_tokens = writer.starts[-1]
     write_json_atomic(root / "meta.json", {
         "version": CACHE_VERSION, "dataset": str(dataset), "num_examples": len(writer.starts) - 1,
         "num_tokens": num_tokens, "trained_tokens": stats["trained_tokens"],
         "masked_fraction": 1 - stats["trained_tokens"] / max(1, num_tokens),
-        "truncated_examples": stats["truncated"], "lines": counter.total,
+        "truncated_examples": stats["truncated"],
+        "dropped_examples": stats["dropped"], "lines": counter.total,
         "bad_lines": counter.bad, "bad_line_samples": counter.samples})
     (root / "COMPLETE").write_text("ok\n")

@@ -22,6 +22,8 @@ class Tokenized:
     ids: list[int]
     trained: list[bool]
     truncated: bool = False
+    empty: bool = False
+    """Truncation to max_length cut away every trained token: the example is dropped."""
 
 
 def tokenize(tokenizer, example: Example, *, max_length: int, train_on_inputs: bool) -> Tokenized:
@@ -34,12 +36,11 @@ def tokenize(tokenizer, example: Example, *, max_length: int, train_on_inputs: b
         ids, trained = _messages(tokenizer, example.data["messages"])
     if train_on_inputs:
         trained = [True] * len(ids)
+    if not any(trained[1:]):  # the first token of a row is never a prediction target
+        raise BadLine("no trainable tokens (nothing to learn after masking)")
     truncated = len(ids) > max_length
     ids, trained = ids[:max_length], trained[:max_length]
-    if not any(trained[1:]):  # the first token of a row is never a prediction target
-        raise BadLine("no trainable tokens (nothing to learn after masking"
-                      + (" and truncation)" if truncated else ")"))
-    return Tokenized(ids, trained, truncated)
+    return Tokenized(ids, trained, truncated, empty=not any(trained[1:]))
 
 
 def _text(tokenizer, text: str) -> tuple[list[int], list[bool]]:
