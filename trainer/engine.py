@@ -29,6 +29,7 @@ from trainer.data.packing import IGNORE, Batch, collate, pack_rows, packing_effi
 from trainer.data.reader import DataError
 from trainer.metrics import RunningStats, StatusWriter, StepMetrics, get_logger, \
     progress_line, status_payload
+from trainer.attention import NAME as ATTENTION, use_packed_attention
 from trainer.model import load_model
 
 from core.errors import ConfigError
@@ -154,8 +155,9 @@ class Trainer:
             self.spec.hero, self.spec.locked, seed=self.cfg.training.seed,
             checkpoint=self.start_checkpoint.path if self.start_checkpoint else None)
         self.model.to(self.device)
+        use_packed_attention(self.model)
         if self.cfg.training.compile:
-            self.model = torch.compile(self.model)
+            self.model.model.compile()  # in place: token_loss_sum calls model.model directly
         self.global_step = self.start_checkpoint.step if self.start_checkpoint else 0
         self.job_start_step = self.global_step
 
@@ -244,8 +246,8 @@ class Trainer:
                        "scheduler": self.scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
                        "rng_cuda": torch.cuda.get_rng_state() if self.device.type == "cuda"
                        else None}
-        model = getattr(self.model, "_orig_mod", self.model)
-        ckpt = save_checkpoint(self.spec.checkpoint_root, self.global_step, model, self.tokenizer,
+        ckpt = save_checkpoint(self.spec.checkpoint_root, self.global_step, self.model,
+                               self.tokenizer,
                                state=state, torch_state=torch_state, locked=self.spec.locked)
         apply_retention(self.spec.checkpoint_root, self.cfg.checkpoint.keep_last,
                         protect={ckpt.path})
@@ -278,14 +280,26 @@ class Trainer:
 
 
 def token_loss_sum(model, batch: Batch, autocast_dtype) -> torch.Tensor:
-    """Sum of next-token cross-entropy over target tokens (fp32 logits math)."""
+    """Sum of next-token cross-entropy over target tokens (fp32 logits math).
+
+    The language-model head runs only on positions that have a target: prompt, padding and
+    boundary positions need hidden states but no logits.
+    """
+    targets = batch.labels[:, 1:]
+    keep = targets != IGNORE
     with torch.autocast(batch.input_ids.device.type, dtype=autocast_dtype,
                         enabled=autocast_dtype is not None):
-        logits = model(input_ids=batch.input_ids, attention_mask=batch.attention_mask,
-                       position_ids=batch.position_ids).logits
-    return torch.nn.functional.cross_entropy(
-        logits[:, :-1].reshape(-1, logits.shape[-1]).float(), batch.labels[:, 1:].reshape(-1),
-        ignore_index=IGNORE, reduction="sum")
+        hidden = model.model(input_ids=batch.input_ids, position_ids=batch.position_ids,
+                             **_attention_kwargs(model, batch)).last_hidden_state
+        logits = model.lm_head(hidden[:, :-1][keep])
+    return torch.nn.functional.cross_entropy(logits.float(), targets[keep], reduction="sum")
+
+
+def _attention_kwargs(model, batch: Batch) -> dict:
+    """Span-wise attention where the model uses it, else the 4D block-diagonal mask."""
+    if model.config._attn_implementation == ATTENTION:
+        return {"realm_segments": batch.segments}
+    return {"attention_mask": batch.attention_mask}
 
 
 class EpochRunner:
