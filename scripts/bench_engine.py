@@ -14,6 +14,7 @@ use bf16 autocast.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import random
 import shutil
@@ -64,6 +65,15 @@ def make_dataset(path: Path, n: int, seed: int = 0) -> Path:
 
 def resolved_config(args):
     hero = load_hero_file(shipped_dir() / "tiny-qwen3.yaml")
+    if args.hidden or args.layers:  # a wider/deeper random Qwen3 for GPU measurements
+        config = dict(hero.model.config)
+        if args.hidden:
+            config.update(hidden_size=args.hidden, intermediate_size=3 * args.hidden,
+                          num_attention_heads=args.hidden // 64, num_key_value_heads=max(
+                              1, args.hidden // 128), head_dim=64)
+        if args.layers:
+            config["num_hidden_layers"] = args.layers
+        hero = dataclasses.replace(hero, model=dataclasses.replace(hero.model, config=config))
     layer = Layer("cli", "bench", {"training": {"micro_batch_size": args.batch_size,
                                                 "max_steps": args.steps, "warmup_steps": 2,
                                                 "learning_rate": 1e-3},
@@ -104,7 +114,8 @@ def bench_bare(args, store, hero, resolved) -> float:
     """The same packed rows and span attention as (a), in the plainest possible loop."""
     device, dtype = pick_device("auto")
     model, tok = load_model(hero, resolved.locked, seed=0)
-    use_packed_attention(model)
+    if device.type == "cpu":  # the engine's choice: span attention on CPU, 4D mask on CUDA
+        use_packed_attention(model)
     model.to(device).train()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, fused=device.type == "cuda")
     rows = pack_rows(store.lengths(), 512)
@@ -182,6 +193,8 @@ def main() -> None:
     parser.add_argument("--examples", type=int, default=1200)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds; medians")
+    parser.add_argument("--hidden", type=int, default=0, help="override the model width")
+    parser.add_argument("--layers", type=int, default=0, help="override the model depth")
     args = parser.parse_args()
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory(prefix="realm-bench-") as name:
@@ -198,7 +211,8 @@ def main() -> None:
             runs["c"].append(bench_bare(args, store, hero, resolved))
         a, b, c = (statistics.median(runs[k]) for k in "abc")
     device, dtype = pick_device("auto")
-    print(f"engine benchmark: tiny-qwen3, {args.examples} examples of 16-512 tokens, batch "
+    width = f" (hidden {args.hidden or 128}, layers {args.layers or 4})"
+    print(f"engine benchmark: tiny-qwen3{width}, {args.examples} examples of 16-512 tokens, batch "
           f"{args.batch_size}, {args.steps} steps, device {device.type}"
           f"{' bf16' if dtype else ' fp32'}, torch threads {torch.get_num_threads()}, "
           f"median of {args.rounds} interleaved rounds")

@@ -155,7 +155,11 @@ class Trainer:
             self.spec.hero, self.spec.locked, seed=self.cfg.training.seed,
             checkpoint=self.start_checkpoint.path if self.start_checkpoint else None)
         self.model.to(self.device)
-        use_packed_attention(self.model)
+        if self.device.type == "cpu":
+            # Span-wise attention skips the masked-out blocks: faster on CPU. On CUDA the
+            # per-span kernel launches cost more than they save, so the 4D block-diagonal mask
+            # with fused sdpa is used there (measured: scripts/check_cuda.py).
+            use_packed_attention(self.model)
         if self.cfg.training.compile:
             self.model.model.compile()  # in place: token_loss_sum calls model.model directly
         self.global_step = self.start_checkpoint.step if self.start_checkpoint else 0
