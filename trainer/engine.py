@@ -27,6 +27,7 @@ from trainer.config.locked import verify_locked
 from trainer.data.cache import TokenStore, load_or_build
 from trainer.data.packing import IGNORE, Batch, collate, pack_rows, packing_efficiency
 from trainer.data.reader import DataError
+from trainer.governor import GovernorGuard
 from trainer.metrics import RunningStats, StatusWriter, StepMetrics, get_logger, \
     progress_line, status_payload
 from trainer.attention import NAME as ATTENTION, use_packed_attention
@@ -82,6 +83,7 @@ class TrainResult:
     checkpoint: Checkpoint | None
     data: dict = field(default_factory=dict)
     resumed_from: int | None = None
+    governor: dict = field(default_factory=dict)
 
 
 class FiniteGuard:
@@ -99,6 +101,9 @@ class FiniteGuard:
                                 "checkpoint written from this state")
         self.approved = True
 
+    def counts(self) -> dict:
+        return {"enabled": False}
+
 
 def pick_device(precision: str) -> tuple[torch.device, torch.dtype | None]:
     """(device, autocast dtype or None): bf16 autocast on CUDA when asked or auto; fp32 on CPU."""
@@ -113,7 +118,11 @@ class Trainer:
                  guard=None, device: torch.device | None = None):
         self.spec, self.cfg = spec, spec.config
         self.stop_requested = stop_requested
-        self.guard = guard or FiniteGuard()
+        self.guard = guard
+        self.loss_hook: Callable[[int, float], float] | None = None
+        """Test-only: rewrites the measured loss of a step (spike injection); not a config knob."""
+        self.micro_done = 0
+        """Microbatches consumed by this job so far (the governor's skipped-window count)."""
         self.device, self.autocast_dtype = pick_device(self.cfg.training.precision)
         if device is not None:
             self.device, self.autocast_dtype = device, None
@@ -129,6 +138,7 @@ class Trainer:
         self._setup_data()
         self._setup_optimizer()
         self._restore()
+        self._setup_guard()
         runner = EpochRunner(self)
         while not self.finished():
             runner.run()
@@ -216,6 +226,17 @@ class Trainer:
         progress = min(1.0, (step - t.warmup_steps) / span)
         return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
+    def _setup_guard(self) -> None:
+        if self.guard is None:
+            if self.cfg.governor.enabled:
+                self.guard = GovernorGuard(self.cfg.governor, self.model.config.vocab_size)
+            else:
+                self.log.warning("governor.disabled", note="governor.enabled is false: NaN "
+                                 "fails the job, divergence and collapse go unchecked")
+                self.guard = FiniteGuard()
+        if hasattr(self.guard, "on_start"):
+            self.guard.on_start(self)
+
     def _restore(self) -> None:
         """Resume this job's own checkpoint exactly; a previous job's only lends its weights."""
         ckpt = self.start_checkpoint
@@ -266,9 +287,10 @@ class Trainer:
         last = self.stats.last
         self.status.write({"state": "finished", "job_id": self.spec.job_id,
                            "step": self.global_step}, force=True)
+        counts = self.guard.counts() if hasattr(self.guard, "counts") else {}
         return TrainResult(self.job_start_step, self.global_step,
                            last.loss if last else None, val, self.stats.tokens_per_sec_avg,
-                           ckpt, self.data_stats, getattr(self, "resumed_from", None))
+                           ckpt, self.data_stats, getattr(self, "resumed_from", None), counts)
 
     @torch.no_grad()
     def evaluate(self, rows: list[list[int]]) -> float:
@@ -351,9 +373,12 @@ class EpochRunner:
             loss_sum += self._forward_backward(device_batch, step_tokens)
         grad_norm, lr = self._optimizer_step()
         self.t.position.cursor += len(groups)
+        self.t.micro_done += len(groups)
         self.t.global_step += 1
         latency = (time.perf_counter() - t0) * 1000
         loss = loss_sum / max(1, step_tokens)
+        if self.t.loss_hook is not None:
+            loss = self.t.loss_hook(self.t.global_step, loss)
         return StepMetrics(self.t.global_step, loss, math.nan, grad_norm, lr, step_tokens,
                            step_tokens / (latency / 1000), wait_ms, h2d_ms, latency)
 

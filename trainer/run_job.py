@@ -52,7 +52,7 @@ def build_spec(paths: RealmPaths, job: Job, cli=None):
 
 
 def _record(paths: RealmPaths, job: Job, result=None, stopped=None, error: str | None = None,
-            resolved=None):
+            resolved=None, governor: dict | None = None):
     from core.training_queue import TrainingQueue
     from guild.campaigns import code_version
 
@@ -63,12 +63,15 @@ def _record(paths: RealmPaths, job: Job, result=None, stopped=None, error: str |
             j.start_step, j.final_step = result.start_step, result.final_step
             j.final_loss, j.final_val_loss = result.final_loss, result.final_val_loss
             j.tokens_per_sec_avg = round(result.tokens_per_sec_avg, 1)
+            j.governor = result.governor or None
             j.metadata = {**j.metadata, "data": result.data,
                           "checkpoint": str(result.checkpoint.path) if result.checkpoint else None}
         if stopped is not None:
             j.resume = {"checkpoint": paths.relative(stopped.path), "step": stopped.step}
         if error is not None:
             j.last_error = error
+        if governor is not None:
+            j.governor = governor
 
     try:
         TrainingQueue(paths.base).rewrite(job, apply)
@@ -102,8 +105,8 @@ def run(paths: RealmPaths, sidecar: Path, cli=None, stop: _StopFlag | None = Non
         if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
             _record(paths, job, error=f"CUDA out of memory: {exc}")
             return exitcodes.RETRYABLE
-        if type(exc).__name__ == "NonFiniteLoss":
-            _record(paths, job, error=str(exc))
+        if type(exc).__name__ in ("NonFiniteLoss", "GovernorGaveUp"):
+            _record(paths, job, error=str(exc), governor=getattr(exc, "counts", None))
             return exitcodes.PERMANENT
         traceback.print_exc()
         _record(paths, job, error=f"crashed: {type(exc).__name__}: {exc}")
