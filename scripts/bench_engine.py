@@ -2,7 +2,8 @@
 
     python scripts/bench_engine.py [--steps 30] [--examples 1200] [--batch-size 8] [--rounds 3]
 
-(a) the realm engine (Trainer, packing on), (b) HF Trainer with a padding collator on the same
+(a) the realm engine (Trainer, packing on, governor on; also run with the governor off to
+print its overhead), (b) HF Trainer with a padding collator on the same
 examples, (c) a bare PyTorch loop over the same packed rows as (a). Same tiny-qwen3 model, same
 generated chat/prompt data of 16 to 512 tokens, same optimizer settings. Prints tokens/s and the
 ratios a/b and a/c (targets, printed not asserted: a/b >= 2.0, a/c >= 0.95 on the 2-core CPU).
@@ -32,7 +33,8 @@ from guild.heroes import load_hero_file, shipped_dir  # noqa: E402
 from trainer.config.loader import resolve, Layer  # noqa: E402
 from trainer.data.cache import load_or_build  # noqa: E402
 from trainer.data.packing import IGNORE, collate, pack_rows  # noqa: E402
-from trainer.engine import JobSpec, Trainer, pick_device, token_loss_sum  # noqa: E402
+from trainer.engine import FiniteGuard, JobSpec, Trainer, pick_device, token_loss_sum  # noqa: E402
+from trainer.governor import GovernorGuard  # noqa: E402
 from trainer.attention import use_packed_attention  # noqa: E402
 from trainer.model import build_byte_tokenizer, load_model  # noqa: E402
 
@@ -86,15 +88,25 @@ WARMUP = 3  # steps excluded from every measurement (allocator warm-up, first-to
 
 
 class StepRecorder:
-    """A guard that also records (useful tokens, seconds) per optimizer step."""
+    """Wraps the engine's real guard (the governor, or the plain finite check when it is off)
+    and records (useful tokens, seconds) per optimizer step."""
 
-    approved = True
-
-    def __init__(self):
+    def __init__(self, inner):
+        self.inner = inner
         self.steps: list[tuple[int, float]] = []
 
+    @property
+    def approved(self) -> bool:
+        return self.inner.approved
+
+    def on_start(self, trainer) -> None:
+        if hasattr(self.inner, "on_start"):
+            self.inner.on_start(trainer)
+
     def after_step(self, trainer, m) -> None:
-        self.steps.append((m.tokens, m.step_latency_ms / 1000))
+        start = time.perf_counter()
+        self.inner.after_step(trainer, m)  # its cost belongs to the step
+        self.steps.append((m.tokens, m.step_latency_ms / 1000 + time.perf_counter() - start))
 
 
 def rate(steps: list[tuple[int, float]]) -> float:
@@ -102,10 +114,12 @@ def rate(steps: list[tuple[int, float]]) -> float:
     return sum(t for t, _ in kept) / sum(s for _, s in kept)
 
 
-def bench_realm(args, tmp: Path, dataset: Path, hero, resolved) -> float:
+def bench_realm(args, tmp: Path, dataset: Path, hero, resolved, governor: bool = True) -> float:
     spec = JobSpec("bench", dataset, "bench-sha", resolved.config, resolved.locked, hero,
                    tmp / "ckpt", tmp / "cache")
-    recorder = StepRecorder()
+    cfg = resolved.config.governor
+    inner = GovernorGuard(cfg, resolved.locked["vocab_size"]) if governor else FiniteGuard()
+    recorder = StepRecorder(inner)
     Trainer(spec, guard=recorder).train()
     return rate(recorder.steps)
 
@@ -203,20 +217,25 @@ def main() -> None:
         hero, resolved = resolved_config(args)
         store, _ = load_or_build(dataset, "bench-sha", build_byte_tokenizer(), resolved.config.data,
                                  tmp / "cache")
-        runs: dict[str, list[float]] = {"a": [], "b": [], "c": []}
-        for round_ in range(args.rounds):  # interleaved, so machine noise hits all three alike
-            shutil.rmtree(tmp / "ckpt", ignore_errors=True)
-            runs["a"].append(bench_realm(args, tmp, dataset, hero, resolved))
-            runs["b"].append(bench_hf(args, store, hero, resolved, tmp))
-            runs["c"].append(bench_bare(args, store, hero, resolved))
-        a, b, c = (statistics.median(runs[k]) for k in "abc")
+        runs: dict[str, list[float]] = {"a": [], "a0": [], "b": [], "c": []}
+        for round_ in range(args.rounds):  # interleaved, so machine noise hits all alike
+            for key, fn in (("a", lambda: bench_realm(args, tmp, dataset, hero, resolved)),
+                            ("a0", lambda: bench_realm(args, tmp, dataset, hero, resolved,
+                                                       governor=False)),
+                            ("b", lambda: bench_hf(args, store, hero, resolved, tmp)),
+                            ("c", lambda: bench_bare(args, store, hero, resolved))):
+                shutil.rmtree(tmp / "ckpt", ignore_errors=True)
+                runs[key].append(fn())
+        a, a0, b, c = (statistics.median(runs[k]) for k in ("a", "a0", "b", "c"))
     device, dtype = pick_device("auto")
     width = f" (hidden {args.hidden or 128}, layers {args.layers or 4})"
     print(f"engine benchmark: tiny-qwen3{width}, {args.examples} examples of 16-512 tokens, batch "
           f"{args.batch_size}, {args.steps} steps, device {device.type}"
           f"{' bf16' if dtype else ' fp32'}, torch threads {torch.get_num_threads()}, "
           f"median of {args.rounds} interleaved rounds")
-    print(f"  (a) realm engine, packed         {a:10,.0f} useful tokens/s")
+    print(f"  (a) realm engine, packed         {a:10,.0f} useful tokens/s (governor on)")
+    print(f"      same, governor off           {a0:10,.0f} useful tokens/s "
+          f"-> governor overhead {100 * (a0 / a - 1):+.1f}% of step time (target < 2%)")
     print(f"  (b) HF Trainer, padding collator {b:10,.0f} useful tokens/s")
     print(f"  (c) bare PyTorch, packed rows    {c:10,.0f} useful tokens/s")
     print(f"  a/b = {a / b:.2f}  (target >= 2.0)")

@@ -85,9 +85,30 @@ def main() -> int:
         with torch.no_grad():
             diff = (loaded(ids).logits - model_gpu(ids.cuda()).logits.cpu()).abs().max().item()
         check(diff < 1e-3, f"checkpoint from_pretrained on CPU matches the GPU model ({diff:.2e})")
+        check_governor_snapshot(trainer)
         compare_attention(trainer)
     print("all CUDA checks passed" if not failures else f"FAILED: {failures}")
     return 1 if failures else 0
+
+
+def check_governor_snapshot(trainer: Trainer) -> None:
+    from trainer.governor import Governor
+
+    g = Governor(trainer.cfg.governor, trainer.model.config.vocab_size)
+    start = time.perf_counter()
+    snap = g.snapshot(trainer.global_step, trainer.model, trainer.optimizer, trainer.scheduler)
+    ms = (time.perf_counter() - start) * 1000
+    tensors = list(snap.model.values())
+    check(all(t.device.type == "cpu" and t.is_pinned() for t in tensors),
+          f"governor snapshot in pinned CPU memory ({snap.nbytes / 2**20:.1f} MiB in {ms:.1f} ms)")
+    before = {k: v.clone() for k, v in trainer.model.state_dict().items()}
+    with torch.no_grad():
+        for p in trainer.model.parameters():
+            p.add_(1.0)
+    g.rollback(g.check(float("nan")), trainer.global_step + 1, trainer.model, trainer.optimizer,
+               trainer.scheduler)
+    same = all(torch.equal(before[k], v) for k, v in trainer.model.state_dict().items())
+    check(same, "rollback restores the CUDA weights exactly")
 
 
 def compare_attention(trainer: Trainer) -> None:
