@@ -103,6 +103,10 @@ class StepRecorder:
         if hasattr(self.inner, "on_start"):
             self.inner.on_start(trainer)
 
+    def before_optimizer_step(self) -> None:
+        if hasattr(self.inner, "before_optimizer_step"):
+            self.inner.before_optimizer_step()
+
     def after_step(self, trainer, m) -> None:
         start = time.perf_counter()
         self.inner.after_step(trainer, m)  # its cost belongs to the step

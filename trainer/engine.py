@@ -408,6 +408,8 @@ class EpochRunner:
         params = [p for p in t.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
         lr = t.optimizer.param_groups[0]["lr"]
+        if hasattr(t.guard, "before_optimizer_step"):
+            t.guard.before_optimizer_step()  # e.g. a snapshot copy still reading the weights
         t.optimizer.step()
         t.scheduler.step()
         t.optimizer.zero_grad(set_to_none=True)

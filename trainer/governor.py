@@ -11,14 +11,16 @@ Starts from esper-lite's Tolaria governor (seeds 003, 004):
   that diverges from its first steps is caught. Anomalous values never enter the history.
 - ``snapshot`` keeps a last-known-good copy of model, optimizer, scheduler, RNG and the caller's
   extra state, double-buffered: the new copy is built in the spare slot and only then becomes
-  current, so a failed snapshot never destroys the previous one. On CUDA the copies go to pinned
-  CPU buffers with non-blocking copies and one synchronisation.
+  current, so a failed snapshot never destroys the previous one. On CUDA the copies go to reused
+  pinned CPU buffers, non-blocking on a side stream; the training stream waits on one event
+  before its next optimizer step, and a rollback synchronises on it before reading.
 - ``rollback`` restores the snapshot, backs the learning rate off, and emits exactly one typed
   ``governor.rollback`` event; a failing event sink is logged and ignored.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 from collections import deque
@@ -70,21 +72,32 @@ class Snapshot:
     rng_cuda: torch.Tensor | None
     extra: dict[str, Any] = field(default_factory=dict)
     nbytes: int = 0
+    ready: Any = None
+    """CUDA event recorded after the copies (None on CPU)."""
 
 
-def _copy_tree(value: Any, out: list[int], pin: bool) -> Any:
-    """Detached CPU copies of every tensor in a nested state dict."""
+def _copy_tree(value: Any, out: list[int], pin: bool, into: Any = None) -> Any:
+    """Detached CPU copies of every tensor in a nested state dict.
+
+    ``into`` is the same tree from an older snapshot: its (pinned) buffers are reused when shape
+    and dtype match, so a snapshot on CUDA does not pay for a pinned allocation every time.
+    """
     if isinstance(value, torch.Tensor):
         t = value.detach()
-        copy = torch.empty(t.shape, dtype=t.dtype, device="cpu",
-                           pin_memory=pin and t.is_cuda)
+        reuse = isinstance(into, torch.Tensor) and into.shape == t.shape and \
+            into.dtype == t.dtype
+        copy = into if reuse else torch.empty(t.shape, dtype=t.dtype, device="cpu",
+                                              pin_memory=pin and t.is_cuda)
         copy.copy_(t, non_blocking=pin and t.is_cuda)
         out.append(copy.numel() * copy.element_size())
         return copy
     if isinstance(value, dict):
-        return {k: _copy_tree(v, out, pin) for k, v in value.items()}
+        into = into if isinstance(into, dict) else {}
+        return {k: _copy_tree(v, out, pin, into.get(k)) for k, v in value.items()}
     if isinstance(value, (list, tuple)):
-        return type(value)(_copy_tree(v, out, pin) for v in value)
+        into = into if isinstance(into, (list, tuple)) and len(into) == len(value) else \
+            [None] * len(value)
+        return type(value)(_copy_tree(v, out, pin, i) for v, i in zip(value, into))
     return value
 
 
@@ -146,23 +159,40 @@ class Governor:
 
     @torch.no_grad()
     def snapshot(self, step: int, model, optimizer=None, scheduler=None, **extra) -> Snapshot:
-        """Copy the current (approved) state into the spare slot, then make it current."""
+        """Copy the current (approved) state into the spare slot, then make it current.
+
+        On CUDA the copies run on a side stream into reused pinned buffers; ``ready`` (an event)
+        marks their completion. The training stream must wait for it before the next optimizer
+        step changes the parameters (``wait_for_snapshot``); the forward and backward passes in
+        between overlap with the copy. A rollback synchronises on the event before reading.
+        """
         sizes: list[int] = []
         pin = torch.cuda.is_available() and any(p.is_cuda for p in model.parameters())
         spare = 0 if self._current != 0 else 1
-        self._slots[spare] = None  # the spare never holds the current snapshot
-        snap = Snapshot(
-            step=step, model=_copy_tree(model.state_dict(), sizes, pin),
-            optimizer=_copy_tree(optimizer.state_dict(), sizes, pin) if optimizer else None,
-            scheduler=copy.deepcopy(scheduler.state_dict()) if scheduler else None,
-            rng_cpu=torch.get_rng_state(),
-            rng_cuda=torch.cuda.get_rng_state() if pin else None,
-            extra={**extra, "_lr_scale": self.lr_scale})
-        if pin:
-            torch.cuda.synchronize()  # one synchronisation for all non-blocking copies
+        old, self._slots[spare] = self._slots[spare], None  # never current; buffers reused
+        stream = torch.cuda.Stream() if pin else None
+        if stream is not None:
+            stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+            snap = Snapshot(
+                step=step,
+                model=_copy_tree(model.state_dict(), sizes, pin, old and old.model),
+                optimizer=_copy_tree(optimizer.state_dict(), sizes, pin,
+                                     old and old.optimizer) if optimizer else None,
+                scheduler=copy.deepcopy(scheduler.state_dict()) if scheduler else None,
+                rng_cpu=torch.get_rng_state(),
+                rng_cuda=torch.cuda.get_rng_state() if pin else None,
+                extra={**extra, "_lr_scale": self.lr_scale})
+            snap.ready = stream.record_event() if stream is not None else None
         snap.nbytes = sum(sizes)
         self._slots[spare], self._current = snap, spare
         return snap
+
+    def wait_for_snapshot(self) -> None:
+        """Order the training stream after the pending snapshot copy (no host sync)."""
+        snap = self.last_good
+        if snap is not None and snap.ready is not None:
+            torch.cuda.current_stream().wait_event(snap.ready)
 
     @property
     def last_good(self) -> Snapshot | None:
@@ -173,6 +203,8 @@ class Governor:
         snap = self.last_good
         if snap is None:
             raise RuntimeError("no last-known-good snapshot to roll back to")
+        if snap.ready is not None:
+            snap.ready.synchronize()  # the host reads the copies now
         model_keys = set(model.state_dict())
         if model_keys != set(snap.model):
             missing, extra = sorted(model_keys - set(snap.model)), sorted(set(snap.model) - model_keys)
@@ -252,6 +284,9 @@ class GovernorGuard:
         self.initial_lr = trainer.cfg.training.learning_rate
         self._snapshot(trainer)
         log.info("governor.snapshot_memory", bytes=self.governor.last_good.nbytes)
+
+    def before_optimizer_step(self) -> None:
+        self.governor.wait_for_snapshot()
 
     def after_step(self, trainer, m) -> None:
         verdict = self.governor.check(m.loss, m.grad_norm)
