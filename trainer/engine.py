@@ -24,7 +24,7 @@ import torch
 from trainer.checkpoint import (Checkpoint, apply_retention, clean_incomplete, latest_checkpoint,
                                 save_checkpoint)
 from trainer.config.locked import verify_locked
-from trainer.data.cache import TokenStore, load_or_build
+from trainer.data.cache import load_or_build
 from trainer.data.packing import IGNORE, Batch, collate, pack_rows, packing_efficiency
 from trainer.data.reader import DataError
 from trainer.governor import GovernorGuard
