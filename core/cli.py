@@ -12,7 +12,7 @@ import os
 import sys
 import traceback
 
-from core import cli_guild, cli_queue
+from core import cli_daemon, cli_guild, cli_queue
 from core.cli_common import realm_paths
 from core.errors import RealmError
 from core.paths import init_layout
@@ -44,6 +44,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=cmd_init)
     cli_queue.add_parsers(sub)
     cli_guild.add_parsers(sub)
+    cli_daemon.add_parsers(sub)
     return parser
 
 
