@@ -1,11 +1,11 @@
-"""``realm daemon --once`` and ``realm demo``."""
+"""``realm daemon`` (and ``--once``, ``--plan``) and ``realm demo``."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from core.cli_common import add_common_flags, realm_paths
-from core.errors import UsageError
 
 
 def _flag_args(args) -> list[str]:
@@ -21,20 +21,36 @@ def _flag_args(args) -> list[str]:
     return out
 
 
+def _open_daemon_log(paths, level: str):
+    from core.logsetup import configure
+
+    paths.logs.mkdir(parents=True, exist_ok=True)
+    stream = open(paths.logs / "daemon.jsonl", "a", buffering=1)
+    configure(level, stream)
+    return stream
+
+
 def cmd_daemon(args) -> int:
-    from core.training_daemon import drain
+    from core.training_daemon import Daemon
     from trainer.config.realm_config import resolve_for
 
-    if not args.once:
-        raise UsageError("only `realm daemon --once` (drain the queue, then exit) exists so far; "
-                         "the long-running daemon is issue 6.")
     paths = realm_paths(args)
-    daemon = resolve_for(paths).config.daemon
-    summary = drain(paths, settle_seconds=daemon.settle_seconds,
-                    max_attempts=daemon.max_attempts, extra_args=_flag_args(args))
-    print(f"queue drained: {len(summary.completed)} completed, {len(summary.failed)} failed, "
+    if args.plan:
+        from core.plan import build_plan, render_plan
+
+        plan = build_plan(paths, cli_args=args)
+        print(json.dumps(plan, indent=2) if args.json else render_plan(plan))
+        return 0
+    config = resolve_for(paths).config
+    stream = _open_daemon_log(paths, config.logging.level)
+    try:
+        summary = Daemon(paths, config.daemon, devices=args.devices, poll=args.poll,
+                         once=args.once, extra_args=_flag_args(args)).run()
+    finally:
+        stream.close()
+    print(f"daemon stopped: {len(summary.completed)} completed, {len(summary.failed)} failed, "
           f"{len(summary.requeued)} requeued")
-    return 1 if summary.failed else 0
+    return 1 if args.once and summary.failed else 0
 
 
 def cmd_demo(args) -> int:
@@ -44,6 +60,7 @@ def cmd_demo(args) -> int:
     from core.training_queue import TrainingQueue
     from guild.campaigns import active_ref, create_campaign
     from guild.heroes import install_shipped
+    from trainer.config.realm_config import resolve_for
     from trainer.data.synthetic import write_dataset
 
     paths = RealmPaths(Path(args.dir).expanduser().resolve())
@@ -60,7 +77,12 @@ def cmd_demo(args) -> int:
                                     ("mixed.jsonl", 600, 2, "normal")):
         job = queue.add(write_dataset(scratch / name, n, seed), priority=priority)
         print(f"queued {job.dataset_path} ({job.num_examples} examples, {priority})")
-    summary = drain(paths, settle_seconds=0.0, max_attempts=3)
+    config = resolve_for(paths).config
+    stream = _open_daemon_log(paths, config.logging.level)
+    try:
+        summary = drain(paths, config.daemon)
+    finally:
+        stream.close()
     print()
     print(render_status(build_status(queue)))
     if summary.completed:
@@ -71,8 +93,13 @@ def cmd_demo(args) -> int:
 
 
 def add_parsers(sub) -> None:
-    p = sub.add_parser("daemon", help="train queued jobs (--once: drain the queue, then exit)")
+    p = sub.add_parser("daemon", help="train queued jobs, one child process per job")
     p.add_argument("--once", action="store_true", help="drain the queue, then exit")
+    p.add_argument("--poll", type=float, metavar="SECONDS", default=None,
+                   help="rescan every SECONDS instead of watching (network file systems)")
+    p.add_argument("--devices", default="cpu", help="device set this daemon serves (e.g. 0,1)")
+    p.add_argument("--plan", action="store_true", help="print the ordered plan; change nothing")
+    p.add_argument("--json", action="store_true", help="with --plan: machine-readable")
     add_common_flags(p)
     p.set_defaults(handler=cmd_daemon)
     p = sub.add_parser("demo", help="the embedded default end to end: tiny-qwen3, generated "

@@ -6,6 +6,7 @@ are versioned (``"schema": 1``) and documented in README.md.
 
 from __future__ import annotations
 
+import json
 from datetime import datetime, timezone
 from typing import Any
 
@@ -54,6 +55,7 @@ def build_status(queue: TrainingQueue, recent: int = 5) -> dict[str, Any]:
     return {
         "schema": STATUS_SCHEMA,
         "realm": str(queue.paths.base),
+        "daemons": _daemons(queue),
         "counts": counts,
         "queued_by_priority": by_priority,
         "waiting_for_adoption": waiting,
@@ -62,6 +64,17 @@ def build_status(queue: TrainingQueue, recent: int = 5) -> dict[str, Any]:
         "recent_failed": _recent(queue, "failed", recent, problems),
         "problems": _dedupe(problems),
     }
+
+
+def _daemons(queue: TrainingQueue) -> list[dict]:
+    """The daemons' own status files (state, reason for waiting, running job)."""
+    out = []
+    for path in sorted(queue.paths.status.glob("daemon-*.json")):
+        try:
+            out.append(json.loads(path.read_text()))
+        except (OSError, ValueError):
+            continue
+    return out
 
 
 def _dedupe(problems: list[dict]) -> list[dict]:
@@ -116,6 +129,7 @@ def render_status(status: dict) -> str:
                  + (f"   {waiting} waiting for adoption" if waiting else ""))
     for folder in STATE_FOLDERS:
         lines.append(f"  {folder:<11} {c[folder]:>6}")
+    lines += _section("Daemons", status["daemons"], _daemon_line)
     lines += _section("In progress", status["in_progress"], _progress_line)
     lines += _section("Recently completed", status["recent_completed"], _finished_line)
     lines += _section("Recently failed", status["recent_failed"], _failed_line)
@@ -131,6 +145,12 @@ def _problem(p: dict) -> str:
 
 def _section(title: str, rows: list[dict], fmt) -> list[str]:
     return ["", title, *(fmt(r) for r in rows)] if rows else []
+
+
+def _daemon_line(d: dict) -> str:
+    extra = d.get("reason") or (f"job {d['job_id']}" if d.get("job_id") else "")
+    return (f"  {d.get('host')}:{d.get('pid')} [{d.get('devices')}] {d.get('state')}"
+            f"{': ' + extra if extra else ''}  (updated {_ago(d.get('updated_at'))})")
 
 
 def _progress_line(r: dict) -> str:

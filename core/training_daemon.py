@@ -1,24 +1,42 @@
-"""The training daemon's drain loop: claim the next job, train it in a child process, record
-the outcome. ``python -m core.training_daemon --once`` == ``realm daemon --once``.
+"""The training daemon: ``realm daemon`` (``python -m core.training_daemon``).
 
-This is the first part of SPEC section 9 (issue 6): the claim / child / outcome cycle and
-``--once``. Still to come there: the long-running watch loop with watchdog wake-ups,
-heartbeats and leases, the flock single-instance lock, start-up recovery, warm/cold stop,
-the resource guard and ``--plan``. Never imports torch: training runs in the child.
+    Daemon.run():  lock -> recover -> loop { wait for a wake-up -> reap dead leases ->
+                   resource guard -> claim -> train in a child -> record the outcome } -> release
+
+Wake-ups are watchdog events on the three inboxes (handlers only set an event and note open /
+closed files for the settle rule) plus a periodic rescan every ``daemon.poll_interval``;
+``--poll`` uses the rescan alone (network file systems deliver no inotify events). Each job runs
+in a child process (``core.supervisor``); the daemon renews the job's lease in its sidecar every
+``daemon.heartbeat_seconds`` and watches the child's heartbeat file. First SIGTERM/SIGINT: stop
+claiming, ask the child to checkpoint and stop, requeue the job with its resume point, exit 0.
+A second signal kills the child. Never imports torch.
 """
 
 from __future__ import annotations
 
-import subprocess
-import sys
+import os
+import signal
+import socket
+import threading
 import time
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psutil
+import structlog
 
 from core import exitcodes
-from core.job import Job
+from core.daemon_lock import DaemonLock, device_label
+from core.errors import ClaimLost
+from core.fsutil import write_json_atomic
+from core.job import Job, JobState, utc_now
 from core.paths import PRIORITIES, RealmPaths
 from core.queue_scan import read_sidecar_json
+from core.supervisor import Child, ChildEnd, child_command
 from core.training_queue import TrainingQueue
+
+log = structlog.get_logger("realm.daemon")
 
 
 @dataclass
@@ -28,21 +46,12 @@ class DrainSummary:
     requeued: list[Job] = field(default_factory=list)
 
 
-def run_child(paths: RealmPaths, job: Job, extra_args: list[str]) -> int:
-    """Train one job in a child process; its exit code says what happened."""
-    sidecar = paths.base / (job.dataset_path + ".job.json")
-    cmd = [sys.executable, "-m", "trainer.run_job", "--base-dir", str(paths.base), "--job",
-           str(sidecar), *extra_args]
-    log_dir = paths.logs / "jobs"
-    log_dir.mkdir(parents=True, exist_ok=True)
-    with open(log_dir / f"{job.id}.log", "ab") as log:
-        return subprocess.run(cmd, stdout=log, stderr=log).returncode
-
-
-def record_outcome(queue: TrainingQueue, job: Job, code: int, max_attempts: int) -> Job:
-    """Move the job according to the child's exit code (results are already in its sidecar)."""
+def record_outcome(queue: TrainingQueue, job: Job, code: int, max_attempts: int,
+                   end: ChildEnd | None = None) -> Job:
+    """Move the job by the child's exit code (its results are already in the sidecar)."""
     fresh = Job.from_dict(read_sidecar_json(queue.paths.base / (job.dataset_path + ".job.json")))
-    error = fresh.last_error or f"training child exited with code {code}"
+    error = (end.reason if end and end.signal else None) or fresh.last_error or \
+        f"training child exited with code {code}"
     if code == exitcodes.COMPLETED:
         return queue.complete(fresh, reason=f"trained to step {fresh.final_step}")
     if code == exitcodes.STOPPED:
@@ -52,45 +61,268 @@ def record_outcome(queue: TrainingQueue, job: Job, code: int, max_attempts: int)
     return queue.fail(fresh, error, retryable=True, max_attempts=max_attempts)
 
 
-def drain(paths: RealmPaths, *, settle_seconds: float, max_attempts: int,
-          extra_args: list[str] | None = None, on_event=print) -> DrainSummary:
-    """Train every queued job, waiting for files that are still settling; then return."""
-    queue = TrainingQueue(paths.base, settle_seconds=settle_seconds)
-    summary = DrainSummary()
-    while True:
-        job = queue.claim_next()
+def _age_seconds(stamp: str | None) -> float:
+    if not stamp:
+        return float("inf")
+    return (datetime.now(timezone.utc) - datetime.fromisoformat(stamp)).total_seconds()
+
+
+def owner_alive(worker: dict | None, lease_seconds: float, heartbeat_at: str | None) -> bool:
+    """Same host: the owning process exists (pid and start time match). Other host: the lease
+    was renewed within ``lease_seconds``."""
+    if not worker:
+        return False
+    if worker.get("host") == socket.gethostname():
+        try:
+            proc = psutil.Process(int(worker["pid"]))
+            started = worker.get("started")
+            return started is None or abs(proc.create_time() - started) < 1.0
+        except (psutil.NoSuchProcess, KeyError, ValueError):
+            return False
+    return _age_seconds(heartbeat_at) < lease_seconds
+
+
+class _Wakeups:
+    """Watchdog on the inboxes: events only wake the loop and feed the settle rule."""
+
+    def __init__(self, paths: RealmPaths, settler, poll_only: bool):
+        self.event = threading.Event()
+        self.observer = None
+        if poll_only:
+            return
+        from watchdog.events import FileClosedEvent, FileSystemEventHandler, FileMovedEvent
+        from watchdog.observers import Observer
+
+        wake, note = self.event, settler
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event):
+                path = getattr(event, "dest_path", "") or event.src_path
+                if isinstance(event, FileClosedEvent):
+                    note.note_closed(path)
+                elif not isinstance(event, FileMovedEvent) and event.event_type in (
+                        "created", "modified"):
+                    note.note_written(path)
+                wake.set()
+
+        self.observer = Observer()
+        for priority in PRIORITIES:
+            self.observer.schedule(Handler(), str(paths.state_dir(priority)), recursive=False)
+        self.observer.start()
+
+    def wait(self, timeout: float) -> None:
+        self.event.wait(timeout)
+        self.event.clear()
+
+    def close(self) -> None:
+        if self.observer is not None:
+            self.observer.stop()
+            self.observer.join()
+
+
+class Daemon:
+    def __init__(self, paths: RealmPaths, daemon_cfg, *, devices: str = "cpu",
+                 poll: float | None = None, once: bool = False,
+                 extra_args: list[str] | None = None, say=print):
+        self.paths, self.cfg, self.devices = paths, daemon_cfg, devices
+        self.poll, self.once, self.extra_args, self.say = poll, once, extra_args or [], say
+        self.queue = TrainingQueue(paths.base, settle_seconds=daemon_cfg.settle_seconds)
+        self.lock = DaemonLock(paths.status, devices)
+        self.status_path = paths.status / f"daemon-{device_label(devices)}.json"
+        self.stop_requests = 0
+        self.summary = DrainSummary()
+        self.worker = {"host": socket.gethostname(), "pid": os.getpid(),
+                       "started": psutil.Process().create_time(), "devices": devices}
+        self._guard_said: str | None = None
+
+    # --- the spine ------------------------------------------------------------------------
+
+    def run(self) -> DrainSummary:
+        self.lock.acquire()
+        self._install_signal_handlers()
+        wakeups = _Wakeups(self.paths, self.queue.settler, poll_only=self.poll is not None)
+        log.info("daemon.start", devices=self.devices, pid=os.getpid(), once=self.once,
+                 mode="poll" if self.poll is not None else "inotify+rescan")
+        try:
+            self.recover()
+            while not self.stop_requests:
+                trained = self._one_round()
+                if self.once and not trained and (self._guard_said or not self._settling()):
+                    break  # --once: nothing left to train (or nothing may be claimed now)
+                if not self.stop_requests:
+                    wakeups.wait(self._wait_seconds())
+        finally:
+            wakeups.close()
+            last = {"reason": f"not claiming: {self._guard_said}"} if self._guard_said else {}
+            self._write_status("stopped", **last)
+            self.lock.release()
+            log.info("daemon.stop", **{k: len(v) for k, v in vars(self.summary).items()})
+        return self.summary
+
+    def _one_round(self) -> bool:
+        """Reap, guard, claim and train one job; False when nothing was trained."""
+        self.reap_dead_leases()
+        if not self.resources_ok():
+            return False
+        job = self.queue.claim_next(self.worker)
         if job is None:
-            if any(queue.waiting(p) for p in PRIORITIES if _settling(queue, p)):
-                time.sleep(min(0.5, max(0.05, settle_seconds / 4)))
+            self._write_status("idle")
+            return False
+        self.train(job)
+        return True
+
+    def _wait_seconds(self) -> float:
+        interval = self.poll if self.poll is not None else self.cfg.poll_interval
+        if self._settling():
+            return min(interval, max(0.05, self.cfg.settle_seconds / 4))
+        return interval
+
+    def _settling(self) -> bool:
+        return any(why == "waiting" for p in PRIORITIES for _, why in self.queue.waiting(p))
+
+    # --- recovery and leases --------------------------------------------------------------
+
+    def recover(self) -> list[Job]:
+        """Jobs left in processing/ by a dead owner go back to their queue (or to failed)."""
+        return self.reap_dead_leases(at_start=True)
+
+    def reap_dead_leases(self, at_start: bool = False) -> list[Job]:
+        reaped = []
+        for job in self.queue.jobs_in("processing"):
+            if job.worker and job.worker.get("pid") == os.getpid() and \
+                    job.worker.get("host") == socket.gethostname():
+                continue  # ours
+            if owner_alive(job.worker, self.cfg.lease_seconds, job.heartbeat_at):
                 continue
-            return summary
-        on_event(f"training {job.id} ({job.dataset_name}, {job.num_examples} examples, "
+            who = f"{(job.worker or {}).get('host')}:{(job.worker or {}).get('pid')}"
+            why = (f"owner {who} is gone (last heartbeat {job.heartbeat_at}); "
+                   f"{'recovered at daemon start' if at_start else 'lease reaped'}")
+            try:
+                moved = self.queue.fail(job, why, retryable=True,
+                                        max_attempts=self.cfg.max_attempts)
+            except ClaimLost:
+                continue  # another daemon reaped it first
+            log.warning("job.reaped", job_id=job.id, reason=why, to=moved.status.value)
+            self.say(f"recovered {job.id}: {why} -> {moved.status.value}")
+            reaped.append(moved)
+        return reaped
+
+    # --- resource guard -------------------------------------------------------------------
+
+    def resources_ok(self) -> bool:
+        disk = psutil.disk_usage(str(self.paths.base)).free / 2**30
+        mem = psutil.virtual_memory().available / 2**30
+        problems = []
+        if disk < self.cfg.min_free_disk_gb:
+            problems.append(f"free disk {disk:.1f} GB < daemon.min_free_disk_gb "
+                            f"{self.cfg.min_free_disk_gb}")
+        if mem < self.cfg.min_free_memory_gb:
+            problems.append(f"available memory {mem:.1f} GB < daemon.min_free_memory_gb "
+                            f"{self.cfg.min_free_memory_gb}")
+        reason = "; ".join(problems) or None
+        if reason and reason.split(" GB")[0] != (self._guard_said or "").split(" GB")[0]:
+            log.warning("daemon.resources_low", reason=reason)
+            self.say(f"waiting: {reason}")
+        self._guard_said = reason
+        if reason:
+            self._write_status("waiting", reason=f"not claiming: {reason}")
+        return reason is None
+
+    # --- one job --------------------------------------------------------------------------
+
+    def train(self, job: Job) -> Job:
+        self.say(f"training {job.id} ({job.dataset_name}, {job.num_examples} examples, "
                  f"{job.priority})")
-        code = run_child(paths, job, extra_args or [])
-        moved = record_outcome(queue, job, code, max_attempts)
-        bucket = {"completed": summary.completed, "failed": summary.failed}.get(
-            moved.status.value, summary.requeued)
+        sidecar = self.paths.base / (job.dataset_path + ".job.json")
+        heartbeat = self.paths.status / "heartbeats" / job.id
+        env = dict(os.environ)
+        if self.devices != "cpu":
+            env["CUDA_VISIBLE_DEVICES"] = self.devices
+        child = Child(child_command(self.paths.base, sidecar, self.extra_args),
+                      self.paths.logs / "jobs" / f"{job.id}.log", heartbeat, env)
+        log.info("job.started", job_id=job.id, child_pid=child.pid)
+        self._write_status("training", job_id=job.id, child_pid=child.pid)
+        self._supervise(job, child)
+        end = child.end()
+        moved = self._record(job, end)
+        self.say(_describe(moved, end))
+        return moved
+
+    def _supervise(self, job: Job, child: Child) -> None:
+        while not child.wait(timeout=self.cfg.heartbeat_seconds):
+            self._renew_lease(job)
+            if self.stop_requests >= 2:
+                child.kill("second stop signal (cold stop)")
+            elif self.stop_requests == 1:
+                child.request_stop()
+                if time.monotonic() - child.stop_sent_at > self.cfg.stop_grace_seconds:
+                    child.kill(f"no clean stop within daemon.stop_grace_seconds "
+                               f"({self.cfg.stop_grace_seconds:g} s)")
+            elif child.silent_for() > self.cfg.job_timeout:
+                child.kill(f"no heartbeat for {child.silent_for():.0f} s (daemon.job_timeout "
+                           f"{self.cfg.job_timeout:g} s)")
+
+    def _renew_lease(self, job: Job) -> None:
+        def renew(j: Job) -> None:
+            j.heartbeat_at = utc_now()
+
+        try:
+            self.queue.rewrite(job, renew)
+        except ClaimLost:
+            log.error("job.lease_lost", job_id=job.id)
+
+    def _record(self, job: Job, end: ChildEnd) -> Job:
+        if end.signal is not None and self.stop_requests:
+            moved = self.queue.requeue(job, f"daemon stopped: {end.reason}")
+        else:
+            code = end.code if end.code is not None else exitcodes.CRASHED
+            moved = record_outcome(self.queue, job, code, self.cfg.max_attempts, end)
+        bucket = {JobState.COMPLETED: self.summary.completed,
+                  JobState.FAILED: self.summary.failed}.get(moved.status, self.summary.requeued)
         bucket.append(moved)
-        on_event(_describe(moved))
+        log.info("job.finished", job_id=moved.id, status=moved.status.value, reason=end.reason)
+        return moved
+
+    # --- signals and status ---------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        def on_signal(signum, _frame):
+            self.stop_requests += 1
+            what = "warm stop: finishing at the next step boundary" if self.stop_requests == 1 \
+                else "cold stop: killing the training child"
+            self.say(f"{signal.Signals(signum).name}: {what}")
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    def _write_status(self, state: str, **fields) -> None:
+        write_json_atomic(self.status_path, {
+            "schema": 1, "state": state, "pid": os.getpid(), "host": socket.gethostname(),
+            "devices": self.devices, "updated_at": utc_now(), **fields}, fsync=False)
 
 
-def _settling(queue: TrainingQueue, priority: str) -> bool:
-    return any(why == "waiting" for _, why in queue.waiting(priority))
-
-
-def _describe(job: Job) -> str:
-    if job.status.value == "completed":
+def _describe(job: Job, end: ChildEnd) -> str:
+    if job.status is JobState.COMPLETED:
         return (f"  completed {job.id}: steps {job.start_step} -> {job.final_step}, "
                 f"final loss {job.final_loss:.4f}, {job.tokens_per_sec_avg:,.0f} tokens/s")
-    return f"  {job.status.value} {job.id}: {job.last_error}"
+    return f"  {job.status.value} {job.id}: {job.last_error or end.reason}"
+
+
+def drain(paths: RealmPaths, daemon_cfg, *, extra_args: list[str] | None = None,
+          say=print) -> DrainSummary:
+    """``realm daemon --once``: train until the queue is empty (waiting for settling files)."""
+    return Daemon(paths, daemon_cfg, once=True, extra_args=extra_args, say=say).run()
 
 
 def main(argv: list[str] | None = None) -> int:
+    import sys
+
     from core.cli import module_main
 
-    return module_main("daemon", argv)
+    return module_main("daemon", sys.argv[1:] if argv is None else argv)
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    import sys
 
+    sys.exit(main())

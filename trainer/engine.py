@@ -121,6 +121,8 @@ class Trainer:
         self.guard = guard
         self.loss_hook: Callable[[int, float], float] | None = None
         """Test-only: rewrites the measured loss of a step (spike injection); not a config knob."""
+        self.heartbeat: Callable[[], None] = lambda: None
+        """Called after every optimizer step (the daemon watches it for a stuck child)."""
         self.micro_done = 0
         """Microbatches consumed by this job so far (the governor's skipped-window count)."""
         self.device, self.autocast_dtype = pick_device(self.cfg.training.precision)
@@ -339,6 +341,7 @@ class EpochRunner:
             metrics = self.train_step(groups)
             self._update_metrics(metrics)
             self.t.guard.after_step(self.t, metrics)
+            self.t.heartbeat()
             self._after_step()
             if self.t.finished():
                 return

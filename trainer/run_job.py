@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 
@@ -79,6 +80,31 @@ def _record(paths: RealmPaths, job: Job, result=None, stopped=None, error: str |
         print(f"warning: could not record results in the sidecar: {exc}", file=sys.stderr)
 
 
+class Heartbeat:
+    """Touches ``status/heartbeats/<job>`` after every step, and from a thread during setup
+    (tokenizing a large file can take minutes without a step)."""
+
+    def __init__(self, paths: RealmPaths, job_id: str, every: float = 5.0):
+        self.path = paths.status / "heartbeats" / job_id
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.touch()
+        self._setup_done = threading.Event()
+        self._thread = threading.Thread(target=self._during_setup, args=(every,), daemon=True)
+        self._thread.start()
+
+    def _during_setup(self, every: float) -> None:
+        while not self._setup_done.wait(every):
+            self.path.touch()
+
+    def __call__(self) -> None:
+        self._setup_done.set()
+        self.path.touch()
+
+    def close(self) -> None:
+        self._setup_done.set()
+        self._thread.join()
+
+
 def run(paths: RealmPaths, sidecar: Path, cli=None, stop: _StopFlag | None = None) -> int:
     from core.queue_scan import read_sidecar_json
     from trainer.engine import StopRequested, Trainer
@@ -90,7 +116,12 @@ def run(paths: RealmPaths, sidecar: Path, cli=None, stop: _StopFlag | None = Non
     try:
         spec, resolved = build_spec(paths, job, cli)
         configure(resolved.config.logging.level)
-        result = Trainer(spec, stop_requested=stop).train()
+        trainer = Trainer(spec, stop_requested=stop)
+        trainer.heartbeat = beat = Heartbeat(paths, job.id, resolved.config.daemon.heartbeat_seconds)
+        try:
+            result = trainer.train()
+        finally:
+            beat.close()
     except StopRequested as stopped:
         _record(paths, job, stopped=stopped.checkpoint, resolved=resolved)
         return exitcodes.STOPPED

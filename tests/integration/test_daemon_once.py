@@ -56,11 +56,6 @@ def test_stopped_child_requeues_with_its_priority(realm, queue):
     assert job.attempts == 0, "a warm stop does not use up an attempt"
 
 
-def test_daemon_without_once_says_what_exists(realm):
-    out = realm_cmd(realm.base, "daemon")
-    assert out.returncode == 2 and "realm daemon --once" in out.stderr
-
-
 def test_demo_end_to_end(tmp_path):
     out = realm_cmd(tmp_path, "demo", "--dir", str(tmp_path / "demo"))
     assert out.returncode == 0, out.stderr[-3000:]

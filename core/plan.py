@@ -1,0 +1,117 @@
+"""``realm daemon --plan``: what the daemon would train, in order, and every problem it can see
+without training. Read-only: it lists folders, reads sidecars and the first lines of datasets,
+and resolves config; it writes nothing and moves nothing.
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+import statistics
+from pathlib import Path
+from typing import Any
+
+from core.errors import RealmError
+from core.job import Job
+from core.paths import PRIORITIES, RealmPaths
+from core.queue_scan import read_sidecar_json
+from core.training_queue import TrainingQueue, claim_order
+
+PLAN_SCHEMA = 1
+CHECK_LINES = 50
+KEY_SETTINGS = ("training.learning_rate", "training.micro_batch_size", "training.grad_accum",
+                "training.epochs", "training.max_steps", "data.max_length")
+
+
+def _entries(queue: TrainingQueue, problems: list) -> list[tuple[str, Path, Job | None]]:
+    """(priority, dataset path, adopted job or None) in claim order."""
+    out = []
+    for priority in PRIORITIES:
+        for job in claim_order(queue.jobs_in(priority, problems)):
+            out.append((priority, queue.paths.base / job.dataset_path, job))
+        for name, why in queue.waiting(priority):
+            out.append((priority, queue.paths.state_dir(priority) / name, None))
+    return out
+
+
+def _pseudo_job(paths: RealmPaths, path: Path) -> Job:
+    """A job record for a dataset not adopted yet (its hand-written sidecar, if any)."""
+    sidecar = path.with_name(path.name + ".job.json")
+    user = read_sidecar_json(sidecar) if sidecar.exists() else {}
+    user = user if isinstance(user, dict) else {}
+    return Job(id="(not adopted yet)", dataset_path=paths.relative(path), dataset_name=path.name,
+               hero_id=user.get("hero_id"), campaign_id=user.get("campaign_id"),
+               overrides=user.get("overrides") or {}, num_bytes=path.stat().st_size)
+
+
+def _first_line_problems(path: Path) -> list[str]:
+    from trainer.data.reader import BadLine, parse_line
+
+    problems = []
+    with open(path, "rb") as fh:
+        numbered = ((n, raw) for n, raw in enumerate(fh, 1) if raw.strip())
+        for number, raw in itertools.islice(numbered, CHECK_LINES):
+            try:
+                parse_line(raw)
+            except BadLine as bad:
+                problems.append(f"{path}:{number}: {bad}")
+    return problems
+
+
+def _throughput(queue: TrainingQueue) -> float | None:
+    rates = [j.tokens_per_sec_avg for j in queue.jobs_in("completed") if j.tokens_per_sec_avg]
+    return statistics.median(rates[-10:]) if rates else None
+
+
+def _plan_row(paths: RealmPaths, priority: str, path: Path, job: Job | None, cli,
+              throughput: float | None) -> dict[str, Any]:
+    from trainer.config.realm_config import resolve_for
+
+    record = job or _pseudo_job(paths, path)
+    tokens = record.estimated_tokens or math.ceil((record.num_bytes or 0) / 4)
+    row: dict[str, Any] = {"priority": priority, "file": paths.relative(path), "job_id": record.id,
+                           "examples": record.num_examples, "estimated_tokens": tokens,
+                           "problems": _first_line_problems(path)}
+    try:
+        resolved = resolve_for(paths, job=record, cli=cli)
+    except RealmError as exc:
+        row["problems"].append(str(exc))
+        return row
+    t, d = resolved.config.training, resolved.config.data
+    steps = math.ceil(tokens / (d.max_length * t.micro_batch_size * t.grad_accum)) * t.epochs
+    row.update(hero=resolved.hero_id, campaign=resolved.campaign,
+               estimated_steps=min(steps, t.max_steps or steps),
+               eta_seconds=round(tokens * t.epochs / throughput) if throughput else None,
+               settings={k: {"value": resolved.get(k), "layer": resolved.provenance[k][0]}
+                         for k in KEY_SETTINGS})
+    if resolved.campaign is None:
+        row["problems"].append("no campaign: `realm campaign create NAME --hero HERO` first")
+    return row
+
+
+def build_plan(paths: RealmPaths, cli_args=None) -> dict[str, Any]:
+    from core.cli_common import cli_layer_from
+
+    queue = TrainingQueue(paths.base)
+    problems: list[dict] = []
+    cli = cli_layer_from(cli_args) if cli_args is not None else None
+    throughput = _throughput(queue)
+    rows = [_plan_row(paths, p, path, job, cli, throughput)
+            for p, path, job in _entries(queue, problems)]
+    return {"schema": PLAN_SCHEMA, "realm": str(paths.base), "tokens_per_sec": throughput,
+            "jobs": rows, "problems": problems}
+
+
+def render_plan(plan: dict[str, Any]) -> str:
+    lines = [f"plan for {plan['realm']} ({len(plan['jobs'])} jobs; throughput "
+             f"{plan['tokens_per_sec'] or 'unknown until a job completes'} tokens/s)"]
+    for i, r in enumerate(plan["jobs"], 1):
+        eta = f", eta {r['eta_seconds']} s" if r.get("eta_seconds") else ""
+        lines.append(f"{i:>3}. [{r['priority']}] {r['file']}: {r['examples'] or '?'} examples, "
+                     f"~{r['estimated_tokens']:,} tokens, ~{r.get('estimated_steps', '?')} steps"
+                     f"{eta}; {r.get('hero', '?')} / {r.get('campaign') or '(no campaign)'}")
+        for key, s in (r.get("settings") or {}).items():
+            lines.append(f"       {key} = {s['value']} ({s['layer']})")
+        lines += [f"       problem: {p}" for p in r["problems"]]
+    lines += [f"problem: {p['path']}: {p['problem']}" for p in plan["problems"]]
+    return "\n".join(lines)

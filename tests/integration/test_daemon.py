@@ -1,0 +1,241 @@
+"""The long-running daemon with real processes and real signals."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from core.training_queue import TrainingQueue
+from tests.conftest import tree
+from tests.trainer.test_training import ckpt_root, make_realm
+from trainer.data.synthetic import write_dataset
+
+FAST_DAEMON = {"daemon": {"settle_seconds": 0.2, "heartbeat_seconds": 0.2, "lease_seconds": 5,
+                          "poll_interval": 0.5, "stop_grace_seconds": 60}}
+
+
+def env():
+    return {k: v for k, v in os.environ.items() if k != "REALM_DEBUG"}
+
+
+def start_daemon(base: Path, *args) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, "-m", "core.cli", "--base-dir", str(base), "daemon",
+                             *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env())
+
+
+def realm_cmd(base, *args, timeout=300):
+    return subprocess.run([sys.executable, "-m", "core.cli", "--base-dir", str(base), *args],
+                          capture_output=True, text=True, env=env(), timeout=timeout)
+
+
+def wait_for(predicate, timeout=120, what="condition"):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def realm_with_job(tmp_path, n=120, steps=12):
+    paths = make_realm(tmp_path / "r", {"training": {"micro_batch_size": 4, "max_steps": steps,
+                                                     "warmup_steps": 2},
+                                        "data": {"max_length": 128},
+                                        "checkpoint": {"save_steps": 3, "keep_last": 10}})
+    (paths.base / "config.json").write_text(json.dumps(FAST_DAEMON))
+    write_dataset(paths.state_dir("normal") / "job.jsonl", n)
+    return paths
+
+
+def job_state(paths):
+    q = TrainingQueue(paths.base)
+    return {j.dataset_name: (j.status.value, j) for f in ("normal", "processing", "completed",
+                                                          "failed") for j in q.jobs_in(f)}
+
+
+def completions(paths, job_id):
+    return [e for e in map(json.loads, paths.ledger.read_text().splitlines())
+            if e["job_id"] == job_id and e["to"] == "completed"]
+
+
+def child_pid(paths) -> int:
+    status = json.loads((paths.status / "daemon-cpu.json").read_text())
+    return status.get("child_pid") if status.get("state") == "training" else None
+
+
+@pytest.mark.slow
+def test_sigterm_requeues_with_resume_point_and_next_run_finishes(tmp_path):
+    paths = realm_with_job(tmp_path, steps=30)
+    daemon = start_daemon(paths.base)
+    try:
+        wait_for(lambda: (ckpt_root(paths) / "step-3" / "COMPLETE").exists(), what="step-3")
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 0
+    finally:
+        daemon.kill()
+        daemon.communicate()
+    status, job = job_state(paths)["job.jsonl"]
+    assert status == "queued" and job.dataset_path == "queue/normal/job.jsonl"
+    assert job.resume and job.resume["step"] >= 3
+    resumed_at = job.resume["step"]
+    out = realm_cmd(paths.base, "daemon", "--once")
+    assert out.returncode == 0, out.stderr
+    status, job = job_state(paths)["job.jsonl"]
+    assert status == "completed" and job.final_step > resumed_at
+    log = (paths.logs / "jobs" / f"{job.id}.log").read_text()
+    assert '"event": "job.resumed"' in log
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_child_is_recorded_and_the_retry_resumes(tmp_path):
+    paths = realm_with_job(tmp_path, steps=30)
+    daemon = start_daemon(paths.base, "--poll", "0.3")
+    try:
+        wait_for(lambda: (ckpt_root(paths) / "step-3" / "COMPLETE").exists(), what="step-3")
+        os.kill(wait_for(lambda: child_pid(paths), what="child pid"), signal.SIGKILL)
+        wait_for(lambda: job_state(paths)["job.jsonl"][0] == "completed", timeout=180,
+                 what="completion after retry")
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=60) == 0
+    finally:
+        daemon.kill()
+        daemon.communicate()
+    job = job_state(paths)["job.jsonl"][1]
+    kills = [h for h in job.history if "signal 9 (SIGKILL)" in h["reason"]]
+    assert kills and kills[0]["to"] == "queued" and job.attempts == 1
+    assert '"event": "job.resumed"' in (paths.logs / "jobs" / f"{job.id}.log").read_text()
+
+
+@pytest.mark.slow
+def test_kill_9_of_the_daemon_leaves_no_orphan_and_restart_completes_once(tmp_path):
+    paths = realm_with_job(tmp_path, steps=30)
+    daemon = start_daemon(paths.base)
+    try:
+        wait_for(lambda: (ckpt_root(paths) / "step-3" / "COMPLETE").exists(), what="step-3")
+        pid = wait_for(lambda: child_pid(paths), what="child pid")
+        daemon.send_signal(signal.SIGKILL)
+        daemon.wait(timeout=10)
+        wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() ==
+                 psutil.STATUS_ZOMBIE, timeout=10, what="the orphan to die")
+    finally:
+        daemon.kill()
+        daemon.communicate()
+    out = realm_cmd(paths.base, "daemon", "--once")
+    assert out.returncode == 0, out.stderr
+    assert "recovered" in out.stdout
+    status, job = job_state(paths)["job.jsonl"]
+    assert status == "completed" and job.final_step > 3
+    assert len(completions(paths, job.id)) == 1
+    assert '"event": "job.resumed"' in (paths.logs / "jobs" / f"{job.id}.log").read_text()
+
+
+def test_second_daemon_on_the_same_devices_exits_2_naming_the_first(tmp_path):
+    paths = make_realm(tmp_path / "r")
+    (paths.base / "config.json").write_text(json.dumps(FAST_DAEMON))
+    first = start_daemon(paths.base, "--poll", "0.5")
+    try:
+        wait_for(lambda: (paths.status / "daemon-cpu.json").exists(), what="first daemon")
+        second = realm_cmd(paths.base, "daemon", "--once", timeout=60)
+        assert second.returncode == 2
+        assert f"pid {first.pid}" in second.stderr and "another daemon" in second.stderr
+        other = realm_cmd(paths.base, "daemon", "--once", "--devices", "1", timeout=60)
+        assert other.returncode == 0, other.stderr
+    finally:
+        first.send_signal(signal.SIGTERM)
+        first.wait(timeout=30)
+        first.communicate()
+
+
+def test_plan_changes_nothing_and_lists_problems(tmp_path):
+    paths = make_realm(tmp_path / "r")
+    write_dataset(paths.state_dir("high") / "good.jsonl", 40)
+    (paths.state_dir("normal") / "broken.jsonl").write_text('{"text": "ok"}\n{"txt": 1}\n')
+    (paths.state_dir("low") / "hero.jsonl").write_text('{"text": "ok"}\n')
+    (paths.state_dir("low") / "hero.jsonl.job.json").write_text('{"hero_id": "nobody"}')
+    before = tree(paths.base)
+    out = realm_cmd(paths.base, "daemon", "--plan", "--json")
+    assert out.returncode == 0, out.stderr
+    assert tree(paths.base) == before, "--plan wrote or moved something"
+    plan = json.loads(out.stdout)
+    rows = {r["file"]: r for r in plan["jobs"]}
+    assert [r["file"] for r in plan["jobs"]] == ["queue/high/good.jsonl",
+                                                 "queue/normal/broken.jsonl",
+                                                 "queue/low/hero.jsonl"]
+    good = rows["queue/high/good.jsonl"]
+    assert good["problems"] == [] and good["estimated_steps"] >= 1
+    assert good["settings"]["training.micro_batch_size"] == {"value": 4, "layer": "campaign"}
+    assert any("broken.jsonl:2: none of 'text'" in p for p in rows["queue/normal/broken.jsonl"]
+               ["problems"])
+    assert any("unknown hero 'nobody'" in p for p in rows["queue/low/hero.jsonl"]["problems"])
+    text = realm_cmd(paths.base, "daemon", "--plan").stdout
+    assert "problem:" in text and "good.jsonl" in text
+
+
+def test_disk_floor_blocks_claims_and_says_why(tmp_path):
+    paths = make_realm(tmp_path / "r")
+    (paths.base / "config.json").write_text(json.dumps(
+        {"daemon": {"settle_seconds": 0.1, "min_free_disk_gb": 1e9}}))
+    write_dataset(paths.state_dir("normal") / "a.jsonl", 20)
+    out = realm_cmd(paths.base, "daemon", "--once")
+    assert out.returncode == 0 and "waiting: free disk" in out.stdout
+    status = json.loads(realm_cmd(paths.base, "queue", "status", "--json").stdout)
+    assert status["counts"]["queued"] == 1 and status["counts"]["processing"] == 0
+    assert "daemon.min_free_disk_gb" in status["daemons"][0]["reason"]
+    assert "not claiming: free disk" in realm_cmd(paths.base, "queue", "status").stdout
+
+
+@pytest.mark.slow
+def test_cp_of_a_large_file_is_never_trained_truncated(tmp_path):
+    paths = make_realm(tmp_path / "r")
+    (paths.base / "config.json").write_text(json.dumps(
+        {"daemon": {"settle_seconds": 0.5, "poll_interval": 0.2}}))
+    src = tmp_path / "big.jsonl"
+    line = json.dumps({"text": "x" * 1000}) + "\n"
+    src.write_text(line * 40_000)  # ~40 MB
+    (paths.state_dir("normal") / "big.jsonl.job.json").write_text('{"campaign_id": "nope"}')
+    daemon = start_daemon(paths.base)
+    try:
+        time.sleep(1.0)
+        subprocess.run(["cp", str(src), str(paths.state_dir("normal") / "big.jsonl")], check=True)
+        wait_for(lambda: list(paths.state_dir("failed").glob("big.jsonl.job.json")), timeout=120,
+                 what="the job to run (and fail on its unknown campaign)")
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=60)
+        daemon.communicate()
+    job = json.loads((paths.state_dir("failed") / "big.jsonl.job.json").read_text())
+    assert job["num_bytes"] == src.stat().st_size
+    assert job["dataset_sha256"] == hashlib.sha256(src.read_bytes()).hexdigest()
+    assert job["num_examples"] == 40_000
+
+
+@pytest.mark.slow
+def test_two_daemons_on_distinct_devices_complete_every_job_once(tmp_path):
+    paths = make_realm(tmp_path / "r", {"training": {"micro_batch_size": 2, "max_steps": 1},
+                                        "data": {"max_length": 64},
+                                        "checkpoint": {"save_steps": 100, "keep_last": 100}})
+    (paths.base / "config.json").write_text(json.dumps(FAST_DAEMON))
+    for i in range(30):
+        write_dataset(paths.state_dir(("high", "normal", "low")[i % 3]) / f"j{i:02d}.jsonl", 4, i)
+    daemons = [start_daemon(paths.base, "--once", "--devices", d) for d in ("0", "1")]
+    for d in daemons:
+        d.wait(timeout=600)
+        d.communicate()
+    q = TrainingQueue(paths.base)
+    done = q.jobs_in("completed")
+    assert len(done) == 30 and not q.jobs_in("failed") and not q.jobs_in("processing")
+    assert all(len(completions(paths, j.id)) == 1 for j in done)
+    workers = {j.worker["devices"] for j in done}
+    assert workers == {"0", "1"}, "both daemons trained jobs"
