@@ -160,7 +160,7 @@ class TrainingQueue:
             # finish such moves before treating anything as new.
             self._repair_locked()
             adopted = [job for c in candidates if (job := self._adopt_locked(*c, discovered_at))]
-        for priority in {job.priority for job in adopted}:
+        for priority in {c[0] for c in candidates}:  # adopted here or by another process
             splits[priority] = self._split(self.listing(priority))
         return adopted
 
