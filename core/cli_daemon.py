@@ -53,30 +53,78 @@ def cmd_daemon(args) -> int:
     return 1 if args.once and summary.failed else 0
 
 
-def cmd_demo(args) -> int:
-    from core.paths import RealmPaths, init_layout
-    from core.queue_status import build_status, render_status
-    from core.training_daemon import drain
+DEMO_OVERRIDES = {"training": {"epochs": 20, "learning_rate": 3e-3, "warmup_steps": 10},
+                  "data": {"max_length": 128}, "checkpoint": {"save_steps": 100}}
+SPARK = "▁▂▃▄▅▆▇█"
+
+
+def sparkline(values: list[float]) -> str:
+    lo, hi = min(values), max(values)
+    span = (hi - lo) or 1.0
+    return "".join(SPARK[min(7, int((v - lo) / span * 8))] for v in values)
+
+
+def _prepare_demo(paths, say) -> Path:
+    """Realm, campaign and the skill: two training files queued, a held-out file kept aside."""
+    from core.paths import init_layout
     from core.training_queue import TrainingQueue
     from guild.campaigns import active_ref, create_campaign
     from guild.heroes import install_shipped
-    from trainer.config.realm_config import resolve_for
-    from trainer.data.synthetic import write_dataset
+    from trainer.data.synthetic import addition_split, write_addition
 
-    paths = RealmPaths(Path(args.dir).expanduser().resolve())
     paths.base.mkdir(parents=True, exist_ok=True)
     init_layout(paths)
     install_shipped(paths)
     if active_ref(paths) is None:
-        create_campaign(paths, "demo", "tiny-qwen3", description="realm demo")
-    print(f"realm demo in {paths.base}: hero tiny-qwen3, campaign {active_ref(paths)}")
-    queue = TrainingQueue(paths.base)
+        create_campaign(paths, "demo", "tiny-qwen3", overrides=DEMO_OVERRIDES,
+                        description="realm demo: two-digit addition")
+    say(f"realm demo in {paths.base}: hero tiny-qwen3, campaign {active_ref(paths)}")
+    say("skill: a + b for a, b < 50 (prompt '23+19=', completion '42'); 200 pairs held out")
     scratch = paths.base / "demo-data"
     scratch.mkdir(exist_ok=True)
-    for name, n, seed, priority in (("arithmetic.jsonl", 400, 1, "high"),
-                                    ("mixed.jsonl", 600, 2, "normal")):
-        job = queue.add(write_dataset(scratch / name, n, seed), priority=priority)
-        print(f"queued {job.dataset_path} ({job.num_examples} examples, {priority})")
+    train, held = addition_split()
+    half = len(train) // 2
+    queue = TrainingQueue(paths.base)
+    for name, part, priority in (("addition-a.jsonl", train[:half], "high"),
+                                 ("addition-b.jsonl", train[half:], "normal")):
+        job = queue.add(write_addition(scratch / name, part), priority=priority)
+        say(f"queued {job.dataset_path} ({job.num_examples} examples, {priority})")
+    return write_addition(scratch / "held-out.jsonl", held)
+
+
+def _report(summary, held_out: Path, say) -> None:
+    import math
+    import subprocess
+    import sys
+
+    curve = [v for job in summary.completed
+             for v in (job.metadata.get("data") or {}).get("loss_curve", [])]
+    guess = math.log(512)  # tiny-qwen3's output vocabulary
+    if curve:
+        say(f"loss: {curve[0]:.3f} at the start -> {curve[-1]:.3f} at the end "
+            f"(random guess over the vocabulary: ln 512 = {guess:.3f})")
+        say(f"loss curve ({len(summary.completed)} jobs): {sparkline(curve)}")
+    ckpt = summary.completed[-1].metadata.get("checkpoint") if summary.completed else None
+    if ckpt:
+        out = subprocess.run([sys.executable, "-m", "trainer.evaluate", ckpt, str(held_out)],
+                             capture_output=True, text=True)
+        result = json.loads(out.stdout) if out.returncode == 0 else None
+        if result:
+            say(f"held-out exact match (greedy): {result['accuracy']:.1%} of {result['n']} "
+                f"unseen sums (chance: about 1%, one of 99 possible answers)")
+        say(f"latest checkpoint: {ckpt}\nload it with: "
+            f"AutoModelForCausalLM.from_pretrained('{ckpt}')")
+
+
+def cmd_demo(args) -> int:
+    from core.paths import RealmPaths
+    from core.queue_status import build_status, render_status
+    from core.training_daemon import drain
+    from core.training_queue import TrainingQueue
+    from trainer.config.realm_config import resolve_for
+
+    paths = RealmPaths(Path(args.dir).expanduser().resolve())
+    held_out = _prepare_demo(paths, print)
     config = resolve_for(paths).config
     stream = _open_daemon_log(paths, config.logging.level)
     try:
@@ -84,11 +132,9 @@ def cmd_demo(args) -> int:
     finally:
         stream.close()
     print()
-    print(render_status(build_status(queue)))
-    if summary.completed:
-        ckpt = summary.completed[-1].metadata.get("checkpoint")
-        print(f"\nlatest checkpoint: {ckpt}\nload it with: "
-              f"AutoModelForCausalLM.from_pretrained('{ckpt}')")
+    print(render_status(build_status(TrainingQueue(paths.base))))
+    print()
+    _report(summary, held_out, print)
     return 1 if summary.failed else 0
 
 

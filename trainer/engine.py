@@ -290,6 +290,7 @@ class Trainer:
         self.status.write({"state": "finished", "job_id": self.spec.job_id,
                            "step": self.global_step}, force=True)
         counts = self.guard.counts() if hasattr(self.guard, "counts") else {}
+        self.data_stats["loss_curve"] = downsample(self.stats.history, 60)
         return TrainResult(self.job_start_step, self.global_step,
                            last.loss if last else None, val, self.stats.tokens_per_sec_avg,
                            ckpt, self.data_stats, getattr(self, "resumed_from", None), counts)
@@ -305,6 +306,15 @@ class Trainer:
             count += batch.target_tokens
         self.model.train()
         return total / max(1, count)
+
+
+def downsample(values: list[float], points: int) -> list[float]:
+    """At most ``points`` means of consecutive chunks (the job record keeps a short curve)."""
+    if len(values) <= points:
+        return [round(v, 4) for v in values]
+    size = len(values) / points
+    return [round(sum(chunk) / len(chunk), 4) for chunk in
+            (values[int(i * size):int((i + 1) * size)] for i in range(points)) if chunk]
 
 
 def token_loss_sum(model, batch: Batch, autocast_dtype) -> torch.Tensor:
@@ -422,6 +432,7 @@ class EpochRunner:
         t = self.t
         if math.isfinite(m.loss):
             m.loss_ewma = t.stats.update_ewma(m.loss)
+            t.stats.history.append(m.loss)
         t.stats.record(m)
         eta = (t.total_steps - t.job_step) * t.stats.seconds / max(1, t.stats.steps)
         t.log.debug("train.step", **{k: getattr(m, k) for k in (

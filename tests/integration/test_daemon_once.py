@@ -62,6 +62,9 @@ def test_demo_end_to_end(tmp_path):
     trained = re.findall(r"^  completed \d{8}-\d{6}-\S+: steps (\d+) -> (\d+)", out.stdout, re.M)
     assert len(trained) == 2 and "latest checkpoint:" in out.stdout
     assert trained[1][0] == trained[0][1], "the second job continues from the first"
-    ckpts = list((tmp_path / "demo" / "campaigns" / "tiny-qwen3" / "demo" / "checkpoints")
-                 .glob("step-*/COMPLETE"))
-    assert ckpts
+    start, end = map(float, re.search(r"loss: ([\d.]+) at the start -> ([\d.]+) at the end",
+                                      out.stdout).groups())
+    assert start > 5.0 and end < 1.0, "from near ln(512) to far below it"
+    accuracy = float(re.search(r"held-out exact match \(greedy\): ([\d.]+)%", out.stdout)[1])
+    assert accuracy > 50.0, f"held-out accuracy {accuracy}% should be far above chance (~1%)"
+    assert re.search(r"loss curve \(2 jobs\): [▁▂▃▄▅▆▇█]{20,}", out.stdout)

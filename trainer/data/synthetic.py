@@ -41,3 +41,19 @@ def write_dataset(path: Path, n: int, seed: int = 0,
         for i in range(n):
             fh.write(json.dumps(example(rng, kinds[i % len(kinds)])) + "\n")
     return path
+
+
+def addition_split(seed: int = 0, limit: int = 50, held_out: int = 200
+                   ) -> tuple[list[tuple[int, int]], list[tuple[int, int]]]:
+    """All pairs a, b < limit, shuffled: (training pairs, held-out pairs never trained on)."""
+    pairs = [(a, b) for a in range(limit) for b in range(limit)]
+    random.Random(seed).shuffle(pairs)
+    return pairs[held_out:], pairs[:held_out]
+
+
+def write_addition(path: Path, pairs: list[tuple[int, int]]) -> Path:
+    """The demo skill: ``{"prompt": "23+19=", "completion": "42"}`` per line."""
+    with open(path, "w", encoding="utf-8") as fh:
+        for a, b in pairs:
+            fh.write(json.dumps({"prompt": f"{a}+{b}=", "completion": str(a + b)}) + "\n")
+    return path
