@@ -48,9 +48,11 @@ def build_status(queue: TrainingQueue, recent: int = 5) -> dict[str, Any]:
     problems: list[dict] = []
     counts, by_priority, waiting = _counts(queue, problems)
     in_progress = []
+    training = _training_status(queue)
     for job in queue.jobs_in("processing", problems):
         row = job.summary()
-        row.update(heartbeat_at=job.heartbeat_at, resume=job.resume)
+        row.update(heartbeat_at=job.heartbeat_at, resume=job.resume,
+                   progress=training if training.get("job_id") == job.id else None)
         in_progress.append(row)
     return {
         "schema": STATUS_SCHEMA,
@@ -64,6 +66,14 @@ def build_status(queue: TrainingQueue, recent: int = 5) -> dict[str, Any]:
         "recent_failed": _recent(queue, "failed", recent, problems),
         "problems": _dedupe(problems),
     }
+
+
+def _training_status(queue: TrainingQueue) -> dict:
+    """``status/training_status.json``, written by the training child (throttled)."""
+    try:
+        return json.loads((queue.paths.status / "training_status.json").read_text())
+    except (OSError, ValueError):
+        return {}
 
 
 def _daemons(queue: TrainingQueue) -> list[dict]:
@@ -155,9 +165,15 @@ def _daemon_line(d: dict) -> str:
 
 def _progress_line(r: dict) -> str:
     worker = r.get("worker") or {}
-    return (f"  {r['id']}  {r['dataset']}  [{r['priority']}]  started {_ago(r['started_at'])}"
+    line = (f"  {r['id']}  {r['dataset']}  [{r['priority']}]  started {_ago(r['started_at'])}"
             f"  on {worker.get('host')}:{worker.get('pid')}"
             f"  heartbeat {_ago(r.get('heartbeat_at'))}")
+    p = r.get("progress") or {}
+    if p.get("metrics"):
+        m = p["metrics"]
+        line += (f"\n    step {p['job_step']}/{p['total_steps']}  loss {m['loss']:.4f}  "
+                 f"{m['tokens_per_sec']:,.0f} tokens/s  eta {p['eta_seconds']:.0f}s")
+    return line
 
 
 def _finished_line(r: dict) -> str:

@@ -162,3 +162,18 @@ def test_status_watch_refreshes_and_ctrl_c_exits_0(realm):
     assert proc.wait(timeout=10) == 0
     proc.stdout.close()
     assert first["queued_by_priority"]["high"] == 0 and seen["queued_by_priority"]["high"] == 1
+
+
+def test_status_shows_the_running_jobs_progress(realm):
+    q = TrainingQueue(realm.base, settle_seconds=0)
+    drop(realm, "high", "a.jsonl")
+    job = q.claim_next()
+    realm.status.mkdir(exist_ok=True)
+    (realm.status / "training_status.json").write_text(json.dumps({
+        "schema": 1, "state": "training", "job_id": job.id, "step": 12, "job_step": 12,
+        "total_steps": 40, "eta_seconds": 31.0,
+        "metrics": {"loss": 3.2109, "tokens_per_sec": 7012.4}}))
+    out = realm_cmd(realm.base, "queue", "status")
+    assert "step 12/40  loss 3.2109  7,012 tokens/s  eta 31s" in out.stdout
+    data = json.loads(realm_cmd(realm.base, "queue", "status", "--json").stdout)
+    assert data["in_progress"][0]["progress"]["job_step"] == 12
