@@ -45,7 +45,8 @@ def cmd_daemon(args) -> int:
     stream = _open_daemon_log(paths, config.logging.level)
     try:
         summary = Daemon(paths, config.daemon, devices=args.devices, poll=args.poll,
-                         once=args.once, extra_args=_flag_args(args)).run()
+                         once=args.once, extra_args=_flag_args(args),
+                         keep_last=config.checkpoint.keep_last).run()
     finally:
         stream.close()
     print(f"daemon stopped: {len(summary.completed)} completed, {len(summary.failed)} failed, "

@@ -14,6 +14,7 @@ A second signal kills the child. Never imports torch.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -123,7 +124,7 @@ class _Wakeups:
 class Daemon:
     def __init__(self, paths: RealmPaths, daemon_cfg, *, devices: str = "cpu",
                  poll: float | None = None, once: bool = False,
-                 extra_args: list[str] | None = None, say=print):
+                 extra_args: list[str] | None = None, say=print, keep_last: int = 3):
         self.paths, self.cfg, self.devices = paths, daemon_cfg, devices
         self.poll, self.once, self.extra_args, self.say = poll, once, extra_args or [], say
         self.queue = TrainingQueue(paths.base, settle_seconds=daemon_cfg.settle_seconds)
@@ -134,6 +135,8 @@ class Daemon:
         self.worker = {"host": socket.gethostname(), "pid": os.getpid(),
                        "started": psutil.Process().create_time(), "devices": devices}
         self._guard_said: str | None = None
+        self.keep_last = keep_last
+        self.progress = ProgressView(paths.status / "training_status.json")
 
     # --- the spine ------------------------------------------------------------------------
 
@@ -209,13 +212,25 @@ class Daemon:
 
     # --- resource guard -------------------------------------------------------------------
 
+    def disk_floor_gb(self) -> tuple[float, str]:
+        """max(daemon.min_free_disk_gb, newest checkpoint size x (keep_last + 1))."""
+        floor, why = self.cfg.min_free_disk_gb, "daemon.min_free_disk_gb"
+        newest = max(self.paths.campaigns.glob("*/*/checkpoints/step-*/COMPLETE"),
+                     key=lambda p: p.stat().st_mtime, default=None)
+        if newest is not None:
+            size = sum(f.stat().st_size for f in newest.parent.iterdir() if f.is_file()) / 2**30
+            needed = size * (self.keep_last + 1)
+            if needed > floor:
+                floor, why = needed, f"checkpoint size {size:.2f} GB x (keep_last + 1)"
+        return floor, why
+
     def resources_ok(self) -> bool:
         disk = psutil.disk_usage(str(self.paths.base)).free / 2**30
         mem = psutil.virtual_memory().available / 2**30
         problems = []
-        if disk < self.cfg.min_free_disk_gb:
-            problems.append(f"free disk {disk:.1f} GB < daemon.min_free_disk_gb "
-                            f"{self.cfg.min_free_disk_gb}")
+        floor, why = self.disk_floor_gb()
+        if disk < floor:
+            problems.append(f"free disk {disk:.1f} GB < {floor:.1f} GB ({why})")
         if mem < self.cfg.min_free_memory_gb:
             problems.append(f"available memory {mem:.1f} GB < daemon.min_free_memory_gb "
                             f"{self.cfg.min_free_memory_gb}")
@@ -244,6 +259,7 @@ class Daemon:
         self._write_status("training", job_id=job.id, child_pid=child.pid)
         self._supervise(job, child)
         end = child.end()
+        self.progress.close()
         moved = self._record(job, end)
         self.say(_describe(moved, end))
         return moved
@@ -251,6 +267,7 @@ class Daemon:
     def _supervise(self, job: Job, child: Child) -> None:
         while not child.wait(timeout=self.cfg.heartbeat_seconds):
             self._renew_lease(job)
+            self.progress.update(job)
             if self.stop_requests >= 2:
                 child.kill("second stop signal (cold stop)")
             elif self.stop_requests == 1:
@@ -299,6 +316,45 @@ class Daemon:
         write_json_atomic(self.status_path, {
             "schema": 1, "state": state, "pid": os.getpid(), "host": socket.gethostname(),
             "devices": self.devices, "updated_at": utc_now(), **fields}, fsync=False)
+
+
+class ProgressView:
+    """A progress bar with ETA for the running job, on a terminal only (tqdm), fed from the
+    child's ``status/training_status.json``."""
+
+    def __init__(self, status_file: Path, stream=None):
+        import sys
+
+        self.status_file = status_file
+        self.stream = stream or sys.stdout
+        self.enabled = self.stream.isatty()
+        self.bar = None
+
+    def update(self, job: Job) -> None:
+        if not self.enabled:
+            return
+        try:
+            status = json.loads(self.status_file.read_text())
+        except (OSError, ValueError):
+            return
+        if status.get("job_id") != job.id or "total_steps" not in status:
+            return
+        if self.bar is None:
+            import tqdm
+
+            tqdm.tqdm.monitor_interval = 0  # no monitor thread
+            self.bar = tqdm.tqdm(total=status["total_steps"], desc=job.dataset_name,
+                                 unit="step", file=self.stream, leave=False)
+        self.bar.n = status["job_step"]
+        metrics = status.get("metrics") or {}
+        self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
+                             tok_s=f"{metrics.get('tokens_per_sec', 0):,.0f}", refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
 
 
 def _describe(job: Job, end: ChildEnd) -> str:
