@@ -3,8 +3,9 @@
 The child is ``python -m trainer.run_job`` in its own session (a terminal's Ctrl-C reaches only
 the daemon, which decides what the child gets). On Linux the child asks the kernel for SIGKILL
 when its parent dies (``PR_SET_PDEATHSIG``), so a daemon killed with SIGKILL leaves no orphan
-training on. Liveness is the heartbeat file the child touches after every step; a child silent
-for ``daemon.job_timeout`` is killed.
+training on. Liveness is the heartbeat file the child touches after every step (and every second
+while it sets up); a child silent for ``daemon.job_timeout`` is killed. Before its first beat
+(interpreter start, imports) it gets at least ``STARTUP_GRACE`` seconds.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 _PR_SET_PDEATHSIG = 1
+STARTUP_GRACE = 120.0
+"""Seconds a child may take to beat for the first time (imports), whatever job_timeout says."""
 
 
 def _die_with_parent(parent_pid: int):
@@ -69,12 +72,13 @@ class Child:
         except subprocess.TimeoutExpired:
             return False
 
-    def silent_for(self) -> float:
+    def silent_for(self) -> tuple[float, bool]:
+        """(seconds since the last sign of life, whether the child has beaten at all)."""
         try:
             last = self.heartbeat.stat().st_mtime
         except FileNotFoundError:
-            last = self.started
-        return time.time() - max(last, self.started)
+            return time.time() - self.started, False
+        return time.time() - max(last, self.started), last >= self.started - 1
 
     def request_stop(self) -> None:
         """Warm stop: the child checkpoints at its next step boundary and exits."""

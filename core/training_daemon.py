@@ -34,7 +34,7 @@ from core.fsutil import write_json_atomic
 from core.job import Job, JobState, utc_now
 from core.paths import PRIORITIES, RealmPaths
 from core.queue_scan import read_sidecar_json
-from core.supervisor import Child, ChildEnd, child_command
+from core.supervisor import STARTUP_GRACE, Child, ChildEnd, child_command
 from core.training_queue import TrainingQueue
 
 log = structlog.get_logger("realm.daemon")
@@ -275,9 +275,13 @@ class Daemon:
                 if time.monotonic() - child.stop_sent_at > self.cfg.stop_grace_seconds:
                     child.kill(f"no clean stop within daemon.stop_grace_seconds "
                                f"({self.cfg.stop_grace_seconds:g} s)")
-            elif child.silent_for() > self.cfg.job_timeout:
-                child.kill(f"no heartbeat for {child.silent_for():.0f} s (daemon.job_timeout "
-                           f"{self.cfg.job_timeout:g} s)")
+            else:
+                silent, has_beaten = child.silent_for()
+                limit = self.cfg.job_timeout if has_beaten else max(self.cfg.job_timeout,
+                                                                     STARTUP_GRACE)
+                if silent > limit:
+                    child.kill(f"no heartbeat for {silent:.0f} s (daemon.job_timeout "
+                               f"{self.cfg.job_timeout:g} s)")
 
     def _renew_lease(self, job: Job) -> None:
         def renew(j: Job) -> None:

@@ -107,21 +107,27 @@ class Heartbeat:
 
 def run(paths: RealmPaths, sidecar: Path, cli=None, stop: _StopFlag | None = None) -> int:
     from core.queue_scan import read_sidecar_json
+
+    job = Job.from_dict(read_sidecar_json(sidecar), source=str(sidecar))
+    beat = Heartbeat(paths, job.id, every=1.0)  # alive from here on, setup included
+    try:
+        return _run(paths, job, beat, cli, stop)
+    finally:
+        beat.close()
+
+
+def _run(paths: RealmPaths, job: Job, beat: "Heartbeat", cli, stop) -> int:
     from trainer.engine import StopRequested, Trainer
     from trainer.data.reader import DataError
 
-    job = Job.from_dict(read_sidecar_json(sidecar), source=str(sidecar))
     stop = stop or _StopFlag()
     resolved = None
     try:
         spec, resolved = build_spec(paths, job, cli)
         configure(resolved.config.logging.level)
         trainer = Trainer(spec, stop_requested=stop)
-        trainer.heartbeat = beat = Heartbeat(paths, job.id, resolved.config.daemon.heartbeat_seconds)
-        try:
-            result = trainer.train()
-        finally:
-            beat.close()
+        trainer.heartbeat = beat
+        result = trainer.train()
     except StopRequested as stopped:
         _record(paths, job, stopped=stopped.checkpoint, resolved=resolved)
         return exitcodes.STOPPED

@@ -239,3 +239,47 @@ def test_two_daemons_on_distinct_devices_complete_every_job_once(tmp_path):
     assert all(len(completions(paths, j.id)) == 1 for j in done)
     workers = {j.worker["devices"] for j in done}
     assert workers == {"0", "1"}, "both daemons trained jobs"
+
+
+@pytest.mark.slow
+def test_second_signal_kills_the_child_and_requeues(tmp_path):
+    paths = realm_with_job(tmp_path, steps=30)
+    daemon = start_daemon(paths.base)
+    try:
+        wait_for(lambda: (ckpt_root(paths) / "step-3" / "COMPLETE").exists(), what="step-3")
+        pid = wait_for(lambda: child_pid(paths), what="child pid")
+        os.kill(pid, signal.SIGSTOP)  # a child that would never reach its step boundary
+        daemon.send_signal(signal.SIGTERM)
+        time.sleep(0.5)
+        daemon.send_signal(signal.SIGTERM)
+        assert daemon.wait(timeout=30) == 0
+    finally:
+        daemon.kill()
+        out, _ = daemon.communicate()
+    assert "cold stop" in out
+    assert not psutil.pid_exists(pid) or psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    status, job = job_state(paths)["job.jsonl"]
+    assert status == "queued" and "daemon stopped" in job.history[-1]["reason"]
+    assert "signal 9 (SIGKILL): second stop signal" in job.history[-1]["reason"]
+
+
+@pytest.mark.slow
+def test_a_silent_child_is_killed_after_job_timeout_and_retried(tmp_path):
+    paths = realm_with_job(tmp_path, steps=30)
+    config = json.loads((paths.base / "config.json").read_text())
+    config["daemon"]["job_timeout"] = 2
+    (paths.base / "config.json").write_text(json.dumps(config))
+    daemon = start_daemon(paths.base)
+    try:
+        wait_for(lambda: (ckpt_root(paths) / "step-3" / "COMPLETE").exists(), what="step-3")
+        os.kill(wait_for(lambda: child_pid(paths), what="child pid"), signal.SIGSTOP)
+        wait_for(lambda: job_state(paths)["job.jsonl"][0] == "completed", timeout=180,
+                 what="the retry to complete")
+        daemon.send_signal(signal.SIGTERM)
+        daemon.wait(timeout=60)
+    finally:
+        daemon.kill()
+        daemon.communicate()
+    job = job_state(paths)["job.jsonl"][1]
+    timeouts = [h for h in job.history if "no heartbeat for" in h["reason"]]
+    assert timeouts and "daemon.job_timeout 2 s" in timeouts[0]["reason"] and job.attempts == 1
