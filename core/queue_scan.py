@@ -93,12 +93,16 @@ class SidecarCache:
     def __init__(self) -> None:
         self._parsed: dict[tuple[str, int], Job | dict | SidecarError] = {}
 
-    def load(self, entry: os.DirEntry) -> Job | dict:
-        """A Job for an adopted sidecar, a dict for one a person wrote before adoption."""
+    def load(self, entry: os.DirEntry) -> Job | dict | None:
+        """A Job for an adopted sidecar, a dict for one a person wrote before adoption, None if
+        it has been moved away since the folder was listed."""
         key = (entry.path, entry.inode())
         hit = self._parsed.get(key)
         if hit is None:
-            hit = self._parse(Path(entry.path))
+            try:
+                hit = self._parse(Path(entry.path))
+            except FileNotFoundError:  # moved by another process since the listing
+                return None
             self._parsed[key] = hit
         if isinstance(hit, SidecarError):
             raise hit

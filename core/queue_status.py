@@ -21,8 +21,14 @@ LIST_STATES = ("queued", *STATE_FOLDERS, "all")
 def _recent(queue: TrainingQueue, folder: str, limit: int, problems: list) -> list[dict]:
     """The ``limit`` newest jobs of a folder, by sidecar mtime (no need to read them all)."""
     listing = queue.listing(folder)
-    paired = [e for n, e in listing.sidecars.items() if n in listing.datasets]
-    newest = sorted(paired, key=lambda e: e.stat().st_mtime_ns, reverse=True)[:limit]
+    stamped = []
+    for name, entry in listing.sidecars.items():
+        try:
+            if name in listing.datasets:
+                stamped.append((entry.stat().st_mtime_ns, entry))
+        except FileNotFoundError:
+            continue  # moved on since the listing
+    newest = [e for _, e in sorted(stamped, key=lambda x: x[0], reverse=True)[:limit]]
     jobs = [j for e in newest if isinstance(j := queue._load(e, problems), Job)]
     return [j.summary() for j in sorted(jobs, key=lambda j: j.finished_at or "", reverse=True)]
 

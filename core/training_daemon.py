@@ -150,7 +150,7 @@ class Daemon:
             self.recover()
             while not self.stop_requests:
                 trained = self._one_round()
-                if self.once and not trained and (self._guard_said or not self._settling()):
+                if self.once and not trained and (self._guard_said or not self._has_work()):
                     break  # --once: nothing left to train (or nothing may be claimed now)
                 if not self.stop_requests:
                     wakeups.wait(self._wait_seconds())
@@ -179,6 +179,11 @@ class Daemon:
         if self._settling():
             return min(interval, max(0.05, self.cfg.settle_seconds / 4))
         return interval
+
+    def _has_work(self) -> bool:
+        """Files still settling, or queued jobs (another daemon may have adopted them between
+        our scan and our claim)."""
+        return self._settling() or bool(self.queue.queued())
 
     def _settling(self) -> bool:
         return any(why == "waiting" for p in PRIORITIES for _, why in self.queue.waiting(p))

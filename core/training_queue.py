@@ -80,6 +80,8 @@ class TrainingQueue:
         for name, entry in listing.datasets.items():
             sidecar = listing.sidecars.get(name)
             loaded = {} if sidecar is None else self._load(sidecar, problems)
+            if loaded is None and sidecar is not None and not os.path.exists(sidecar.path):
+                continue  # the pair moved on (another process claimed it): not ours to show
             if isinstance(loaded, Job):
                 loaded.status = state  # the folder is the truth
                 split.jobs.append(loaded)
@@ -150,7 +152,10 @@ class TrainingQueue:
                 except FileNotFoundError:
                     continue
                 if self.settler.is_settled(str(path), st.st_size, st.st_mtime_ns):
-                    digest = digest_file(path)  # outside the lock: may be slow on big files
+                    try:
+                        digest = digest_file(path)  # outside the lock: may be slow
+                    except FileNotFoundError:
+                        continue  # claimed or moved by another process meanwhile
                     candidates.append((priority, name, st, user, digest))
         if not candidates:
             return []

@@ -9,9 +9,13 @@ SIGTERM/SIGINT request a stop at the next step boundary (with a checkpoint).
 from __future__ import annotations
 
 import argparse
+import contextlib
+import fcntl
+import os
 import signal
 import sys
 import threading
+import time
 import traceback
 from pathlib import Path
 
@@ -116,6 +120,33 @@ def run(paths: RealmPaths, sidecar: Path, cli=None, stop: _StopFlag | None = Non
         beat.close()
 
 
+class StoppedWaiting(Exception):
+    """A stop arrived while this job waited for its campaign."""
+
+
+@contextlib.contextmanager
+def campaign_turn(checkpoint_root: Path, stop: "_StopFlag", poll: float = 0.2):
+    """One job per campaign at a time, whichever daemon runs it: an ``flock`` on
+    ``<campaign>/.training.lock``. Waiting keeps heartbeating (the setup thread still runs) and
+    gives up on a stop request. Without it two daemons could both continue from the same
+    checkpoint and fork the campaign's lineage."""
+    path = checkpoint_root.parent / ".training.lock"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if stop():
+                    raise StoppedWaiting() from None
+                time.sleep(poll)
+        yield
+    finally:
+        os.close(fd)
+
+
 def _run(paths: RealmPaths, job: Job, beat: "Heartbeat", cli, stop) -> int:
     from trainer.engine import StopRequested, Trainer
     from trainer.data.reader import DataError
@@ -125,9 +156,12 @@ def _run(paths: RealmPaths, job: Job, beat: "Heartbeat", cli, stop) -> int:
     try:
         spec, resolved = build_spec(paths, job, cli)
         configure(resolved.config.logging.level)
-        trainer = Trainer(spec, stop_requested=stop)
-        trainer.heartbeat = beat
-        result = trainer.train()
+        with campaign_turn(spec.checkpoint_root, stop):
+            trainer = Trainer(spec, stop_requested=stop)
+            trainer.heartbeat = beat
+            result = trainer.train()
+    except StoppedWaiting:
+        return exitcodes.STOPPED
     except StopRequested as stopped:
         _record(paths, job, stopped=stopped.checkpoint, resolved=resolved)
         return exitcodes.STOPPED

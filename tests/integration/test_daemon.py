@@ -231,14 +231,16 @@ def test_two_daemons_on_distinct_devices_complete_every_job_once(tmp_path):
         write_dataset(paths.state_dir(("high", "normal", "low")[i % 3]) / f"j{i:02d}.jsonl", 4, i)
     daemons = [start_daemon(paths.base, "--once", "--devices", d) for d in ("0", "1")]
     for d in daemons:
-        d.wait(timeout=600)
-        d.communicate()
+        out, err = d.communicate(timeout=600)
+        assert d.returncode == 0, err[-3000:]
     q = TrainingQueue(paths.base)
     done = q.jobs_in("completed")
     assert len(done) == 30 and not q.jobs_in("failed") and not q.jobs_in("processing")
     assert all(len(completions(paths, j.id)) == 1 for j in done)
     workers = {j.worker["devices"] for j in done}
     assert workers == {"0", "1"}, "both daemons trained jobs"
+    steps = sorted(j.final_step for j in done)
+    assert steps == list(range(1, 31)), "one linear lineage: no two jobs forked the campaign"
 
 
 @pytest.mark.slow
