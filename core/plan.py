@@ -39,9 +39,12 @@ def _pseudo_job(paths: RealmPaths, path: Path) -> Job:
     sidecar = path.with_name(path.name + ".job.json")
     user = read_sidecar_json(sidecar) if sidecar.exists() else {}
     user = user if isinstance(user, dict) else {}
+    with open(path, "rb") as fh:
+        examples = sum(1 for line in fh if line.strip())
     return Job(id="(not adopted yet)", dataset_path=paths.relative(path), dataset_name=path.name,
                hero_id=user.get("hero_id"), campaign_id=user.get("campaign_id"),
-               overrides=user.get("overrides") or {}, num_bytes=path.stat().st_size)
+               overrides=user.get("overrides") or {}, num_bytes=path.stat().st_size,
+               num_examples=examples)
 
 
 def _first_line_problems(path: Path) -> list[str]:
