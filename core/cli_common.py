@@ -22,13 +22,12 @@ def realm_paths(args, *, must_exist: bool = True) -> RealmPaths:
 
 def add_common_flags(parser) -> None:
     """SPEC section 3's training flags. No defaults: a flag not given overrides nothing."""
+    from trainer.config.loader import FLAG_KEYS  # light: no torch
+
     group = parser.add_argument_group("training flags (cli layer; --set wins over them)")
-    for flag, key in (("--batch-size", "training.micro_batch_size"),
-                      ("--grad-accum", "training.grad_accum"),
-                      ("--learning-rate", "training.learning_rate"),
-                      ("--max-steps", "training.max_steps"), ("--epochs", "training.epochs"),
-                      ("--max-length", "data.max_length"), ("--seed", "training.seed")):
-        group.add_argument(flag, default=None, metavar="V", help=key)
+    for name, key in FLAG_KEYS.items():
+        group.add_argument("--" + name.replace("_", "-"), dest=name, default=None, metavar="V",
+                           help=key)
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", default=None,
                         help="override any config key, e.g. training.learning_rate=1e-4")
 

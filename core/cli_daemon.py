@@ -10,9 +10,10 @@ from core.cli_common import add_common_flags, realm_paths
 
 def _flag_args(args) -> list[str]:
     """Pass the cli layer (flags given, --set) on to every training child."""
+    from trainer.config.loader import FLAG_KEYS
+
     out = []
-    for flag in ("batch_size", "grad_accum", "learning_rate", "max_steps", "epochs",
-                 "max_length", "seed"):
+    for flag in FLAG_KEYS:
         value = getattr(args, flag, None)
         if value is not None:
             out += ["--" + flag.replace("_", "-"), str(value)]
