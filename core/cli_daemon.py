@@ -145,7 +145,10 @@ def add_parsers(sub) -> None:
     p.add_argument("--once", action="store_true", help="drain the queue, then exit")
     p.add_argument("--poll", type=float, metavar="SECONDS", default=None,
                    help="rescan every SECONDS instead of watching (network file systems)")
-    p.add_argument("--devices", default="cpu", help="device set this daemon serves (e.g. 0,1)")
+    p.add_argument("--devices", default=None,
+                   help="device set this daemon serves: cpu, cpu:N (N processes per job on CPU, "
+                        "gloo), or CUDA ids such as 0 or 0,1 (one process per id, NCCL); "
+                        "default: daemon.devices (cpu)")
     p.add_argument("--plan", action="store_true", help="print the ordered plan; change nothing")
     p.add_argument("--json", action="store_true", help="with --plan: machine-readable")
     add_common_flags(p)

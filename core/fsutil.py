@@ -17,6 +17,7 @@ import fcntl
 import json
 import os
 import secrets
+import socket
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -146,3 +147,9 @@ def unique_name(directory: Path, name: str, taken: set[str] | None = None) -> st
         n += 1
         candidate = f"{stem}.{n}{ext}"
     return candidate
+
+
+def host_name() -> str:
+    """This host's name in leases and lock files (``REALM_HOST`` overrides it where hostnames
+    collide, e.g. containers, and lets one machine stand in for several hosts in tests)."""
+    return os.environ.get("REALM_HOST") or socket.gethostname()

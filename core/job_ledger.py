@@ -10,11 +10,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import socket
 from pathlib import Path
 from typing import Any, Iterator
 
 from core.job import Job, utc_now
+from core.fsutil import host_name
 
 LEDGER_SCHEMA = 1
 
@@ -30,7 +30,7 @@ def ledger_entry(job: Job, history_entry: dict[str, Any]) -> dict[str, Any]:
         "dataset": job.dataset_path,
         "priority": job.priority,
         "attempts": job.attempts,
-        "host": socket.gethostname(),
+        "host": host_name(),
         "pid": os.getpid(),
     }
 

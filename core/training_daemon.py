@@ -17,24 +17,22 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import threading
 import time
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from pathlib import Path
 
 import psutil
 import structlog
 
 from core import exitcodes
-from core.daemon_lock import DaemonLock, device_label
+from core.daemon_lock import DaemonLock, DeviceSet, device_label
 from core.errors import ClaimLost
-from core.fsutil import write_json_atomic
+from core.fsutil import host_name, write_json_atomic
 from core.job import Job, JobState, utc_now
 from core.paths import PRIORITIES, RealmPaths
 from core.queue_scan import read_sidecar_json
-from core.supervisor import STARTUP_GRACE, Child, ChildEnd, child_command
+from core.supervisor import STARTUP_GRACE, Child, ChildEnd, JobFiles, child_command
 from core.training_queue import TrainingQueue
 
 log = structlog.get_logger("realm.daemon")
@@ -62,25 +60,49 @@ def record_outcome(queue: TrainingQueue, job: Job, code: int, max_attempts: int,
     return queue.fail(fresh, error, retryable=True, max_attempts=max_attempts)
 
 
-def _age_seconds(stamp: str | None) -> float:
-    if not stamp:
-        return float("inf")
-    return (datetime.now(timezone.utc) - datetime.fromisoformat(stamp)).total_seconds()
-
-
-def owner_alive(worker: dict | None, lease_seconds: float, heartbeat_at: str | None) -> bool:
-    """Same host: the owning process exists (pid and start time match). Other host: the lease
-    was renewed within ``lease_seconds``."""
-    if not worker:
+def process_alive(worker: dict) -> bool:
+    """The process a lease names exists on this host (pid and start time match)."""
+    try:
+        proc = psutil.Process(int(worker["pid"]))
+        started = worker.get("started")
+        return started is None or abs(proc.create_time() - started) < 1.0
+    except (psutil.NoSuchProcess, KeyError, ValueError, TypeError):
         return False
-    if worker.get("host") == socket.gethostname():
-        try:
-            proc = psutil.Process(int(worker["pid"]))
-            started = worker.get("started")
-            return started is None or abs(proc.create_time() - started) < 1.0
-        except (psutil.NoSuchProcess, KeyError, ValueError):
-            return False
-    return _age_seconds(heartbeat_at) < lease_seconds
+
+
+class LeaseWatch:
+    """Whether a lease is still held, judged by this daemon's own clock.
+
+    Same host: the owning process exists. Other host: the lease's ``heartbeat_at`` *changed*
+    within the last ``lease_seconds`` of this daemon's monotonic clock. The timestamp is only
+    compared with its previous value, never with this host's wall clock, so clock skew between
+    hosts never makes a live lease look expired (or a dead one look alive); the price is that a
+    daemon watches a foreign lease for ``lease_seconds`` before it reaps it, even when the
+    timestamp is hours old.
+    """
+
+    def __init__(self, lease_seconds: float, clock=time.monotonic):
+        self.lease_seconds, self.clock = lease_seconds, clock
+        self._seen: dict[str, tuple[str | None, float]] = {}
+
+    def alive(self, job: Job) -> bool:
+        worker = job.worker or {}
+        if worker.get("host") == host_name():
+            return process_alive(worker)
+        now = self.clock()
+        stamp = job.heartbeat_at or job.started_at
+        seen = self._seen.get(job.id)
+        if seen is None or seen[0] != stamp:
+            self._seen[job.id] = (stamp, now)
+            return True
+        return now - seen[1] < self.lease_seconds
+
+    def silent_for(self, job: Job) -> float:
+        seen = self._seen.get(job.id)
+        return 0.0 if seen is None else self.clock() - seen[1]
+
+    def forget(self, keep: set[str]) -> None:
+        self._seen = {k: v for k, v in self._seen.items() if k in keep}
 
 
 class _Wakeups:
@@ -122,18 +144,21 @@ class _Wakeups:
 
 
 class Daemon:
-    def __init__(self, paths: RealmPaths, daemon_cfg, *, devices: str = "cpu",
+    def __init__(self, paths: RealmPaths, daemon_cfg, *, devices: str | None = None,
                  poll: float | None = None, once: bool = False,
                  extra_args: list[str] | None = None, say=print, keep_last: int = 3):
-        self.paths, self.cfg, self.devices = paths, daemon_cfg, devices
+        self.paths, self.cfg = paths, daemon_cfg
+        self.device_set = DeviceSet.parse(devices or daemon_cfg.devices)
+        self.devices = self.device_set.spec
         self.poll, self.once, self.extra_args, self.say = poll, once, extra_args or [], say
         self.queue = TrainingQueue(paths.base, settle_seconds=daemon_cfg.settle_seconds)
-        self.lock = DaemonLock(paths.status, devices)
-        self.status_path = paths.status / f"daemon-{device_label(devices)}.json"
+        self.lock = DaemonLock(paths.status, self.devices)
+        self.status_path = paths.status / f"daemon-{host_name()}-{device_label(self.devices)}.json"
         self.stop_requests = 0
         self.summary = DrainSummary()
-        self.worker = {"host": socket.gethostname(), "pid": os.getpid(),
-                       "started": psutil.Process().create_time(), "devices": devices}
+        self.worker = {"host": host_name(), "pid": os.getpid(),
+                       "started": psutil.Process().create_time(), "devices": self.devices}
+        self.leases = LeaseWatch(daemon_cfg.lease_seconds)
         self._guard_said: str | None = None
         self.keep_last = keep_last
         self.progress = ProgressView(paths.status / "training_status.json")
@@ -196,15 +221,23 @@ class Daemon:
 
     def reap_dead_leases(self, at_start: bool = False) -> list[Job]:
         reaped = []
-        for job in self.queue.jobs_in("processing"):
-            if job.worker and job.worker.get("pid") == os.getpid() and \
-                    job.worker.get("host") == socket.gethostname():
+        processing = self.queue.jobs_in("processing")
+        self.leases.forget({j.id for j in processing})
+        for job in processing:
+            worker = job.worker or {}
+            if worker.get("pid") == os.getpid() and worker.get("host") == host_name():
                 continue  # ours
-            if owner_alive(job.worker, self.cfg.lease_seconds, job.heartbeat_at):
+            if self.leases.alive(job):
                 continue
-            who = f"{(job.worker or {}).get('host')}:{(job.worker or {}).get('pid')}"
-            why = (f"owner {who} is gone (last heartbeat {job.heartbeat_at}); "
-                   f"{'recovered at daemon start' if at_start else 'lease reaped'}")
+            who = f"{worker.get('host')}:{worker.get('pid')}"
+            if worker.get("host") == host_name():
+                gone = "is no longer running"
+            else:
+                gone = (f"has not renewed its lease for {self.leases.silent_for(job):.0f} s "
+                        f"(daemon.lease_seconds {self.cfg.lease_seconds:g})")
+            why = (f"owner {who} {gone}; last heartbeat {job.heartbeat_at}; "
+                   f"{'recovered at daemon start' if at_start else 'lease reaped'} by "
+                   f"{host_name()}:{os.getpid()}")
             try:
                 moved = self.queue.fail(job, why, retryable=True,
                                         max_attempts=self.cfg.max_attempts)
@@ -254,12 +287,11 @@ class Daemon:
         self.say(f"training {job.id} ({job.dataset_name}, {job.num_examples} examples, "
                  f"{job.priority})")
         sidecar = self.paths.base / (job.dataset_path + ".job.json")
-        heartbeat = self.paths.status / "heartbeats" / job.id
-        env = dict(os.environ)
-        if self.devices != "cpu":
-            env["CUDA_VISIBLE_DEVICES"] = self.devices
-        child = Child(child_command(self.paths.base, sidecar, self.extra_args),
-                      self.paths.logs / "jobs" / f"{job.id}.log", heartbeat, env)
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": self.device_set.visible}
+        ranks = self.device_set.ranks
+        child = Child(child_command(self.paths.base, sidecar, self.extra_args, ranks),
+                      self.paths.logs / "jobs" / f"{job.id}.log",
+                      JobFiles.of(self.paths.status, job.id), env, group=ranks > 1)
         log.info("job.started", job_id=job.id, child_pid=child.pid)
         self._write_status("training", job_id=job.id, child_pid=child.pid)
         self._supervise(job, child)
@@ -323,7 +355,7 @@ class Daemon:
 
     def _write_status(self, state: str, **fields) -> None:
         write_json_atomic(self.status_path, {
-            "schema": 1, "state": state, "pid": os.getpid(), "host": socket.gethostname(),
+            "schema": 1, "state": state, "pid": os.getpid(), "host": host_name(),
             "devices": self.devices, "updated_at": utc_now(), **fields}, fsync=False)
 
 

@@ -17,13 +17,12 @@ import contextlib
 import math
 import os
 import shutil
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
 from core.errors import ClaimLost, JobNotFound, SidecarError, UsageError
-from core.fsutil import locked, rename_noreplace, unique_name, write_json_atomic
+from core.fsutil import host_name, locked, rename_noreplace, unique_name, write_json_atomic
 from core.job import Job, JobState, check_user_sidecar, new_job_id, transition, utc_now
 from core.job_ledger import JobLedger
 from core.paths import (
@@ -52,7 +51,7 @@ def _sidecar(path: Path) -> Path:
 
 
 def worker_identity() -> dict:
-    return {"host": socket.gethostname(), "pid": os.getpid()}
+    return {"host": host_name(), "pid": os.getpid()}
 
 
 class TrainingQueue:

@@ -15,7 +15,6 @@ import json
 import os
 import re
 import shutil
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,7 +22,7 @@ from typing import Any
 import structlog
 import torch
 
-from core.fsutil import fsync_dir, rename_noreplace, write_json_atomic
+from core.fsutil import fsync_dir, host_name, rename_noreplace, write_json_atomic
 from core.job import utc_now
 
 log = structlog.get_logger("realm.checkpoint")
@@ -89,7 +88,7 @@ def save_checkpoint(root: Path, step: int, model, tokenizer, *, state: dict[str,
     _check_finite(model)
     root.mkdir(parents=True, exist_ok=True)
     final = root / f"step-{step}"
-    tmp = root / f".step-{step}.tmp-{socket.gethostname()}-{os.getpid()}"
+    tmp = root / f".step-{step}.tmp-{host_name()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -142,7 +141,7 @@ def clean_incomplete(root: Path) -> list[Path]:
     removed = []
     if not root.is_dir():
         return removed
-    host = socket.gethostname()
+    host = host_name()
     for child in root.iterdir():
         tmp = _TMP_DIR.fullmatch(child.name)
         stale_tmp = tmp and tmp["host"] == host and not _pid_alive(int(tmp["pid"]))

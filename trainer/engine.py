@@ -5,7 +5,13 @@
 
 The step body lives in ``EpochRunner.train_step``: prepare microbatches, forward/backward each
 (loss summed over tokens and divided by the step's total target tokens, so accumulation equals
-one big batch), optimizer step with clipping, metrics. After every optimizer step the guard
+one big batch), optimizer step with clipping, metrics.
+
+On several devices (``trainer.distributed.Group``) each rank takes its slice of every global
+microbatch (``micro_batch_size`` rows per rank), the step's token count is summed over the ranks
+before the backward pass and DDP averages the gradients, so a step equals the same global batch
+on one process. Rank 0 alone writes checkpoints, status and the record; every decision (stop,
+governor panic) is agreed by all-reduce so the ranks never part ways. After every optimizer step the guard
 (the governor, issue 5) sees (loss, grad_norm) and approves the state; a checkpoint is written
 only from an approved state. One cooperative stop check per step: a stop request checkpoints at
 the step boundary and raises ``StopRequested``.
@@ -13,6 +19,7 @@ the step boundary and raises ``StopRequested``.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from dataclasses import dataclass, field
@@ -27,6 +34,7 @@ from trainer.config.locked import verify_locked
 from trainer.data.cache import load_or_build
 from trainer.data.packing import IGNORE, Batch, collate, pack_rows, packing_efficiency
 from trainer.data.reader import DataError
+from trainer.distributed import Group, weights_digest
 from trainer.governor import GovernorGuard
 from trainer.metrics import RunningStats, StatusWriter, StepMetrics, get_logger, \
     progress_line, status_payload
@@ -39,13 +47,18 @@ from core.errors import ConfigError
 class StopRequested(Exception):
     """Control signal: the job stopped at a step boundary; ``checkpoint`` is its resume point."""
 
-    def __init__(self, checkpoint: Checkpoint):
-        super().__init__(f"stopped at step {checkpoint.step}")
+    def __init__(self, checkpoint: Checkpoint | None, step: int):
+        super().__init__(f"stopped at step {step}")
         self.checkpoint = checkpoint
+        """The resume point (None on ranks other than 0, which write nothing)."""
 
 
 class NonFiniteLoss(RuntimeError):
     """The loss or gradient norm is NaN/Inf and no guard can roll back."""
+
+
+class RanksDiverged(RuntimeError):
+    """The replicas of a multi-process job ended with different weights (a bug, never saved)."""
 
 
 @dataclass
@@ -69,8 +82,9 @@ class Position:
     """Where the job is in its data: resume restores exactly this."""
 
     epoch: int = 0
-    cursor: int = 0
-    """Microbatches of this epoch already consumed."""
+    rows_done: int = 0
+    """Rows of this epoch's order already consumed (independent of batch size and world size,
+    so a job resumes exactly on any number of devices)."""
 
 
 @dataclass
@@ -105,18 +119,32 @@ class FiniteGuard:
         return {"enabled": False}
 
 
-def pick_device(precision: str) -> tuple[torch.device, torch.dtype | None]:
+def pick_device(precision: str, device: torch.device | None = None
+                ) -> tuple[torch.device, torch.dtype | None]:
     """(device, autocast dtype or None): bf16 autocast on CUDA when asked or auto; fp32 on CPU."""
     if torch.cuda.is_available():
         use_bf16 = precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
-        return torch.device("cuda"), torch.bfloat16 if use_bf16 else None
+        return device or torch.device("cuda"), torch.bfloat16 if use_bf16 else None
     return torch.device("cpu"), None
+
+
+class TokenLoss(torch.nn.Module):
+    """The model with its loss as one module, so DDP's forward (which arms the gradient
+    all-reduce) wraps exactly what a step runs."""
+
+    def __init__(self, model, autocast_dtype):
+        super().__init__()
+        self.model, self.autocast_dtype = model, autocast_dtype
+
+    def forward(self, batch: "Batch") -> torch.Tensor:
+        return token_loss_sum(self.model, batch, self.autocast_dtype)
 
 
 class Trainer:
     def __init__(self, spec: JobSpec, *, stop_requested: Callable[[], bool] = lambda: False,
-                 guard=None, device: torch.device | None = None):
+                 guard=None, device: torch.device | None = None, group: Group | None = None):
         self.spec, self.cfg = spec, spec.config
+        self.group = group or Group()
         self.stop_requested = stop_requested
         self.guard = guard
         self.loss_hook: Callable[[int, float], float] | None = None
@@ -125,13 +153,17 @@ class Trainer:
         """Called after every optimizer step (the daemon watches it for a stuck child)."""
         self.micro_done = 0
         """Microbatches consumed by this job so far (the governor's skipped-window count)."""
-        self.device, self.autocast_dtype = pick_device(self.cfg.training.precision)
+        self.device, self.autocast_dtype = pick_device(self.cfg.training.precision,
+                                                       self.group.device())
         if device is not None:
             self.device, self.autocast_dtype = device, None
         self.log = get_logger(job_id=spec.job_id)
         self.stats = RunningStats()
         self.position = Position()
-        self.status = StatusWriter(spec.status_path, self.cfg.logging.status_every_seconds)
+        self.stop_agreed = False
+        """Set after each step when any rank was asked to stop."""
+        self.status = StatusWriter(spec.status_path if self.group.main else None,
+                                   self.cfg.logging.status_every_seconds)
 
     # --- the spine ------------------------------------------------------------------------
 
@@ -157,7 +189,9 @@ class Trainer:
 
     def _setup_model(self) -> None:
         root = self.spec.checkpoint_root
-        clean_incomplete(root)
+        if self.group.main:
+            clean_incomplete(root)
+        self.group.barrier()  # every rank restores the same checkpoint
         self.start_checkpoint = latest_checkpoint(root)
         if self.start_checkpoint is not None:
             diff = verify_locked(self.start_checkpoint.locked(), self.spec.locked)
@@ -174,13 +208,24 @@ class Trainer:
             use_packed_attention(self.model)
         if self.cfg.training.compile:
             self.model.model.compile()  # in place: token_loss_sum calls model.model directly
+        self.loss_module = TokenLoss(self.model, self.autocast_dtype)
+        if self.group.active:
+            from torch.nn.parallel import DistributedDataParallel
+
+            # buffers (rotary tables) are constant: no per-step broadcast
+            self.loss_module = DistributedDataParallel(self.loss_module, broadcast_buffers=False)
         self.global_step = self.start_checkpoint.step if self.start_checkpoint else 0
         self.job_start_step = self.global_step
 
     def _setup_data(self) -> None:
         data = self.cfg.data
-        store, reused = load_or_build(self.spec.dataset, self.spec.dataset_sha256,
-                                      self.tokenizer, data, self.spec.cache_root)
+        if self.group.main:  # rank 0 tokenizes; the others read its cache
+            store, reused = load_or_build(self.spec.dataset, self.spec.dataset_sha256,
+                                          self.tokenizer, data, self.spec.cache_root)
+        self.group.barrier()
+        if not self.group.main:
+            store, reused = load_or_build(self.spec.dataset, self.spec.dataset_sha256,
+                                          self.tokenizer, data, self.spec.cache_root)
         self.store = store
         train_idx, val_idx = self._split(len(store))
         lengths = store.lengths()
@@ -189,13 +234,14 @@ class Trainer:
         self.val_rows = [[val_idx[i] for i in row] for row in
                          pack_rows(lengths[val_idx], data.max_length, data.packing)]
         B, A = self.cfg.training.micro_batch_size, self.cfg.training.grad_accum
-        self.micro_per_epoch = math.ceil(len(self.rows) / B)
+        self.micro_per_epoch = math.ceil(len(self.rows) / (B * self.group.world))
         steps_per_epoch = math.ceil(self.micro_per_epoch / A)
         total = steps_per_epoch * self.cfg.training.epochs
         self.total_steps = min(total, self.cfg.training.max_steps or total)
         self.data_stats = {
             "packing_efficiency": round(packing_efficiency(self.rows, lengths, data.max_length), 4),
             "rows": len(self.rows), "val_rows": len(self.val_rows), "cache_reused": reused,
+            "world_size": self.group.world,
             **{k: store.meta[k] for k in ("num_examples", "num_tokens", "trained_tokens",
                                           "masked_fraction", "truncated_examples", "dropped_examples",
                                           "bad_lines")}}
@@ -245,7 +291,16 @@ class Trainer:
         if ckpt is None:
             return
         state = ckpt.state()
-        if state.get("job_id") != self.spec.job_id or state.get("job_finished"):
+        if state.get("job_id") == self.spec.job_id and state.get("job_finished"):
+            # An earlier attempt trained to the end and died before the job was recorded:
+            # training again would apply this dataset twice.
+            self.finished_before = ckpt
+            self.job_start_step = state["job_start_step"]
+            self.position = Position(self.cfg.training.epochs, 0)
+            self.last_loss = state.get("last_loss")
+            self.log.warning("job.already_trained", checkpoint=str(ckpt.path), step=ckpt.step)
+            return
+        if state.get("job_id") != self.spec.job_id:
             self.log.info("job.continues_from", checkpoint=str(ckpt.path), step=ckpt.step)
             return
         saved = ckpt.torch_state()
@@ -255,18 +310,23 @@ class Trainer:
         if self.device.type == "cuda" and saved.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(saved["rng_cuda"])
         self.job_start_step = state["job_start_step"]
-        self.position = Position(state["epoch"], state["cursor"])
+        self.position = Position(state["epoch"], state["rows_done"])
         self.stats.loss_ewma = state.get("loss_ewma")
         self.resumed_from = ckpt.step
         self.log.info("job.resumed", checkpoint=str(ckpt.path), step=ckpt.step,
-                      epoch=self.position.epoch, cursor=self.position.cursor)
+                      epoch=self.position.epoch, rows_done=self.position.rows_done)
 
     # --- state the governor and checkpoints use -------------------------------------------
 
-    def checkpoint(self, *, finished: bool = False) -> Checkpoint:
+    def checkpoint(self, *, finished: bool = False) -> Checkpoint | None:
+        """Rank 0 writes (and returns) the checkpoint; other ranks return None."""
+        if not self.group.main:
+            return None
+        last = self.stats.last
         state = {"job_id": self.spec.job_id, "job_start_step": self.job_start_step,
                  "job_finished": finished, "epoch": self.position.epoch,
-                 "cursor": self.position.cursor, "loss_ewma": self.stats.loss_ewma,
+                 "rows_done": self.position.rows_done, "loss_ewma": self.stats.loss_ewma,
+                 "last_loss": last.loss if last else None, "world_size": self.group.world,
                  "dataset_sha256": self.spec.dataset_sha256, "config_hash": self.spec.config_hash,
                  "tokens_seen": self.stats.tokens}
         torch_state = {"optimizer": self.optimizer.state_dict(),
@@ -284,16 +344,33 @@ class Trainer:
     # --- the end --------------------------------------------------------------------------
 
     def _finalize(self) -> TrainResult:
-        ckpt = self.checkpoint(finished=True) if self.guard.approved else None
-        val = self.evaluate(self.val_rows) if self.val_rows else None
+        counts = self.guard.counts() if hasattr(self.guard, "counts") else {}
+        if self.group.active:
+            self.data_stats["ranks"] = self._check_replicas(counts)
+        before = getattr(self, "finished_before", None)
+        ckpt = before or (self.checkpoint(finished=True) if self.guard.approved else None)
+        val = self.evaluate(self.val_rows) if self.val_rows and self.group.main else None
         last = self.stats.last
         self.status.write({"state": "finished", "job_id": self.spec.job_id,
                            "step": self.global_step}, force=True)
-        counts = self.guard.counts() if hasattr(self.guard, "counts") else {}
         self.data_stats["loss_curve"] = downsample(self.stats.history, 60)
+        if before is not None:
+            self.data_stats["already_trained"] = True
         return TrainResult(self.job_start_step, self.global_step,
-                           last.loss if last else None, val, self.stats.tokens_per_sec_avg,
-                           ckpt, self.data_stats, getattr(self, "resumed_from", None), counts)
+                           last.loss if last else getattr(self, "last_loss", None), val,
+                           self.stats.tokens_per_sec_avg, ckpt, self.data_stats,
+                           getattr(self, "resumed_from", None), counts)
+
+    def _check_replicas(self, counts: dict) -> dict:
+        """All ranks must end with the same weights and the same rollbacks; otherwise nothing
+        is saved (a replica that missed a rollback would be silently different)."""
+        rows = self.group.gather(weights_digest(self.model) + [counts.get("rollbacks", 0)])
+        rollbacks = [int(r[2]) for r in rows]
+        if any(r != rows[0] for r in rows):
+            raise RanksDiverged(f"replicas differ at step {self.global_step}: weight digests "
+                                f"{[r[:2] for r in rows]}, rollbacks per rank {rollbacks}")
+        return {"world": self.group.world, "rollbacks_per_rank": rollbacks,
+                "weights_agree": True}
 
     @torch.no_grad()
     def evaluate(self, rows: list[list[int]]) -> float:
@@ -360,13 +437,26 @@ class EpochRunner:
     # --- helpers, in loop order -----------------------------------------------------------
 
     def _step_groups(self):
-        """Microbatches (lists of rows) grouped per optimizer step, from the saved cursor."""
+        """Global microbatches (lists of row indices, ``micro_batch_size`` x world rows each)
+        grouped per optimizer step, from the saved position."""
         t = self.t
-        B, A = t.cfg.training.micro_batch_size, t.cfg.training.grad_accum
+        A = t.cfg.training.grad_accum
+        size = t.cfg.training.micro_batch_size * t.group.world
         order = self._epoch_order(t.position.epoch)
-        micro = [order[i:i + B] for i in range(0, len(order), B)]
-        for start in range(t.position.cursor, len(micro), A):
-            yield [[t.rows[r] for r in mb] for mb in micro[start:start + A]]
+        micro = [order[i:i + size] for i in range(t.position.rows_done, len(order), size)]
+        for start in range(0, len(micro), A):
+            yield micro[start:start + A]
+
+    def _local(self, global_micro: list[int]) -> tuple[list[list[int]], float]:
+        """This rank's rows of one global microbatch, and its weight. A rank left without rows
+        (the epoch's last, short microbatch) runs the first row with weight 0: DDP needs every
+        rank in every backward pass."""
+        t = self.t
+        B = t.cfg.training.micro_batch_size
+        mine = global_micro[t.group.rank * B:(t.group.rank + 1) * B]
+        if not mine:
+            return [t.rows[global_micro[0]]], 0.0
+        return [t.rows[r] for r in mine], 1.0
 
     def _epoch_order(self, epoch: int) -> list[int]:
         n = len(self.t.rows)
@@ -375,27 +465,37 @@ class EpochRunner:
         gen = torch.Generator().manual_seed(self.t.cfg.training.seed * 1_000_003 + epoch)
         return torch.randperm(n, generator=gen).tolist()
 
-    def train_step(self, groups: list[list[list[int]]]) -> StepMetrics:
+    def train_step(self, groups: list[list[int]]) -> StepMetrics:
+        t, group = self.t, self.t.group
         t0 = time.perf_counter()
-        batches, wait_ms = self._prepare_microbatches(groups)
-        step_tokens = sum(b.target_tokens for b in batches)
+        local = [self._local(g) for g in groups]
+        batches, wait_ms = self._prepare_microbatches([rows for rows, _ in local])
+        weights = [w for _, w in local]
+        local_tokens = sum(int(b.target_tokens * w) for b, w in zip(batches, weights))
+        step_tokens = int(group.sum([local_tokens])[0])
         loss_sum, h2d_ms = 0.0, 0.0
-        for batch in batches:
+        for i, (batch, weight) in enumerate(zip(batches, weights)):
             device_batch, ms = self._to_device(batch)
             h2d_ms += ms
-            loss_sum += self._forward_backward(device_batch, step_tokens)
+            last = i == len(batches) - 1
+            with contextlib.nullcontext() if last or not group.active else \
+                    t.loss_module.no_sync():  # one gradient all-reduce per step
+                loss_sum += self._forward_backward(device_batch, step_tokens, weight)
         grad_norm, lr = self._optimizer_step()
-        self.t.position.cursor += len(groups)
-        self.t.micro_done += len(groups)
-        self.t.global_step += 1
+        t.position.rows_done += sum(len(g) for g in groups)
+        t.micro_done += len(groups)
+        t.global_step += 1
+        if t.loss_hook is not None:  # on this rank's loss, before the ranks combine theirs
+            loss_sum = t.loss_hook(t.global_step, loss_sum / max(1, local_tokens)) * local_tokens
+        stop = t.stop_requested()
+        loss_sum, stops = group.sum([loss_sum, 1.0 if stop else 0.0])
+        t.stop_agreed = stops > 0
         latency = (time.perf_counter() - t0) * 1000
         loss = loss_sum / max(1, step_tokens)
-        if self.t.loss_hook is not None:
-            loss = self.t.loss_hook(self.t.global_step, loss)
-        return StepMetrics(self.t.global_step, loss, math.nan, grad_norm, lr, step_tokens,
+        return StepMetrics(t.global_step, loss, math.nan, grad_norm, lr, step_tokens,
                            step_tokens / (latency / 1000), wait_ms, h2d_ms, latency)
 
-    def _prepare_microbatches(self, groups) -> tuple[list[Batch], float]:
+    def _prepare_microbatches(self, groups: list[list[list[int]]]) -> tuple[list[Batch], float]:
         start = time.perf_counter()
         pin = self.t.device.type == "cuda"
         batches = [collate(rows, self.t.store, self.t.tokenizer.pad_token_id) for rows in groups]
@@ -410,10 +510,12 @@ class EpochRunner:
         moved = batch.to(self.t.device, non_blocking=True)  # pinned source: async copy
         return moved, (time.perf_counter() - start) * 1000
 
-    def _forward_backward(self, batch: Batch, step_tokens: int) -> float:
-        loss_sum = token_loss_sum(self.t.model, batch, self.t.autocast_dtype)
-        (loss_sum / max(1, step_tokens)).backward()
-        return float(loss_sum.detach())
+    def _forward_backward(self, batch: Batch, step_tokens: int, weight: float = 1.0) -> float:
+        loss_sum = self.t.loss_module(batch)
+        # DDP averages gradients over the ranks: x world makes the result the global token mean
+        scale = weight * self.t.group.world / max(1, step_tokens)
+        (loss_sum * scale).backward()
+        return float(loss_sum.detach()) * weight
 
     def _optimizer_step(self) -> tuple[float, float]:
         t = self.t
@@ -447,8 +549,8 @@ class EpochRunner:
         t = self.t
         if not t.guard.approved:
             return
-        if t.stop_requested():
-            raise StopRequested(t.checkpoint())
+        if t.stop_agreed:
+            raise StopRequested(t.checkpoint(), t.global_step)
         if t.job_step % t.cfg.checkpoint.save_steps == 0 and not t.finished():
             t.checkpoint()
 

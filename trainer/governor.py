@@ -24,7 +24,7 @@ import contextlib
 import copy
 import math
 from collections import deque
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable
 
 import structlog
@@ -289,7 +289,7 @@ class GovernorGuard:
         self.governor.wait_for_snapshot()
 
     def after_step(self, trainer, m) -> None:
-        verdict = self.governor.check(m.loss, m.grad_norm)
+        verdict = self._agreed(trainer, self.governor.check(m.loss, m.grad_norm))
         if verdict.panic:
             self._handle_panic(trainer, verdict, m)
             self.approved = True  # the restored state is the approved snapshot
@@ -298,10 +298,23 @@ class GovernorGuard:
         if self.approved and trainer.job_step % self.cfg.snapshot_steps == 0:
             self._snapshot(trainer)
 
+    @staticmethod
+    def _agreed(trainer, verdict: Verdict) -> Verdict:
+        """On several ranks, one rank's panic (or anomaly) is every rank's: all roll back
+        together, or none does."""
+        group = getattr(trainer, "group", None)
+        if group is None or not group.active:
+            return verdict
+        panic, anomalous = group.max([float(verdict.panic), float(verdict.anomalous)])
+        if (panic > 0) == verdict.panic and (anomalous > 0) == verdict.anomalous:
+            return verdict
+        return replace(verdict, panic=panic > 0, anomalous=anomalous > 0,
+                       kind=verdict.kind or "peer")
+
     def _snapshot(self, trainer) -> None:
         self.governor.snapshot(trainer.global_step, trainer.model, trainer.optimizer,
                                trainer.scheduler, epoch=trainer.position.epoch,
-                               cursor=trainer.position.cursor, micro_done=trainer.micro_done,
+                               rows_done=trainer.position.rows_done, micro_done=trainer.micro_done,
                                loss_ewma=trainer.stats.loss_ewma)
 
     def _handle_panic(self, trainer, verdict: Verdict, m) -> None:

@@ -3,7 +3,14 @@
 The daemon runs this as a child process. It resolves the job's config (six layers), trains
 from the campaign's latest checkpoint, writes the results into the job's sidecar, and exits with
 a code from ``core.exitcodes``: completed, stopped (resumable), permanent or retryable failure.
-SIGTERM/SIGINT request a stop at the next step boundary (with a checkpoint).
+SIGTERM/SIGINT (or the daemon's stop file) request a stop at the next step boundary (with a
+checkpoint).
+
+Under torch's elastic launcher (``daemon --devices 0,1`` or ``cpu:2``) every rank runs this
+module; rank 0 alone beats the heartbeat, takes the campaign's lock, records the results and
+writes the outcome file; every rank exits 0 once an outcome is decided (a crash exits non-zero,
+which makes the launcher tear the group down). Test-only hook: ``REALM_TEST_NAN_AT=RANK:STEP``
+makes that rank's loss NaN once, at that step.
 """
 
 from __future__ import annotations
@@ -19,6 +26,8 @@ import time
 import traceback
 from pathlib import Path
 
+import structlog
+
 from core import exitcodes
 from core.errors import InputError, RealmError
 from core.job import Job
@@ -27,10 +36,13 @@ from core.paths import RealmPaths, resolve_base
 
 
 class _StopFlag:
-    def __init__(self) -> None:
+    def __init__(self, stop_file: Path | None = None) -> None:
         self.requested = False
+        self.stop_file = stop_file
 
     def __call__(self, *_args) -> bool:
+        if not self.requested and self.stop_file is not None and self.stop_file.exists():
+            self.requested = True
         return self.requested
 
     def set(self, *_args) -> None:
@@ -69,7 +81,7 @@ def _record(paths: RealmPaths, job: Job, result=None, stopped=None, error: str |
             j.final_loss, j.final_val_loss = result.final_loss, result.final_val_loss
             j.tokens_per_sec_avg = round(result.tokens_per_sec_avg, 1)
             j.governor = result.governor or None
-            j.metadata = {**j.metadata, "data": result.data,
+            j.metadata = {**j.metadata, "data": result.data, "resumed_from": result.resumed_from,
                           "checkpoint": str(result.checkpoint.path) if result.checkpoint else None}
         if stopped is not None:
             j.resume = {"checkpoint": paths.relative(stopped.path), "step": stopped.step}
@@ -88,8 +100,8 @@ class Heartbeat:
     """Touches ``status/heartbeats/<job>`` after every step, and from a thread during setup
     (tokenizing a large file can take minutes without a step)."""
 
-    def __init__(self, paths: RealmPaths, job_id: str, every: float = 5.0):
-        self.path = paths.status / "heartbeats" / job_id
+    def __init__(self, path: Path, every: float = 5.0):
+        self.path = path
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.path.touch()
         self._setup_done = threading.Event()
@@ -109,15 +121,27 @@ class Heartbeat:
         self._thread.join()
 
 
-def run(paths: RealmPaths, sidecar: Path, cli=None, stop: _StopFlag | None = None) -> int:
+def run(paths: RealmPaths, sidecar: Path, cli=None, stop: _StopFlag | None = None,
+        group=None) -> int:
     from core.queue_scan import read_sidecar_json
+    from core.supervisor import JobFiles
+    from trainer.distributed import Group
 
+    group = group or Group()
     job = Job.from_dict(read_sidecar_json(sidecar), source=str(sidecar))
-    beat = Heartbeat(paths, job.id, every=1.0)  # alive from here on, setup included
+    files = JobFiles.of(paths.status, job.id)
+    stop = stop or _StopFlag()
+    stop.stop_file = files.stop
+    # alive from here on, setup included (rank 0 speaks for the group)
+    beat = Heartbeat(files.heartbeat, every=1.0) if group.main else None
     try:
-        return _run(paths, job, beat, cli, stop)
+        code = _run(paths, job, beat or (lambda: None), cli, stop, group)
+        if group.main:
+            files.write_outcome(code)
+        return code
     finally:
-        beat.close()
+        if beat is not None:
+            beat.close()
 
 
 class StoppedWaiting(Exception):
@@ -125,64 +149,99 @@ class StoppedWaiting(Exception):
 
 
 @contextlib.contextmanager
-def campaign_turn(checkpoint_root: Path, stop: "_StopFlag", poll: float = 0.2):
+def campaign_turn(checkpoint_root: Path, stop: "_StopFlag", poll: float = 0.2, group=None):
     """One job per campaign at a time, whichever daemon runs it: an ``flock`` on
-    ``<campaign>/.training.lock``. Waiting keeps heartbeating (the setup thread still runs) and
-    gives up on a stop request. Without it two daemons could both continue from the same
-    checkpoint and fork the campaign's lineage."""
-    path = checkpoint_root.parent / ".training.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    ``<campaign>/.training.lock``, held by rank 0 for the group. Waiting keeps heartbeating (the
+    setup thread still runs) and gives up on a stop request; the other ranks wait in short
+    all-reduces, never in one long collective. Without it two daemons could both continue from
+    the same checkpoint and fork the campaign's lineage."""
+    from trainer.distributed import Group
+
+    group = group or Group()
+    fd = None
+    if group.main:
+        path = checkpoint_root.parent / ".training.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         while True:
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            got = False
+            if fd is not None:
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    got = True
+                except BlockingIOError:
+                    pass
+            asked = False if got else stop()
+            got, stopping = group.max([float(got), float(asked)])
+            if got:
                 break
-            except BlockingIOError:
-                if stop():
-                    raise StoppedWaiting() from None
-                time.sleep(poll)
+            if stopping:
+                raise StoppedWaiting()
+            time.sleep(poll)
         yield
     finally:
-        os.close(fd)
+        if fd is not None:
+            os.close(fd)
 
 
-def _run(paths: RealmPaths, job: Job, beat: "Heartbeat", cli, stop) -> int:
+def _test_nan_hook(group):
+    """``REALM_TEST_NAN_AT=RANK:STEP``: that rank's loss is NaN once, at that step."""
+    spec = os.environ.get("REALM_TEST_NAN_AT")
+    if not spec:
+        return None
+    rank, step = (int(x) for x in spec.split(":"))
+    fired = []
+
+    def hook(at: int, loss: float) -> float:
+        if group.rank == rank and at == step and not fired:
+            fired.append(at)
+            return float("nan")
+        return loss
+
+    return hook
+
+
+def _run(paths: RealmPaths, job: Job, beat, cli, stop, group) -> int:
     from trainer.engine import StopRequested, Trainer
     from trainer.data.reader import DataError
 
-    stop = stop or _StopFlag()
     resolved = None
+    record = _record if group.main else (lambda *a, **k: None)  # rank 0 writes the record
     try:
         spec, resolved = build_spec(paths, job, cli)
         configure(resolved.config.logging.level)
-        with campaign_turn(spec.checkpoint_root, stop):
-            trainer = Trainer(spec, stop_requested=stop)
+        if group.active:
+            structlog.contextvars.bind_contextvars(rank=group.rank)
+        with campaign_turn(spec.checkpoint_root, stop, group=group):
+            trainer = Trainer(spec, stop_requested=stop, group=group)
             trainer.heartbeat = beat
+            trainer.loss_hook = _test_nan_hook(group)
             result = trainer.train()
     except StoppedWaiting:
         return exitcodes.STOPPED
     except StopRequested as stopped:
-        _record(paths, job, stopped=stopped.checkpoint, resolved=resolved)
+        if stopped.checkpoint is not None:
+            record(paths, job, stopped=stopped.checkpoint, resolved=resolved)
         return exitcodes.STOPPED
     except (RealmError, DataError) as exc:
-        _record(paths, job, error=str(exc))
+        record(paths, job, error=str(exc))
         print(f"error: {exc}", file=sys.stderr)
         return exitcodes.PERMANENT
     except MemoryError as exc:
-        _record(paths, job, error=f"out of memory: {exc}")
+        record(paths, job, error=f"out of memory: {exc}")
         return exitcodes.RETRYABLE
     except Exception as exc:
         if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
-            _record(paths, job, error=f"CUDA out of memory: {exc}")
+            record(paths, job, error=f"CUDA out of memory: {exc}")
             return exitcodes.RETRYABLE
         if type(exc).__name__ in ("NonFiniteLoss", "GovernorGaveUp"):
-            _record(paths, job, error=str(exc), governor=getattr(exc, "counts", None))
+            record(paths, job, error=str(exc), governor=getattr(exc, "counts", None))
             return exitcodes.PERMANENT
         traceback.print_exc()
-        _record(paths, job, error=f"crashed: {type(exc).__name__}: {exc}")
+        record(paths, job, error=f"crashed: {type(exc).__name__}: {exc}")
         return exitcodes.CRASHED
-    _record(paths, job, result=result, resolved=resolved)
+    record(paths, job, result=result, resolved=resolved)
     return exitcodes.COMPLETED
 
 
@@ -195,14 +254,27 @@ def main(argv: list[str] | None = None) -> int:
     add_common_flags(parser)
     args = parser.parse_args(argv)
     configure("info")
+    if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank: die with the launcher, never orphaned
+        from core.supervisor import die_with_parent
+
+        die_with_parent(os.getppid())
     import transformers
+
+    from trainer.distributed import Group
 
     transformers.utils.logging.disable_progress_bar()
     stop = _StopFlag()
     signal.signal(signal.SIGTERM, stop.set)
     signal.signal(signal.SIGINT, stop.set)
     paths = RealmPaths(resolve_base(args.base_dir))
-    return run(paths, Path(args.job), cli_layer_from(args), stop)
+    group = Group.from_env()
+    try:
+        code = run(paths, Path(args.job), cli_layer_from(args), stop, group)
+    finally:
+        group.close()
+    if group.active:  # the outcome is in rank 0's file; non-zero makes the launcher tear down
+        return 0 if code != exitcodes.CRASHED else code
+    return code
 
 
 if __name__ == "__main__":

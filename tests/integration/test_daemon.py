@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from core.fsutil import host_name
 from core.training_queue import TrainingQueue
 from tests.conftest import tree
 from tests.trainer.test_training import ckpt_root, make_realm
@@ -70,8 +71,12 @@ def completions(paths, job_id):
             if e["job_id"] == job_id and e["to"] == "completed"]
 
 
+def daemon_status_file(paths, devices: str = "cpu"):
+    return paths.status / f"daemon-{host_name()}-{devices}.json"
+
+
 def child_pid(paths) -> int:
-    status = json.loads((paths.status / "daemon-cpu.json").read_text())
+    status = json.loads(daemon_status_file(paths).read_text())
     return status.get("child_pid") if status.get("state") == "training" else None
 
 
@@ -146,7 +151,7 @@ def test_second_daemon_on_the_same_devices_exits_2_naming_the_first(tmp_path):
     (paths.base / "config.json").write_text(json.dumps(FAST_DAEMON))
     first = start_daemon(paths.base, "--poll", "0.5")
     try:
-        wait_for(lambda: (paths.status / "daemon-cpu.json").exists(), what="first daemon")
+        wait_for(lambda: daemon_status_file(paths).exists(), what="first daemon")
         second = realm_cmd(paths.base, "daemon", "--once", timeout=60)
         assert second.returncode == 2
         assert f"pid {first.pid}" in second.stderr and "another daemon" in second.stderr

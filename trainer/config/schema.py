@@ -120,6 +120,9 @@ class DaemonConfig:
     """A lease not renewed for this long is reaped by another daemon."""
     job_timeout: float = 600.0
     """Kill a child that sends no heartbeat for this many seconds."""
+    devices: str = "cpu"
+    """Device set the daemon serves: cpu, cpu:N (N gloo ranks on CPU), or CUDA ids such as 0 or
+    0,1 (one rank per id, NCCL). More than one rank runs each job through torch.distributed.run."""
     stop_grace_seconds: float = 60.0
     """After the first SIGTERM, how long the child may take to checkpoint and stop."""
     min_free_disk_gb: float = 1.0
