@@ -27,7 +27,7 @@ import structlog
 
 from core import exitcodes
 from core.daemon_lock import DaemonLock, DeviceSet, device_label
-from core.errors import ClaimLost
+from core.errors import ClaimLost, SidecarError
 from core.fsutil import host_name, write_json_atomic
 from core.job import Job, JobState, utc_now
 from core.paths import PRIORITIES, RealmPaths
@@ -303,7 +303,8 @@ class Daemon:
 
     def _supervise(self, job: Job, child: Child) -> None:
         while not child.wait(timeout=self.cfg.heartbeat_seconds):
-            self._renew_lease(job)
+            if not self._renew_lease(job):
+                child.kill("lease lost: another daemon reaped this job (see logs/jobs.jsonl)")
             self.progress.update(job)
             if self.stop_requests >= 2:
                 child.kill("second stop signal (cold stop)")
@@ -320,16 +321,36 @@ class Daemon:
                     child.kill(f"no heartbeat for {silent:.0f} s (daemon.job_timeout "
                                f"{self.cfg.job_timeout:g} s)")
 
-    def _renew_lease(self, job: Job) -> None:
+    def _ours(self, job: Job) -> bool:
+        w = job.worker or {}
+        return w.get("host") == self.worker["host"] and w.get("pid") == self.worker["pid"]
+
+    def _renew_lease(self, job: Job) -> bool:
+        """Renew the lease; False when the job is no longer ours (reaped, perhaps re-claimed):
+        then the child must stop training at once, the job's new owner has it."""
         def renew(j: Job) -> None:
+            if not self._ours(j):
+                raise ClaimLost(f"{j.id} is now held by {j.worker}")
             j.heartbeat_at = utc_now()
 
         try:
             self.queue.rewrite(job, renew)
-        except ClaimLost:
-            log.error("job.lease_lost", job_id=job.id)
+            return True
+        except ClaimLost as exc:
+            log.error("job.lease_lost", job_id=job.id, reason=str(exc))
+            return False
 
     def _record(self, job: Job, end: ChildEnd) -> Job:
+        try:
+            current = Job.from_dict(read_sidecar_json(self.paths.base / (job.dataset_path +
+                                                                         ".job.json")))
+            lost = not self._ours(current)
+        except (OSError, ValueError, SidecarError):
+            current, lost = job, True
+        if lost:  # fenced: never move a job another daemon holds now
+            log.error("job.lease_lost", job_id=job.id, reason=end.reason)
+            self.say(f"  lost {job.id}: another daemon reaped it; its outcome here is dropped")
+            return current
         if end.signal is not None and self.stop_requests:
             moved = self.queue.requeue(job, f"daemon stopped: {end.reason}")
         else:
@@ -400,8 +421,9 @@ class ProgressView:
 
 def _describe(job: Job, end: ChildEnd) -> str:
     if job.status is JobState.COMPLETED:
+        loss = f"{job.final_loss:.4f}" if job.final_loss is not None else "n/a"
         return (f"  completed {job.id}: steps {job.start_step} -> {job.final_step}, "
-                f"final loss {job.final_loss:.4f}, {job.tokens_per_sec_avg:,.0f} tokens/s")
+                f"final loss {loss}, {job.tokens_per_sec_avg or 0:,.0f} tokens/s")
     return f"  {job.status.value} {job.id}: {job.last_error or end.reason}"
 
 

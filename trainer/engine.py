@@ -213,7 +213,8 @@ class Trainer:
             from torch.nn.parallel import DistributedDataParallel
 
             # buffers (rotary tables) are constant: no per-step broadcast
-            self.loss_module = DistributedDataParallel(self.loss_module, broadcast_buffers=False)
+            self.loss_module = DistributedDataParallel(self.loss_module,
+                                                       forward_sync_buffers=False)
         self.global_step = self.start_checkpoint.step if self.start_checkpoint else 0
         self.job_start_step = self.global_step
 

@@ -202,6 +202,16 @@ def _test_nan_hook(group):
     return hook
 
 
+def _rank_log(paths: RealmPaths, job: Job, group):
+    """Rank 0 logs to the job log (the launcher's stdout); rank N>0 to ``<job>.rank<N>.log``
+    beside it, so JSON lines from several processes never interleave."""
+    if group.main:
+        return None
+    path = paths.logs / "jobs" / f"{job.id}.rank{group.rank}.log"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return open(path, "a", buffering=1)
+
+
 def _run(paths: RealmPaths, job: Job, beat, cli, stop, group) -> int:
     from trainer.engine import StopRequested, Trainer
     from trainer.data.reader import DataError
@@ -210,7 +220,7 @@ def _run(paths: RealmPaths, job: Job, beat, cli, stop, group) -> int:
     record = _record if group.main else (lambda *a, **k: None)  # rank 0 writes the record
     try:
         spec, resolved = build_spec(paths, job, cli)
-        configure(resolved.config.logging.level)
+        configure(resolved.config.logging.level, _rank_log(paths, job, group))
         if group.active:
             structlog.contextvars.bind_contextvars(rank=group.rank)
         with campaign_turn(spec.checkpoint_root, stop, group=group):
@@ -268,10 +278,9 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGINT, stop.set)
     paths = RealmPaths(resolve_base(args.base_dir))
     group = Group.from_env()
-    try:
-        code = run(paths, Path(args.job), cli_layer_from(args), stop, group)
-    finally:
-        group.close()
+    code = run(paths, Path(args.job), cli_layer_from(args), stop, group)
+    group.barrier()  # rank 0 has recorded the outcome: the ranks leave together
+    group.close()
     if group.active:  # the outcome is in rank 0's file; non-zero makes the launcher tear down
         return 0 if code != exitcodes.CRASHED else code
     return code

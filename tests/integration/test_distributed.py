@@ -1,0 +1,147 @@
+"""Jobs on several processes: real torch.distributed.run, gloo on CPU, real signals."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+
+from core.job import Job
+from core.training_queue import TrainingQueue
+from tests.integration.test_daemon import FAST_DAEMON, realm_cmd, start_daemon, wait_for
+from tests.trainer.test_training import make_realm
+from trainer.data.synthetic import write_dataset
+
+pytestmark = pytest.mark.slow
+
+
+def realm(base: Path, micro_batch_size: int, n: int = 150, max_length: int = 128,
+          **training) -> Path:
+    overrides = {"training": {"micro_batch_size": micro_batch_size, "grad_accum": 2,
+                              "warmup_steps": 2, **training},
+                 "data": {"max_length": max_length, "packing": False, "val_fraction": 0.0},
+                 "checkpoint": {"save_steps": 3, "keep_last": 10},
+                 "governor": {"snapshot_steps": 2},
+                 "logging": {"level": "debug", "status_every_seconds": 0}}
+    paths = make_realm(base, overrides)
+    (paths.base / "config.json").write_text(json.dumps(FAST_DAEMON))
+    write_dataset(paths.state_dir("normal") / "job.jsonl", n)
+    return paths
+
+
+def only_job(paths, folder="completed") -> Job:
+    jobs = TrainingQueue(paths.base).jobs_in(folder)
+    assert len(jobs) == 1, [j.id for j in TrainingQueue(paths.base).jobs_in("failed")]
+    return jobs[0]
+
+
+def events(log: Path, name: str) -> list[dict]:
+    lines = [json.loads(line) for line in log.read_text().splitlines() if line.startswith("{")]
+    return [e for e in lines if e.get("event") == name]
+
+
+def step_losses(paths, job: Job) -> list[float]:
+    return [e["loss"] for e in events(paths.logs / "jobs" / f"{job.id}.log", "train.step")]
+
+
+def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
+    # 1 epoch of 149 unpacked rows: the last global microbatch (4 rows) holds a single row,
+    # so rank 1 runs the zero-weight row there and the curves must still agree
+    one = realm(tmp_path / "one", micro_batch_size=4, n=149, max_length=512, epochs=1)
+    two = realm(tmp_path / "two", micro_batch_size=2, n=149, max_length=512, epochs=1)
+    assert realm_cmd(one.base, "daemon", "--once", "--devices", "cpu").returncode == 0
+    out = realm_cmd(two.base, "daemon", "--once", "--devices", "cpu:2")
+    assert out.returncode == 0, out.stderr
+    a, b = only_job(one), only_job(two)
+    rows = a.metadata["data"]["rows"]
+    assert rows % 4 == 1 and b.metadata["data"]["rows"] == rows
+    assert b.metadata["data"]["world_size"] == 2
+    assert b.metadata["data"]["ranks"] == {"world": 2, "rollbacks_per_rank": [0, 0],
+                                           "weights_agree": True}
+    la, lb = step_losses(one, a), step_losses(two, b)
+    assert len(la) == len(lb) == a.final_step == math.ceil(math.ceil(rows / 4) / 2)
+    assert max(abs(x - y) for x, y in zip(la, lb)) <= 1e-5, (la, lb)
+    assert abs(a.final_loss - b.final_loss) <= 1e-5
+    rank1_log = two.logs / "jobs" / f"{b.id}.rank1.log"
+    assert events(rank1_log, "data.ready") and not list(
+        (two.campaigns / "tiny-qwen3" / "c1" / "checkpoints").glob(".step-*"))
+
+
+def ranks_of(daemon: psutil.Process) -> dict[int, psutil.Process]:
+    out = {}
+    for p in daemon.children(recursive=True):
+        try:
+            env = p.environ()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            continue
+        if "RANK" in env and "trainer.run_job" in " ".join(p.cmdline()):
+            out[int(env["RANK"])] = p
+    return out
+
+
+def status_step(paths) -> int:
+    try:
+        return json.loads((paths.status / "training_status.json").read_text()).get("step", 0)
+    except (OSError, ValueError):
+        return 0
+
+
+def test_killing_one_rank_tears_the_group_down_and_the_retry_resumes(tmp_path):
+    paths = realm(tmp_path / "r", micro_batch_size=2, max_steps=30, epochs=3)
+    daemon = start_daemon(paths.base, "--once", "--devices", "cpu:2")
+    try:
+        wait_for(lambda: status_step(paths) >= 4, timeout=180, what="step 4 (checkpoint 3)")
+        ranks = wait_for(lambda: ranks_of(psutil.Process(daemon.pid)), what="ranks")
+        assert set(ranks) == {0, 1}
+        ranks[1].send_signal(signal.SIGKILL)
+        out, err = daemon.communicate(timeout=300)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.communicate()
+    assert daemon.returncode == 0, err
+    job = only_job(paths)
+    assert job.attempts == 1 and job.last_error.startswith("crashed:")
+    assert job.metadata["resumed_from"] >= 3 and job.final_step == 30
+    # the launcher saw rank 1 die and tore the group down (its report is in the job log)
+    assert "Signal 9 (SIGKILL)" in (paths.logs / "jobs" / f"{job.id}.log").read_text()
+    assert job.metadata["data"]["ranks"]["weights_agree"] is True
+    ledger = [json.loads(line) for line in paths.ledger.read_text().splitlines()]
+    retry = [e for e in ledger if e["from"] == "processing" and e["to"] == "queued"]
+    assert len(retry) == 1 and "retryable failure, attempt 1/3" in retry[0]["reason"]
+    assert sum(e["to"] == "completed" for e in ledger) == 1
+    for rank in ranks.values():  # the whole first group is gone (no orphans)
+        assert not rank.is_running() or rank.status() == psutil.STATUS_ZOMBIE
+
+
+def test_nan_on_rank_one_rolls_back_every_rank(tmp_path):
+    paths = realm(tmp_path / "r", micro_batch_size=2, max_steps=12)
+    env = {**os.environ, "REALM_TEST_NAN_AT": "1:5"}
+    env.pop("REALM_DEBUG", None)
+    import subprocess
+    import sys
+
+    out = subprocess.run([sys.executable, "-m", "core.cli", "--base-dir", str(paths.base),
+                          "daemon", "--once", "--devices", "cpu:2"], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    job = only_job(paths)
+    assert job.governor["rollbacks"] == 1 and job.governor["panics"]["nan"] == 1
+    ranks = job.metadata["data"]["ranks"]
+    assert ranks["rollbacks_per_rank"] == [1, 1] and ranks["weights_agree"] is True
+    for log in (paths.logs / "jobs" / f"{job.id}.log",
+                paths.logs / "jobs" / f"{job.id}.rank1.log"):
+        (rollback,) = events(log, "governor.rollback")
+        assert rollback["reason"] == "nan" and rollback["step"] == 5
+        assert rollback["snapshot_step"] == 4
+    # nothing non-finite was written: every checkpoint's weights are finite
+    from safetensors.torch import load_file
+
+    for ckpt in (paths.campaigns / "tiny-qwen3" / "c1" / "checkpoints").glob("step-*"):
+        assert all(t.isfinite().all() for t in load_file(ckpt / "model.safetensors").values())
