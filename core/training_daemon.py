@@ -240,9 +240,9 @@ class Daemon:
                    f"{host_name()}:{os.getpid()}")
             try:
                 moved = self.queue.fail(job, why, retryable=True,
-                                        max_attempts=self.cfg.max_attempts)
+                                        max_attempts=self.cfg.max_attempts, same_lease=True)
             except ClaimLost:
-                continue  # another daemon reaped it first
+                continue  # another daemon reaped it first, or its owner renewed it
             log.warning("job.reaped", job_id=job.id, reason=why, to=moved.status.value)
             self.say(f"recovered {job.id}: {why} -> {moved.status.value}")
             reaped.append(moved)

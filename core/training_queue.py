@@ -82,7 +82,10 @@ class TrainingQueue:
             if loaded is None and sidecar is not None and not os.path.exists(sidecar.path):
                 continue  # the pair moved on (another process claimed it): not ours to show
             if isinstance(loaded, Job):
-                loaded.status = state  # the folder is the truth
+                # the folder is the truth: a sidecar read between a move's rename and its
+                # rewrite still names its previous folder
+                loaded.status = state
+                loaded.dataset_path = self.paths.relative(Path(entry.path))
                 split.jobs.append(loaded)
             elif isinstance(loaded, dict):
                 split.new.append((name, loaded))
@@ -263,8 +266,19 @@ class TrainingQueue:
                           mutate=lambda j: _apply_results(j, results))
 
     def fail(self, job: Job, reason: str, *, retryable: bool = False,
-             max_attempts: int = 3) -> Job:
-        """A retryable failure requeues until ``max_attempts``; anything else fails for good."""
+             max_attempts: int = 3, same_lease: bool = False) -> Job:
+        """A retryable failure requeues until ``max_attempts``; anything else fails for good.
+
+        ``same_lease``: only if the sidecar still holds the lease ``job`` shows (same worker,
+        same heartbeat), checked under the queue lock; otherwise ClaimLost. A reaper works from
+        a listing that may be stale: without this it could reap a claim made after it looked.
+        """
+        def lease_unchanged(j: Job) -> None:
+            if (j.worker, j.heartbeat_at) != (job.worker, job.heartbeat_at):
+                raise ClaimLost(f"{job.id}: its lease changed after it was judged expired")
+
+        guard = lease_unchanged if same_lease else None
+
         def record(j: Job) -> None:
             j.last_error = reason
             if retryable:
@@ -272,12 +286,12 @@ class TrainingQueue:
 
         attempts_after = job.attempts + (1 if retryable else 0)
         if retryable and attempts_after < max_attempts:
-            return self._move(job, JobState.QUEUED, mutate=record,
+            return self._move(job, JobState.QUEUED, mutate=record, guard=guard,
                               reason=f"retryable failure, attempt {attempts_after}/{max_attempts}"
                                      f": {reason}")
         if retryable:
             reason = f"gave up after {attempts_after} attempts: {reason}"
-        return self._move(job, JobState.FAILED, reason=reason, mutate=record)
+        return self._move(job, JobState.FAILED, reason=reason, mutate=record, guard=guard)
 
     def skip(self, job: Job, reason: str) -> Job:
         return self._move(job, JobState.SKIPPED, reason=reason,
@@ -330,9 +344,12 @@ class TrainingQueue:
         return fresh
 
     def _move(self, job: Job, to: JobState, *, reason: str,
-              mutate: Callable[[Job], None] | None = None) -> Job:
+              mutate: Callable[[Job], None] | None = None,
+              guard: Callable[[Job], None] | None = None) -> Job:
         with self._locked():
             fresh = self._fresh(job)
+            if guard:
+                guard(fresh)  # may refuse (ClaimLost) before anything changes
             entry = transition(fresh, to, reason=reason)  # raises before anything moves
             if mutate:
                 mutate(fresh)

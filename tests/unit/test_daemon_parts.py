@@ -1,12 +1,17 @@
-"""Daemon pieces without processes: the terminal progress view and the disk floor."""
+"""Daemon pieces without child processes: progress view, disk floor, leases, device sets."""
 
 from __future__ import annotations
 
 import io
 import json
 
+import psutil
+import pytest
+
+from core.daemon_lock import DeviceSet
+from core.errors import UsageError
 from core.job import Job
-from core.training_daemon import Daemon, ProgressView
+from core.training_daemon import Daemon, LeaseWatch, ProgressView
 from trainer.config.schema import DaemonConfig
 
 
@@ -42,3 +47,52 @@ def test_disk_floor_grows_with_the_checkpoint_size(realm):
     daemon = Daemon(realm, DaemonConfig(min_free_disk_gb=0.001), keep_last=3)
     floor, why = daemon.disk_floor_gb()
     assert abs(floor - 4 * 3 / 1024) < 1e-4 and "keep_last + 1" in why
+
+
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def foreign(stamp: str) -> Job:
+    return Job(id="j1", dataset_path="queue/processing/a.jsonl", dataset_name="a.jsonl",
+               worker={"host": "some-other-host", "pid": 1}, heartbeat_at=stamp)
+
+
+def test_foreign_lease_expires_only_after_lease_seconds_without_a_change_whatever_its_clock():
+    clock = FakeClock()
+    watch = LeaseWatch(lease_seconds=10, clock=clock)
+    # the other host's clock is a year ahead: its timestamps mean nothing here, changes do
+    assert watch.alive(foreign("2027-11-24T00:00:00+00:00"))
+    clock.now += 9
+    assert watch.alive(foreign("2027-11-24T00:00:00+00:00"))
+    clock.now += 2  # 11 s without a renewal
+    assert not watch.alive(foreign("2027-11-24T00:00:00+00:00"))
+    assert watch.silent_for(foreign("x")) == 11
+    # a renewal (any new value, even one from an hour "ago") restarts the watch
+    assert watch.alive(foreign("2027-11-23T23:00:00+00:00"))
+    clock.now += 9.9
+    assert watch.alive(foreign("2027-11-23T23:00:00+00:00"))
+
+
+def test_lease_on_this_host_is_judged_by_its_process(monkeypatch):
+    monkeypatch.setenv("REALM_HOST", "here")
+    watch = LeaseWatch(lease_seconds=1000)
+    me = psutil.Process()
+    alive = Job(id="a", dataset_path="x", dataset_name="a.jsonl", heartbeat_at="2020-01-01",
+                worker={"host": "here", "pid": me.pid, "started": me.create_time()})
+    dead = Job(id="b", dataset_path="x", dataset_name="b.jsonl", heartbeat_at=None,
+               worker={"host": "here", "pid": me.pid, "started": me.create_time() - 50})
+    assert watch.alive(alive) and not watch.alive(dead)  # pid reused by another process
+
+
+def test_device_sets_parse_or_say_what_is_accepted():
+    assert DeviceSet.parse("cpu") == DeviceSet("cpu", 1, "")
+    assert DeviceSet.parse("cpu:2") == DeviceSet("cpu:2", 2, "")
+    assert DeviceSet.parse("0,1") == DeviceSet("0,1", 2, "0,1")
+    for bad in ("gpu", "0,0", "cpu:0", "0;1", ""):
+        with pytest.raises(UsageError, match="cpu:N"):
+            DeviceSet.parse(bad)

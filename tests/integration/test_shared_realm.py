@@ -1,0 +1,51 @@
+"""Several daemons, standing in for several hosts (REALM_HOST), on one realm in --poll mode."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import pytest
+
+from core.training_queue import TrainingQueue
+from tests.integration.test_daemon import FAST_DAEMON, realm_with_job, wait_for
+
+pytestmark = pytest.mark.slow
+
+
+def start_host(base, host: str, *args) -> subprocess.Popen:
+    env = {k: v for k, v in os.environ.items() if k != "REALM_DEBUG"}
+    env["REALM_HOST"] = host
+    return subprocess.Popen([sys.executable, "-m", "core.cli", "--base-dir", str(base), "daemon",
+                             "--poll", "0.2", *args], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True, env=env)
+
+
+def test_a_dead_hosts_lease_is_reaped_once_and_the_job_completes_once(tmp_path):
+    paths = realm_with_job(tmp_path, steps=6)
+    (paths.base / "config.json").write_text(json.dumps(
+        {"daemon": {**FAST_DAEMON["daemon"], "lease_seconds": 2}}))
+    q = TrainingQueue(paths.base, settle_seconds=0)
+    # a host that died mid-job: its lease names a process that exists nowhere, renewed long ago
+    job = q.claim_next({"host": "dead-host", "pid": 4242, "started": 0.0, "devices": "0"})
+    q.rewrite(job, lambda j: setattr(j, "heartbeat_at", "2026-01-01T00:00:00.000000+00:00"))
+    daemons = [start_host(paths.base, host) for host in ("host-a", "host-b")]
+    try:
+        done = wait_for(lambda: q.jobs_in("completed"), timeout=180, what="the job completed")
+    finally:
+        for d in daemons:
+            d.send_signal(signal.SIGTERM)
+        outs = [d.communicate(timeout=60) for d in daemons]
+    assert [d.returncode for d in daemons] == [0, 0], outs
+    assert [j.id for j in done] == [job.id]
+    ledger = [json.loads(line) for line in paths.ledger.read_text().splitlines()
+              if json.loads(line)["job_id"] == job.id]
+    reaps = [e for e in ledger if e["from"] == "processing" and e["to"] == "queued"]
+    assert len(reaps) == 1, reaps
+    reason = reaps[0]["reason"]
+    assert "dead-host:4242 has not renewed its lease" in reason and "lease reaped by host-" in reason
+    assert sum(e["to"] == "completed" for e in ledger) == 1
+    assert done[0].worker["host"] in ("host-a", "host-b") and done[0].attempts == 1
