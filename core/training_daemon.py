@@ -49,8 +49,10 @@ def record_outcome(queue: TrainingQueue, job: Job, code: int, max_attempts: int,
                    end: ChildEnd | None = None) -> Job:
     """Move the job by the child's exit code (its results are already in the sidecar)."""
     fresh = Job.from_dict(read_sidecar_json(queue.paths.base / (job.dataset_path + ".job.json")))
-    error = (end.reason if end and end.signal else None) or fresh.last_error or \
-        f"training child exited with code {code}"
+    # the child's own words if it wrote any in this attempt (not the last attempt's)
+    wrote = fresh.last_error if fresh.last_error != job.last_error else None
+    error = (end.reason if end and end.signal else None) or wrote or \
+        (end.reason if end else None) or f"training child exited with code {code}"
     if code == exitcodes.COMPLETED:
         return queue.complete(fresh, reason=f"trained to step {fresh.final_step}")
     if code == exitcodes.STOPPED:
