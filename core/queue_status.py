@@ -54,9 +54,9 @@ def build_status(queue: TrainingQueue, recent: int = 5) -> dict[str, Any]:
     problems: list[dict] = []
     counts, by_priority, waiting = _counts(queue, problems)
     in_progress = []
-    training = _training_status(queue)
     for job in queue.jobs_in("processing", problems):
         row = job.summary()
+        training = _training_status(queue, job.id)
         row.update(heartbeat_at=job.heartbeat_at, resume=job.resume,
                    progress=training if training.get("job_id") == job.id else None)
         in_progress.append(row)
@@ -74,10 +74,12 @@ def build_status(queue: TrainingQueue, recent: int = 5) -> dict[str, Any]:
     }
 
 
-def _training_status(queue: TrainingQueue) -> dict:
-    """``status/training_status.json``, written by the training child (throttled)."""
+def _training_status(queue: TrainingQueue, job_id: str) -> dict:
+    """``status/jobs/<job>.progress.json``, written by the training child (throttled)."""
+    from core.supervisor import JobFiles
+
     try:
-        return json.loads((queue.paths.status / "training_status.json").read_text())
+        return json.loads(JobFiles.of(queue.paths.status, job_id).progress.read_text())
     except (OSError, ValueError):
         return {}
 

@@ -55,7 +55,8 @@ def _die_with_parent(parent_pid: int):
 
 @dataclass
 class JobFiles:
-    """The files a running job and its daemon talk through, in ``status/heartbeats/``."""
+    """The files a running job and its daemon talk through, in ``status/jobs/``: one set per
+    job, so daemons sharing a realm never read each other's."""
 
     heartbeat: Path
     """Touched by the child (rank 0) after every step."""
@@ -63,14 +64,21 @@ class JobFiles:
     """Created by the daemon: stop at the next step boundary with a checkpoint."""
     outcome: Path
     """Written by the child (rank 0) last: its exit code as JSON."""
+    progress: Path
+    """The child's throttled training status (step, loss, ETA) for ``queue status``."""
 
     @classmethod
     def of(cls, status_dir: Path, job_id: str) -> "JobFiles":
-        d = status_dir / "heartbeats"
-        return cls(d / job_id, d / f"{job_id}.stop", d / f"{job_id}.outcome")
+        d = status_dir / "jobs"
+        return cls(d / f"{job_id}.heartbeat", d / f"{job_id}.stop", d / f"{job_id}.outcome",
+                   d / f"{job_id}.progress.json")
 
     def clear(self) -> None:
         for p in (self.stop, self.outcome):
+            p.unlink(missing_ok=True)
+
+    def remove(self) -> None:
+        for p in (self.heartbeat, self.stop, self.outcome, self.progress):
             p.unlink(missing_ok=True)
 
     def write_outcome(self, code: int) -> None:

@@ -163,7 +163,7 @@ class Daemon:
         self.leases = LeaseWatch(daemon_cfg.lease_seconds)
         self._guard_said: str | None = None
         self.keep_last = keep_last
-        self.progress = ProgressView(paths.status / "training_status.json")
+        self.progress = ProgressView()
 
     # --- the spine ------------------------------------------------------------------------
 
@@ -307,7 +307,7 @@ class Daemon:
         while not child.wait(timeout=self.cfg.heartbeat_seconds):
             if not self._renew_lease(job):
                 child.kill("lease lost: another daemon reaped this job (see logs/jobs.jsonl)")
-            self.progress.update(job)
+            self.progress.update(job, child.files.progress)
             if self.stop_requests >= 2:
                 child.kill("second stop signal (cold stop)")
             elif self.stop_requests == 1:
@@ -361,6 +361,7 @@ class Daemon:
         bucket = {JobState.COMPLETED: self.summary.completed,
                   JobState.FAILED: self.summary.failed}.get(moved.status, self.summary.requeued)
         bucket.append(moved)
+        JobFiles.of(self.paths.status, job.id).remove()  # heartbeat, stop, outcome, progress
         log.info("job.finished", job_id=moved.id, status=moved.status.value, reason=end.reason)
         return moved
 
@@ -384,21 +385,20 @@ class Daemon:
 
 class ProgressView:
     """A progress bar with ETA for the running job, on a terminal only (tqdm), fed from the
-    child's ``status/training_status.json``."""
+    child's ``status/jobs/<job>.progress.json``."""
 
-    def __init__(self, status_file: Path, stream=None):
+    def __init__(self, stream=None):
         import sys
 
-        self.status_file = status_file
         self.stream = stream or sys.stdout
         self.enabled = self.stream.isatty()
         self.bar = None
 
-    def update(self, job: Job) -> None:
+    def update(self, job: Job, status_file: Path) -> None:
         if not self.enabled:
             return
         try:
-            status = json.loads(self.status_file.read_text())
+            status = json.loads(status_file.read_text())
         except (OSError, ValueError):
             return
         if status.get("job_id") != job.id or "total_steps" not in status:

@@ -1,7 +1,7 @@
 """Per-step metrics, the throttled status file, and the compact progress line.
 
 Metric names (golden-tested): loss, loss_ewma, grad_norm, lr, tokens_per_sec (useful = trained
-target tokens), input_wait_ms, h2d_copy_ms, step_latency_ms. ``status/training_status.json`` is
+target tokens), input_wait_ms, h2d_copy_ms, step_latency_ms. ``status/jobs/<job>.progress.json`` is
 rewritten atomically at most every ``logging.status_every_seconds``.
 """
 
@@ -68,7 +68,7 @@ class RunningStats:
 
 
 class StatusWriter:
-    """Atomic, throttled ``status/training_status.json``."""
+    """Atomic, throttled ``status/jobs/<job>.progress.json``."""
 
     def __init__(self, path: Path | None, every_seconds: float, clock=time.monotonic):
         self.path, self.every, self.clock = path, every_seconds, clock

@@ -50,6 +50,7 @@ class _StopFlag:
 
 
 def build_spec(paths: RealmPaths, job: Job, cli=None):
+    from core.supervisor import JobFiles
     from guild.campaigns import find_campaign
     from guild.heroes import load_hero
     from trainer.config.realm_config import resolve_for
@@ -65,7 +66,7 @@ def build_spec(paths: RealmPaths, job: Job, cli=None):
                    locked=resolved.locked, hero=load_hero(paths, resolved.hero_id),
                    checkpoint_root=campaign.path.parent / "checkpoints",
                    cache_root=paths.base / "cache" / "tokens", config_hash=resolved.config_hash,
-                   status_path=paths.status / "training_status.json"), resolved
+                   status_path=JobFiles.of(paths.status, job.id).progress), resolved
 
 
 def _record(paths: RealmPaths, job: Job, result=None, stopped=None, error: str | None = None,
@@ -97,7 +98,7 @@ def _record(paths: RealmPaths, job: Job, result=None, stopped=None, error: str |
 
 
 class Heartbeat:
-    """Touches ``status/heartbeats/<job>`` after every step, and from a thread during setup
+    """Touches ``status/jobs/<job>.heartbeat`` after every step, and from a thread during setup
     (tokenizing a large file can take minutes without a step)."""
 
     def __init__(self, path: Path, every: float = 5.0):

@@ -169,7 +169,8 @@ def test_status_shows_the_running_jobs_progress(realm):
     drop(realm, "high", "a.jsonl")
     job = q.claim_next()
     realm.status.mkdir(exist_ok=True)
-    (realm.status / "training_status.json").write_text(json.dumps({
+    (realm.status / "jobs").mkdir(parents=True)
+    (realm.status / "jobs" / f"{job.id}.progress.json").write_text(json.dumps({
         "schema": 1, "state": "training", "job_id": job.id, "step": 12, "job_step": 12,
         "total_steps": 40, "eta_seconds": 31.0,
         "metrics": {"loss": 3.2109, "tokens_per_sec": 7012.4}}))

@@ -86,10 +86,12 @@ def ranks_of(daemon: psutil.Process) -> dict[int, psutil.Process]:
 
 
 def status_step(paths) -> int:
-    try:
-        return json.loads((paths.status / "training_status.json").read_text()).get("step", 0)
-    except (OSError, ValueError):
-        return 0
+    for progress in (paths.status / "jobs").glob("*.progress.json"):
+        try:
+            return json.loads(progress.read_text()).get("step", 0)
+        except (OSError, ValueError):
+            pass
+    return 0
 
 
 def test_killing_one_rank_tears_the_group_down_and_the_retry_resumes(tmp_path):
@@ -135,6 +137,7 @@ def test_nan_on_rank_one_rolls_back_every_rank(tmp_path):
     assert job.governor["rollbacks"] == 1 and job.governor["panics"]["nan"] == 1
     ranks = job.metadata["data"]["ranks"]
     assert ranks["rollbacks_per_rank"] == [1, 1] and ranks["weights_agree"] is True
+    assert list((paths.status / "jobs").iterdir()) == []  # the job's status files are gone
     for log in (paths.logs / "jobs" / f"{job.id}.log",
                 paths.logs / "jobs" / f"{job.id}.rank1.log"):
         (rollback,) = events(log, "governor.rollback")

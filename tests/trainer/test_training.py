@@ -62,7 +62,7 @@ def test_job_trains_records_results_and_next_job_continues(tmp_path):
     assert job["final_loss"] < 5.5 and job["tokens_per_sec_avg"] > 0
     assert job["config_hash"].startswith("sha256:")
     assert 0 < job["metadata"]["data"]["packing_efficiency"] <= 1
-    status = json.loads((paths.status / "training_status.json").read_text())
+    status = json.loads((paths.status / "jobs" / f"{job['id']}.progress.json").read_text())
     assert status["state"] == "finished" and status["step"] == 12
     TrainingQueue(paths.base).complete(TrainingQueue(paths.base).find(job["id"]))
     second = claim(paths, seed=1, name="e.jsonl")

@@ -25,8 +25,9 @@ def test_progress_bar_on_a_terminal_shows_step_total_and_loss(tmp_path):
     status.write_text(json.dumps({"job_id": "j1", "job_step": 12, "total_steps": 40,
                                   "metrics": {"loss": 3.2109, "tokens_per_sec": 7012.0}}))
     out = Terminal()
-    view = ProgressView(status, stream=out)
-    view.update(Job(id="j1", dataset_path="queue/processing/a.jsonl", dataset_name="a.jsonl"))
+    view = ProgressView(stream=out)
+    view.update(Job(id="j1", dataset_path="queue/processing/a.jsonl", dataset_name="a.jsonl"),
+                status)
     view.close()
     text = out.getvalue()
     assert "a.jsonl" in text and "12/40" in text and "loss=3.2109" in text
@@ -34,8 +35,8 @@ def test_progress_bar_on_a_terminal_shows_step_total_and_loss(tmp_path):
 
 def test_no_progress_bar_when_not_a_terminal(tmp_path):
     out = io.StringIO()
-    view = ProgressView(tmp_path / "missing.json", stream=out)
-    view.update(Job(id="j1", dataset_path="x", dataset_name="a.jsonl"))
+    view = ProgressView(stream=out)
+    view.update(Job(id="j1", dataset_path="x", dataset_name="a.jsonl"), tmp_path / "missing.json")
     assert out.getvalue() == "" and view.bar is None
 
 

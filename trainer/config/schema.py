@@ -138,7 +138,7 @@ class LoggingConfig:
     log_every_steps: int = 10
     """One compact progress line every N optimizer steps."""
     status_every_seconds: float = 2.0
-    """Minimum interval between rewrites of status/training_status.json."""
+    """Minimum interval between rewrites of status/jobs/<job>.progress.json."""
 
 
 @dataclass
