@@ -42,7 +42,10 @@ def cmd_daemon(args) -> int:
         plan = build_plan(paths, cli_args=args)
         print(json.dumps(plan, indent=2) if args.json else render_plan(plan))
         return 0
+    from core.daemon_lock import DeviceSet
+
     config = resolve_for(paths).config
+    DeviceSet.parse(args.devices or config.daemon.devices)  # a bad set is refused before anything
     stream = _open_daemon_log(paths, config.logging.level)
     try:
         summary = Daemon(paths, config.daemon, devices=args.devices, poll=args.poll,
@@ -127,7 +130,10 @@ def cmd_demo(args) -> int:
 
     paths = RealmPaths(Path(args.dir).expanduser().resolve())
     held_out = _prepare_demo(paths, print)
+    from core.daemon_lock import DeviceSet
+
     config = resolve_for(paths).config
+    DeviceSet.parse(args.devices or config.daemon.devices)  # a bad set is refused before anything
     stream = _open_daemon_log(paths, config.logging.level)
     try:
         summary = drain(paths, config.daemon)

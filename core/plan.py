@@ -67,7 +67,7 @@ def _throughput(queue: TrainingQueue) -> float | None:
 
 
 def _plan_row(paths: RealmPaths, priority: str, path: Path, job: Job | None, cli,
-              throughput: float | None) -> dict[str, Any]:
+              throughput: float | None, ranks: int = 1) -> dict[str, Any]:
     from trainer.config.realm_config import resolve_for
 
     record = job or _pseudo_job(paths, path)
@@ -81,8 +81,9 @@ def _plan_row(paths: RealmPaths, priority: str, path: Path, job: Job | None, cli
         row["problems"].append(str(exc))
         return row
     t, d = resolved.config.training, resolved.config.data
-    steps = math.ceil(tokens / (d.max_length * t.micro_batch_size * t.grad_accum)) * t.epochs
-    row.update(hero=resolved.hero_id, campaign=resolved.campaign,
+    global_batch = t.micro_batch_size * t.grad_accum * ranks  # rows per optimizer step
+    steps = math.ceil(tokens / (d.max_length * global_batch)) * t.epochs
+    row.update(hero=resolved.hero_id, campaign=resolved.campaign, global_batch=global_batch,
                estimated_steps=min(steps, t.max_steps or steps),
                eta_seconds=round(tokens * t.epochs / throughput) if throughput else None,
                settings={k: {"value": resolved.get(k), "layer": resolved.provenance[k][0]}
@@ -95,23 +96,35 @@ def _plan_row(paths: RealmPaths, priority: str, path: Path, job: Job | None, cli
 def build_plan(paths: RealmPaths, cli_args=None) -> dict[str, Any]:
     from core.cli_common import cli_layer_from
 
+    from core.daemon_lock import DeviceSet
+    from trainer.config.realm_config import resolve_for
+
     queue = TrainingQueue(paths.base)
     problems: list[dict] = []
     cli = cli_layer_from(cli_args) if cli_args is not None else None
     throughput = _throughput(queue)
-    rows = [_plan_row(paths, p, path, job, cli, throughput)
+    devices = getattr(cli_args, "devices", None)
+    try:
+        device_set = DeviceSet.parse(devices or resolve_for(paths).config.daemon.devices)
+    except RealmError as exc:
+        problems.append({"path": "--devices", "problem": str(exc)})
+        device_set = DeviceSet("cpu", 1, "")
+    rows = [_plan_row(paths, p, path, job, cli, throughput, device_set.ranks)
             for p, path, job in _entries(queue, problems)]
     return {"schema": PLAN_SCHEMA, "realm": str(paths.base), "tokens_per_sec": throughput,
+            "devices": device_set.spec, "ranks_per_job": device_set.ranks,
             "jobs": rows, "problems": problems}
 
 
 def render_plan(plan: dict[str, Any]) -> str:
-    lines = [f"plan for {plan['realm']} ({len(plan['jobs'])} jobs; throughput "
+    lines = [f"plan for {plan['realm']} ({len(plan['jobs'])} jobs; devices {plan['devices']}, "
+             f"{plan['ranks_per_job']} process(es) per job; throughput "
              f"{plan['tokens_per_sec'] or 'unknown until a job completes'} tokens/s)"]
     for i, r in enumerate(plan["jobs"], 1):
         eta = f", eta {r['eta_seconds']} s" if r.get("eta_seconds") else ""
         lines.append(f"{i:>3}. [{r['priority']}] {r['file']}: {r['examples'] or '?'} examples, "
                      f"~{r['estimated_tokens']:,} tokens, ~{r.get('estimated_steps', '?')} steps"
+                     f" of {r.get('global_batch', '?')} rows"
                      f"{eta}; {r.get('hero', '?')} / {r.get('campaign') or '(no campaign)'}")
         for key, s in (r.get("settings") or {}).items():
             lines.append(f"       {key} = {s['value']} ({s['layer']})")

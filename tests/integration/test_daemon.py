@@ -186,6 +186,17 @@ def test_plan_changes_nothing_and_lists_problems(tmp_path):
     assert any("unknown hero 'nobody'" in p for p in rows["queue/low/hero.jsonl"]["problems"])
     text = realm_cmd(paths.base, "daemon", "--plan").stdout
     assert "problem:" in text and "good.jsonl" in text
+    two = json.loads(realm_cmd(paths.base, "daemon", "--plan", "--json", "--devices",
+                               "cpu:2").stdout)
+    assert (two["devices"], two["ranks_per_job"]) == ("cpu:2", 2)
+    assert two["jobs"][0]["global_batch"] == 2 * good["global_batch"]
+    assert two["jobs"][0]["estimated_steps"] <= good["estimated_steps"]
+    bad = json.loads(realm_cmd(paths.base, "daemon", "--plan", "--json", "--devices",
+                               "gpu").stdout)
+    assert any("not a device set" in p["problem"] for p in bad["problems"])
+    refused = realm_cmd(paths.base, "daemon", "--once", "--devices", "0,0")
+    assert refused.returncode == 2 and "distinct CUDA ids" in refused.stderr
+    assert tree(paths.base) == before
 
 
 def test_disk_floor_blocks_claims_and_says_why(tmp_path):
