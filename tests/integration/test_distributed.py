@@ -11,6 +11,7 @@ from pathlib import Path
 
 import psutil
 import pytest
+import torch
 
 from core.job import Job
 from core.training_queue import TrainingQueue
@@ -148,3 +149,32 @@ def test_nan_on_rank_one_rolls_back_every_rank(tmp_path):
 
     for ckpt in (paths.campaigns / "tiny-qwen3" / "c1" / "checkpoints").glob("step-*"):
         assert all(t.isfinite().all() for t in load_file(ckpt / "model.safetensors").values())
+
+
+def final_weights(paths, job: Job) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(Path(job.metadata["checkpoint"]) / "model.safetensors")
+
+
+def test_warm_stop_of_a_group_resumes_exactly(tmp_path):
+    straight = realm(tmp_path / "straight", micro_batch_size=2, max_steps=16, epochs=3)
+    assert realm_cmd(straight.base, "daemon", "--once", "--devices", "cpu:2").returncode == 0
+    stopped = realm(tmp_path / "stopped", micro_batch_size=2, max_steps=16, epochs=3)
+    daemon = start_daemon(stopped.base, "--devices", "cpu:2")
+    try:
+        wait_for(lambda: status_step(stopped) >= 5, timeout=180, what="step 5")
+        daemon.send_signal(signal.SIGTERM)  # warm stop: the stop file, agreed by both ranks
+        out, err = daemon.communicate(timeout=120)
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+            daemon.communicate()
+    assert daemon.returncode == 0, err
+    waiting = only_job(stopped, "normal")
+    assert waiting.attempts == 0 and 5 <= waiting.resume["step"] < 16
+    assert realm_cmd(stopped.base, "daemon", "--once", "--devices", "cpu:2").returncode == 0
+    a, b = only_job(straight), only_job(stopped)
+    assert b.metadata["resumed_from"] == waiting.resume["step"] and b.final_step == 16
+    wa, wb = final_weights(straight, a), final_weights(stopped, b)
+    assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
