@@ -130,10 +130,7 @@ def cmd_demo(args) -> int:
 
     paths = RealmPaths(Path(args.dir).expanduser().resolve())
     held_out = _prepare_demo(paths, print)
-    from core.daemon_lock import DeviceSet
-
     config = resolve_for(paths).config
-    DeviceSet.parse(args.devices or config.daemon.devices)  # a bad set is refused before anything
     stream = _open_daemon_log(paths, config.logging.level)
     try:
         summary = drain(paths, config.daemon)

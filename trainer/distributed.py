@@ -65,21 +65,18 @@ class Group:
         return torch.tensor(values, dtype=torch.float64, device=device)
 
     def sum(self, values: list[float]) -> list[float]:
-        if not self.active:
-            return list(values)
-        import torch.distributed as dist
-
-        t = self._tensor(values)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
-        return t.tolist()
+        return self._all_reduce(values, "SUM")
 
     def max(self, values: list[float]) -> list[float]:
+        return self._all_reduce(values, "MAX")
+
+    def _all_reduce(self, values: list[float], op: str) -> list[float]:
         if not self.active:
             return list(values)
         import torch.distributed as dist
 
         t = self._tensor(values)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
         return t.tolist()
 
     def any(self, flag: bool) -> bool:

@@ -95,19 +95,29 @@ def status_step(paths) -> int:
     return 0
 
 
-def test_killing_one_rank_tears_the_group_down_and_the_retry_resumes(tmp_path):
-    paths = realm(tmp_path / "r", micro_batch_size=2, max_steps=30, epochs=3)
-    daemon = start_daemon(paths.base, "--once", "--devices", "cpu:2")
+def at_step(paths, daemon, step: int, act) -> tuple[str, str]:
+    """Once the running job passes ``step``, ``act()``; then wait for the daemon to exit."""
     try:
-        wait_for(lambda: status_step(paths) >= 4, timeout=180, what="step 4 (checkpoint 3)")
-        ranks = wait_for(lambda: ranks_of(psutil.Process(daemon.pid)), what="ranks")
-        assert set(ranks) == {0, 1}
-        ranks[1].send_signal(signal.SIGKILL)
-        out, err = daemon.communicate(timeout=300)
+        wait_for(lambda: status_step(paths) >= step, timeout=180, what=f"step {step}")
+        act()
+        return daemon.communicate(timeout=300)
     finally:
         if daemon.poll() is None:
             daemon.kill()
             daemon.communicate()
+
+
+def test_killing_one_rank_tears_the_group_down_and_the_retry_resumes(tmp_path):
+    paths = realm(tmp_path / "r", micro_batch_size=2, max_steps=30, epochs=3)
+    daemon = start_daemon(paths.base, "--once", "--devices", "cpu:2")
+    ranks = {}
+
+    def kill_rank_one():
+        ranks.update(wait_for(lambda: ranks_of(psutil.Process(daemon.pid)), what="ranks"))
+        assert set(ranks) == {0, 1}
+        ranks[1].send_signal(signal.SIGKILL)
+
+    _, err = at_step(paths, daemon, 4, kill_rank_one)  # checkpoint 3 exists
     assert daemon.returncode == 0, err
     job = only_job(paths)
     assert job.attempts == 1 and job.last_error.startswith("crashed:")
@@ -162,14 +172,8 @@ def test_warm_stop_of_a_group_resumes_exactly(tmp_path):
     assert realm_cmd(straight.base, "daemon", "--once", "--devices", "cpu:2").returncode == 0
     stopped = realm(tmp_path / "stopped", micro_batch_size=2, max_steps=16, epochs=3)
     daemon = start_daemon(stopped.base, "--devices", "cpu:2")
-    try:
-        wait_for(lambda: status_step(stopped) >= 5, timeout=180, what="step 5")
-        daemon.send_signal(signal.SIGTERM)  # warm stop: the stop file, agreed by both ranks
-        out, err = daemon.communicate(timeout=120)
-    finally:
-        if daemon.poll() is None:
-            daemon.kill()
-            daemon.communicate()
+    # warm stop: the daemon's stop file, agreed by both ranks
+    _, err = at_step(stopped, daemon, 5, lambda: daemon.send_signal(signal.SIGTERM))
     assert daemon.returncode == 0, err
     waiting = only_job(stopped, "normal")
     assert waiting.attempts == 0 and 5 <= waiting.resume["step"] < 16
