@@ -307,12 +307,14 @@ class Daemon:
         while not child.wait(timeout=self.cfg.heartbeat_seconds):
             if not self._renew_lease(job):
                 child.kill("lease lost: another daemon reaped this job (see logs/jobs.jsonl)")
+                return
             self.progress.update(job, child.files.progress)
             if self.stop_requests >= 2:
                 child.kill("second stop signal (cold stop)")
             elif self.stop_requests == 1:
                 child.request_stop()
-                if time.monotonic() - child.stop_sent_at > self.cfg.stop_grace_seconds:
+                if child.stop_sent_at is not None and \
+                        time.monotonic() - child.stop_sent_at > self.cfg.stop_grace_seconds:
                     child.kill(f"no clean stop within daemon.stop_grace_seconds "
                                f"({self.cfg.stop_grace_seconds:g} s)")
             else:

@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 
+import psutil
 import pytest
 
 from core.training_queue import TrainingQueue
@@ -49,3 +50,32 @@ def test_a_dead_hosts_lease_is_reaped_once_and_the_job_completes_once(tmp_path):
     assert "dead-host:4242 has not renewed its lease" in reason and "lease reaped by host-" in reason
     assert sum(e["to"] == "completed" for e in ledger) == 1
     assert done[0].worker["host"] in ("host-a", "host-b") and done[0].attempts == 1
+
+
+def test_a_daemon_that_lost_its_lease_kills_its_child_and_records_nothing(tmp_path):
+    paths = realm_with_job(tmp_path, steps=400)
+    q = TrainingQueue(paths.base)
+    daemon = start_host(paths.base, "host-a")
+    try:
+        job = wait_for(lambda: q.jobs_in("processing"), what="a claim")[0]
+        progress = paths.status / "jobs" / f"{job.id}.progress.json"
+        wait_for(progress.exists, timeout=120, what="training under way")
+        # what a reaper on another host does after a network partition: the job is its now
+        usurper = {"host": "host-b", "pid": 777, "started": 0.0, "devices": "cpu"}
+        q.rewrite(job, lambda j: setattr(j, "worker", usurper))
+        wait_for(lambda: "lost " in (paths.logs / "daemon.jsonl").read_text() or
+                 '"job.lease_lost"' in (paths.logs / "daemon.jsonl").read_text(),
+                 timeout=60, what="the lease loss noticed")
+        wait_for(lambda: not [c for c in psutil.Process(daemon.pid).children()
+                              if c.is_running() and c.status() != psutil.STATUS_ZOMBIE],
+                 timeout=30, what="the child killed")
+        assert daemon.poll() is None, "the daemon keeps running"
+    finally:
+        daemon.send_signal(signal.SIGTERM)
+        out, err = daemon.communicate(timeout=60)
+    assert daemon.returncode == 0, err
+    (still,) = q.jobs_in("processing")
+    assert still.id == job.id and still.worker == usurper, "fenced: nothing moved or recorded"
+    ledger = [json.loads(line) for line in paths.ledger.read_text().splitlines()]
+    assert [e["to"] for e in ledger if e["job_id"] == job.id] == ["queued", "processing"]
+    assert "another daemon reaped it" in out
