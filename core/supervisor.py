@@ -110,6 +110,7 @@ class Child:
                  *, group: bool = False):
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.files, self.heartbeat, self.group = files, files.heartbeat, group
+        files.heartbeat.parent.mkdir(parents=True, exist_ok=True)  # a stop may come at once
         files.clear()
         self.started = time.time()
         with open(log_path, "ab") as log:
