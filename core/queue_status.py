@@ -85,13 +85,21 @@ def _training_status(queue: TrainingQueue, job_id: str) -> dict:
 
 
 def _daemons(queue: TrainingQueue) -> list[dict]:
-    """The daemons' own status files (state, reason for waiting, running job)."""
+    """The daemons' own status files (state, reason for waiting, running job). A daemon on this
+    host whose process is gone (killed, machine rebooted) shows as ``gone``."""
+    from core.daemon_lock import process_alive
+    from core.fsutil import host_name
+
     out = []
     for path in sorted(queue.paths.status.glob("daemon-*.json")):
         try:
-            out.append(json.loads(path.read_text()))
+            d = json.loads(path.read_text())
         except (OSError, ValueError):
             continue
+        if d.get("state") != "stopped" and d.get("host") == host_name() and \
+                not process_alive(d):
+            d.update(last_state=d.get("state"), state="gone")
+        out.append(d)
     return out
 
 

@@ -26,7 +26,7 @@ import psutil
 import structlog
 
 from core import exitcodes
-from core.daemon_lock import DaemonLock, DeviceSet, device_label
+from core.daemon_lock import DaemonLock, DeviceSet, device_label, process_alive
 from core.errors import ClaimLost, SidecarError
 from core.fsutil import host_name, write_json_atomic
 from core.job import Job, JobState, utc_now
@@ -60,16 +60,6 @@ def record_outcome(queue: TrainingQueue, job: Job, code: int, max_attempts: int,
     if code == exitcodes.PERMANENT:
         return queue.fail(fresh, error)
     return queue.fail(fresh, error, retryable=True, max_attempts=max_attempts)
-
-
-def process_alive(worker: dict) -> bool:
-    """The process a lease names exists on this host (pid and start time match)."""
-    try:
-        proc = psutil.Process(int(worker["pid"]))
-        started = worker.get("started")
-        return started is None or abs(proc.create_time() - started) < 1.0
-    except (psutil.NoSuchProcess, KeyError, ValueError, TypeError):
-        return False
 
 
 class LeaseWatch:
@@ -382,6 +372,7 @@ class Daemon:
     def _write_status(self, state: str, **fields) -> None:
         write_json_atomic(self.status_path, {
             "schema": 1, "state": state, "pid": os.getpid(), "host": host_name(),
+            "started": self.worker["started"],
             "devices": self.devices, "updated_at": utc_now(), **fields}, fsync=False)
 
 

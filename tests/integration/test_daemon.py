@@ -137,6 +137,9 @@ def test_kill_9_of_the_daemon_leaves_no_orphan_and_restart_completes_once(tmp_pa
     finally:
         daemon.kill()
         daemon.communicate()
+    status = json.loads(realm_cmd(paths.base, "queue", "status", "--json").stdout)
+    assert [(d["state"], d["last_state"]) for d in status["daemons"]] == [("gone", "training")]
+    assert "] gone: job" in realm_cmd(paths.base, "queue", "status").stdout
     out = realm_cmd(paths.base, "daemon", "--once")
     assert out.returncode == 0, out.stderr
     assert "recovered" in out.stdout
