@@ -184,12 +184,25 @@ class Daemon:
         self.reap_dead_leases()
         if not self.resources_ok():
             return False
-        job = self.queue.claim_next(self.worker)
+        job = self.queue.claim_next(self.worker, defer=self._campaign_busy())
         if job is None:
             self._write_status("idle")
             return False
         self.train(job)
         return True
+
+    def _campaign_busy(self):
+        """Backfill: pass over jobs whose campaign another daemon is training right now (they
+        would only wait for the campaign's lock, idling this device); that daemon takes them
+        next. None when no other daemon is training."""
+        from trainer.config.realm_config import CampaignOf
+
+        others = [j for j in self.queue.jobs_in("processing") if not self._ours(j)]
+        if not others:
+            return None
+        campaign_of = CampaignOf(self.paths)
+        busy = {campaign_of(j) for j in others} - {None}
+        return (lambda job: campaign_of(job) in busy) if busy else None
 
     def _wait_seconds(self) -> float:
         interval = self.poll if self.poll is not None else self.cfg.poll_interval

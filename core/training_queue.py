@@ -246,12 +246,16 @@ class TrainingQueue:
 
     # --- claims and moves ---------------------------------------------------------------------
 
-    def claim_next(self, worker: dict | None = None) -> Job | None:
-        """Adopt what is new, then claim the first queued job; None when the queue is empty."""
+    def claim_next(self, worker: dict | None = None,
+                   defer: Callable[[Job], bool] | None = None) -> Job | None:
+        """Adopt what is new, then claim the first queued job; None when the queue is empty.
+        Jobs for which ``defer`` says True are passed over this time."""
         splits = {p: self._split(self.listing(p)) for p in PRIORITIES}  # one scan, two uses
         self.adopt_new(splits)
         for priority in PRIORITIES:
             for job in _claim_candidates(splits[priority].jobs):
+                if defer is not None and defer(job):
+                    continue
                 try:
                     return self._move(job, JobState.PROCESSING,
                                       reason=f"claimed by {_who(worker)}",

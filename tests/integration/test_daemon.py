@@ -256,8 +256,8 @@ def test_two_daemons_on_distinct_devices_complete_every_job_once(tmp_path):
     done = q.jobs_in("completed")
     assert len(done) == 30 and not q.jobs_in("failed") and not q.jobs_in("processing")
     assert all(len(completions(paths, j.id)) == 1 for j in done)
-    workers = {j.worker["devices"] for j in done}
-    assert workers == {"0", "1"}, "both daemons trained jobs"
+    # one campaign: the daemons take turns as it comes (backfill passes over a busy campaign,
+    # so which daemon trains how many is timing; test_shared_realm covers the two-campaign case)
     steps = sorted(j.final_step for j in done)
     assert steps == list(range(1, 31)), "one linear lineage: no two jobs forked the campaign"
 

@@ -79,3 +79,36 @@ def test_a_daemon_that_lost_its_lease_kills_its_child_and_records_nothing(tmp_pa
     ledger = [json.loads(line) for line in paths.ledger.read_text().splitlines()]
     assert [e["to"] for e in ledger if e["job_id"] == job.id] == ["queued", "processing"]
     assert "another daemon reaped it" in out
+
+
+def test_a_second_daemon_backfills_another_campaign_instead_of_waiting(tmp_path):
+    from guild.campaigns import create_campaign
+    from tests.trainer.test_training import make_realm
+    from trainer.data.synthetic import write_dataset
+
+    fast = {"training": {"micro_batch_size": 2, "max_steps": 40}, "data": {"max_length": 64},
+            "checkpoint": {"save_steps": 100}}
+    paths = make_realm(tmp_path / "r", fast)  # c1, active
+    create_campaign(paths, "c2", "tiny-qwen3", overrides=fast, activate_it=False)
+    (paths.base / "config.json").write_text(json.dumps(FAST_DAEMON))
+    for i in range(2):  # high priority, campaign c1
+        write_dataset(paths.state_dir("high") / f"c1-{i}.jsonl", 30, i)
+    (paths.state_dir("low") / "c2.jsonl.job.json").write_text('{"campaign_id": "c2"}')
+    write_dataset(paths.state_dir("low") / "c2.jsonl", 30, 9)
+    q = TrainingQueue(paths.base)
+    first = start_host(paths.base, "host-a", "--once", "--devices", "0")
+    wait_for(lambda: q.jobs_in("processing"), what="host-a's first claim")
+    second = start_host(paths.base, "host-b", "--once", "--devices", "1")
+    outs = [d.communicate(timeout=300) for d in (first, second)]
+    assert [d.returncode for d in (first, second)] == [0, 0], outs
+    done = {j.dataset_name: j for j in q.jobs_in("completed")}
+    assert set(done) == {"c1-0.jsonl", "c1-1.jsonl", "c2.jsonl"}
+    # host-b passed over c1-1 (its campaign was busy) and trained c2 meanwhile; c1's second
+    # job was claimed (by whichever daemon was free) only once its first had completed
+    assert done["c2.jsonl"].worker["host"] == "host-b"
+    ledger = [json.loads(line) for line in paths.ledger.read_text().splitlines()]
+    claimed = {e["job_id"]: e["at"] for e in ledger if e["to"] == "processing"}
+    completed = {e["job_id"]: e["at"] for e in ledger if e["to"] == "completed"}
+    c1 = [done[f"c1-{i}.jsonl"].id for i in range(2)]
+    assert claimed[c1[1]] >= completed[c1[0]], "c1's second job never waited on its lock"
+    assert claimed[done["c2.jsonl"].id] < completed[c1[0]], "c2 trained alongside c1"

@@ -67,6 +67,28 @@ def _choose(paths: RealmPaths, hero_id: str | None, campaign: Campaign | str | N
     return load_hero(paths, hero_id or DEFAULT_HERO), campaign
 
 
+class CampaignOf:
+    """The campaign a job will train (``hero/name``): its own ``campaign_id``, else the active
+    one; None when it has none or its names do not resolve (training will say why). Memoised by
+    (campaign_id, hero_id): a queue of thousands of jobs names a handful of campaigns."""
+
+    def __init__(self, paths: RealmPaths):
+        self.paths = paths
+        self._memo: dict[tuple[str | None, str | None], str | None] = {}
+
+    def __call__(self, job: Job) -> str | None:
+        key = (job.campaign_id, job.hero_id)
+        if key not in self._memo:
+            from core.errors import RealmError
+
+            try:
+                chosen = _choose(self.paths, None, None, job)[1]
+            except RealmError:
+                chosen = None
+            self._memo[key] = chosen.ref if chosen else None
+        return self._memo[key]
+
+
 def resolve_for(paths: RealmPaths, *, hero_id: str | None = None,
                 campaign: Campaign | str | None = None, job: Job | None = None,
                 cli: Layer | None = None) -> Resolved:
