@@ -198,3 +198,12 @@ def test_crash_between_the_two_renames_is_repaired(realm, queue):
     assert [j.id for j in queue.jobs_in("processing")] == [job.id]
     assert [j.dataset_name for j in drain(queue)] == ["trigger.jsonl"], \
         "the half-moved dataset was not adopted a second time"
+
+
+def test_deferred_jobs_are_claimed_only_when_nothing_else_is_queued(realm, queue):
+    drop(realm, "high", "busy.jsonl")
+    drop(realm, "low", "free.jsonl")
+    busy = lambda job: job.dataset_name == "busy.jsonl"  # noqa: E731
+    assert queue.claim_next(defer=busy).dataset_name == "free.jsonl"  # passed over high
+    assert queue.claim_next(defer=busy).dataset_name == "busy.jsonl"  # nothing else left
+    assert queue.claim_next(defer=busy) is None
