@@ -5,16 +5,16 @@
 
 The step body lives in ``EpochRunner.train_step``: prepare microbatches, forward/backward each
 (loss summed over tokens and divided by the step's total target tokens, so accumulation equals
-one big batch), optimizer step with clipping, metrics.
+one big batch), optimizer step with clipping, metrics. After every optimizer step the guard
+(the governor, issue 5) sees (loss, grad_norm) and approves the state; a checkpoint is written
+only from an approved state. One cooperative stop check per step: a stop request checkpoints at
+the step boundary and raises ``StopRequested``.
 
 On several devices (``trainer.distributed.Group``) each rank takes its slice of every global
 microbatch (``micro_batch_size`` rows per rank), the step's token count is summed over the ranks
 before the backward pass and DDP averages the gradients, so a step equals the same global batch
 on one process. Rank 0 alone writes checkpoints, status and the record; every decision (stop,
-governor panic) is agreed by all-reduce so the ranks never part ways. After every optimizer step the guard
-(the governor, issue 5) sees (loss, grad_norm) and approves the state; a checkpoint is written
-only from an approved state. One cooperative stop check per step: a stop request checkpoints at
-the step boundary and raises ``StopRequested``.
+governor panic) is agreed by all-reduce so the ranks never part ways.
 """
 
 from __future__ import annotations
@@ -162,6 +162,10 @@ class Trainer:
         self.position = Position()
         self.stop_agreed = False
         """Set after each step when any rank was asked to stop."""
+        self.resumed_from: int | None = None
+        self.finished_before: Checkpoint | None = None
+        """This job's own finished checkpoint, when an earlier attempt trained to the end."""
+        self.last_loss: float | None = None
         self.status = StatusWriter(spec.status_path if self.group.main else None,
                                    self.cfg.logging.status_every_seconds)
 
@@ -220,13 +224,12 @@ class Trainer:
 
     def _setup_data(self) -> None:
         data = self.cfg.data
-        if self.group.main:  # rank 0 tokenizes; the others read its cache
-            store, reused = load_or_build(self.spec.dataset, self.spec.dataset_sha256,
-                                          self.tokenizer, data, self.spec.cache_root)
-        self.group.barrier()
         if not self.group.main:
-            store, reused = load_or_build(self.spec.dataset, self.spec.dataset_sha256,
-                                          self.tokenizer, data, self.spec.cache_root)
+            self.group.barrier()  # rank 0 tokenizes first; the others then read its cache
+        store, reused = load_or_build(self.spec.dataset, self.spec.dataset_sha256,
+                                      self.tokenizer, data, self.spec.cache_root)
+        if self.group.main:
+            self.group.barrier()
         self.store = store
         train_idx, val_idx = self._split(len(store))
         lengths = store.lengths()
@@ -348,7 +351,7 @@ class Trainer:
         counts = self.guard.counts() if hasattr(self.guard, "counts") else {}
         if self.group.active:
             self.data_stats["ranks"] = self._check_replicas(counts)
-        before = getattr(self, "finished_before", None)
+        before = self.finished_before
         ckpt = before or (self.checkpoint(finished=True) if self.guard.approved else None)
         val = self.evaluate(self.val_rows) if self.val_rows and self.group.main else None
         last = self.stats.last
@@ -358,9 +361,9 @@ class Trainer:
         if before is not None:
             self.data_stats["already_trained"] = True
         return TrainResult(self.job_start_step, self.global_step,
-                           last.loss if last else getattr(self, "last_loss", None), val,
+                           last.loss if last else self.last_loss, val,
                            self.stats.tokens_per_sec_avg, ckpt, self.data_stats,
-                           getattr(self, "resumed_from", None), counts)
+                           self.resumed_from, counts)
 
     def _check_replicas(self, counts: dict) -> dict:
         """All ranks must end with the same weights and the same rollbacks; otherwise nothing

@@ -132,7 +132,8 @@ def run(paths: RealmPaths, sidecar: Path, cli=None, stop: _StopFlag | None = Non
     job = Job.from_dict(read_sidecar_json(sidecar), source=str(sidecar))
     files = JobFiles.of(paths.status, job.id)
     stop = stop or _StopFlag()
-    stop.stop_file = files.stop
+    if group.active:  # a group stops by file (a single child gets SIGTERM): no stat per step else
+        stop.stop_file = files.stop
     # alive from here on, setup included (rank 0 speaks for the group)
     beat = Heartbeat(files.heartbeat, every=1.0) if group.main else None
     try:

@@ -126,6 +126,22 @@ def test_sigkill_after_first_checkpoint_then_resume_gives_identical_weights(tmp_
     assert all(torch.equal(a[k], b[k]) for k in a)
 
 
+def test_a_retry_after_the_final_checkpoint_does_not_train_the_dataset_again(tmp_path):
+    # the child wrote its finished checkpoint and was killed before the daemon recorded the job
+    paths = make_realm(tmp_path / "r")
+    sidecar = claim(paths)
+    assert run(paths, sidecar) == exitcodes.COMPLETED
+    before = sorted(p.name for p in ckpt_root(paths).iterdir())
+    weights = final_weights(paths)
+    assert run(paths, sidecar) == exitcodes.COMPLETED  # the retry
+    job = json.loads(sidecar.read_text())
+    assert sorted(p.name for p in ckpt_root(paths).iterdir()) == before
+    assert (job["start_step"], job["final_step"]) == (0, 12)
+    assert job["metadata"]["data"]["already_trained"] is True and job["final_loss"] is not None
+    again = final_weights(paths)
+    assert all(torch.equal(weights[k], again[k]) for k in weights)
+
+
 def test_bad_data_is_a_permanent_failure_with_the_line(tmp_path):
     paths = make_realm(tmp_path / "r")
     src = paths.base / "bad.jsonl"
