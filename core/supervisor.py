@@ -63,7 +63,8 @@ class JobFiles:
     stop: Path
     """Created by the daemon: stop at the next step boundary with a checkpoint."""
     outcome: Path
-    """Written by the child (rank 0) last: its exit code as JSON."""
+    """Written by rank 0 of a group last: its exit code as JSON (a single child's exit code
+    says it directly)."""
     progress: Path
     """The child's throttled training status (step, loss, ETA) for ``queue status``."""
 
@@ -166,8 +167,8 @@ class Child:
 
     def end(self) -> ChildEnd:
         code = self.proc.wait()
-        written = self.files.read_outcome()
-        if self.group and written is not None:
+        written = self.files.read_outcome() if self.group else None
+        if written is not None:
             # rank 0 decided (completed / stopped / failed); the launcher's 0-or-1 says less
             return ChildEnd(written, None, f"training group ended: rank 0 reported code {written}"
                             f" (launcher exit {code})")

@@ -151,6 +151,8 @@ class Daemon:
         self.worker = {"host": host_name(), "pid": os.getpid(),
                        "started": psutil.Process().create_time(), "devices": self.devices}
         self.leases = LeaseWatch(daemon_cfg.lease_seconds)
+        self.others_training: list[Job] = []
+        """Jobs other live daemons are training, as of the last reaping round."""
         self._guard_said: str | None = None
         self.keep_last = keep_last
         self.progress = ProgressView()
@@ -197,11 +199,10 @@ class Daemon:
         queued (its child then waits with its imports done). None when no other daemon trains."""
         from trainer.config.realm_config import CampaignOf
 
-        others = [j for j in self.queue.jobs_in("processing") if not self._ours(j)]
-        if not others:
+        if not self.others_training:
             return None
         campaign_of = CampaignOf(self.paths)
-        busy = {campaign_of(j) for j in others} - {None}
+        busy = {campaign_of(j) for j in self.others_training} - {None}
         return (lambda job: campaign_of(job) in busy) if busy else None
 
     def _wait_seconds(self) -> float:
@@ -225,7 +226,9 @@ class Daemon:
         return self.reap_dead_leases(at_start=True)
 
     def reap_dead_leases(self, at_start: bool = False) -> list[Job]:
-        reaped = []
+        """Reap the jobs of dead owners; the live ones of other daemons are kept in
+        ``self.others_training`` (the backfill reads them, no second listing)."""
+        reaped, self.others_training = [], []
         processing = self.queue.jobs_in("processing")
         self.leases.forget({j.id for j in processing})
         for job in processing:
@@ -233,6 +236,7 @@ class Daemon:
             if worker.get("pid") == os.getpid() and worker.get("host") == host_name():
                 continue  # ours
             if self.leases.alive(job):
+                self.others_training.append(job)
                 continue
             who = f"{worker.get('host')}:{worker.get('pid')}"
             if worker.get("host") == host_name():

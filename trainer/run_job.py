@@ -138,7 +138,7 @@ def run(paths: RealmPaths, sidecar: Path, cli=None, stop: _StopFlag | None = Non
     beat = Heartbeat(files.heartbeat, every=1.0) if group.main else None
     try:
         code = _run(paths, job, beat or (lambda: None), cli, stop, group)
-        if group.main:
+        if group.active and group.main:  # the launcher folds exit codes into 0 or 1
             files.write_outcome(code)
         return code
     finally:

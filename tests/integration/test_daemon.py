@@ -80,6 +80,12 @@ def child_pid(paths) -> int:
     return status.get("child_pid") if status.get("state") == "training" else None
 
 
+def child_past_first_checkpoint(paths) -> int:
+    """Wait for the job's step-3 checkpoint; then the training child's pid."""
+    wait_for(lambda: (ckpt_root(paths) / "step-3" / "COMPLETE").exists(), what="step-3")
+    return wait_for(lambda: child_pid(paths), what="child pid")
+
+
 @pytest.mark.slow
 def test_sigterm_requeues_with_resume_point_and_next_run_finishes(tmp_path):
     paths = realm_with_job(tmp_path, steps=30)
@@ -108,8 +114,7 @@ def test_kill_9_of_the_child_is_recorded_and_the_retry_resumes(tmp_path):
     paths = realm_with_job(tmp_path, steps=30)
     daemon = start_daemon(paths.base, "--poll", "0.3")
     try:
-        wait_for(lambda: (ckpt_root(paths) / "step-3" / "COMPLETE").exists(), what="step-3")
-        os.kill(wait_for(lambda: child_pid(paths), what="child pid"), signal.SIGKILL)
+        os.kill(child_past_first_checkpoint(paths), signal.SIGKILL)
         wait_for(lambda: job_state(paths)["job.jsonl"][0] == "completed", timeout=180,
                  what="completion after retry")
         daemon.send_signal(signal.SIGTERM)
@@ -128,8 +133,7 @@ def test_kill_9_of_the_daemon_leaves_no_orphan_and_restart_completes_once(tmp_pa
     paths = realm_with_job(tmp_path, steps=30)
     daemon = start_daemon(paths.base)
     try:
-        wait_for(lambda: (ckpt_root(paths) / "step-3" / "COMPLETE").exists(), what="step-3")
-        pid = wait_for(lambda: child_pid(paths), what="child pid")
+        pid = child_past_first_checkpoint(paths)
         daemon.send_signal(signal.SIGKILL)
         daemon.wait(timeout=10)
         wait_for(lambda: not psutil.pid_exists(pid) or psutil.Process(pid).status() ==
@@ -267,8 +271,7 @@ def test_second_signal_kills_the_child_and_requeues(tmp_path):
     paths = realm_with_job(tmp_path, steps=30)
     daemon = start_daemon(paths.base)
     try:
-        wait_for(lambda: (ckpt_root(paths) / "step-3" / "COMPLETE").exists(), what="step-3")
-        pid = wait_for(lambda: child_pid(paths), what="child pid")
+        pid = child_past_first_checkpoint(paths)
         os.kill(pid, signal.SIGSTOP)  # a child that would never reach its step boundary
         daemon.send_signal(signal.SIGTERM)
         time.sleep(0.5)
@@ -292,8 +295,7 @@ def test_a_silent_child_is_killed_after_job_timeout_and_retried(tmp_path):
     (paths.base / "config.json").write_text(json.dumps(config))
     daemon = start_daemon(paths.base)
     try:
-        wait_for(lambda: (ckpt_root(paths) / "step-3" / "COMPLETE").exists(), what="step-3")
-        os.kill(wait_for(lambda: child_pid(paths), what="child pid"), signal.SIGSTOP)
+        os.kill(child_past_first_checkpoint(paths), signal.SIGSTOP)
         wait_for(lambda: job_state(paths)["job.jsonl"][0] == "completed", timeout=180,
                  what="the retry to complete")
         daemon.send_signal(signal.SIGTERM)
