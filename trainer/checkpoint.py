@@ -5,8 +5,15 @@ safetensors weights, tokenizer) and also holds ``trainer_state.pt`` (optimizer, 
 read back with ``weights_only=True``), ``trainer_state.json`` (step, job, data position),
 ``locked.json`` and, written last, ``COMPLETE``. A checkpoint is assembled in
 ``.step-<N>.tmp-<host>-<pid>``, fsynced, then renamed into place without replacing anything.
-Only folders with ``COMPLETE`` count; the latest is chosen numerically. Retention keeps
-``keep_last`` and logs what it removes.
+Only folders with ``COMPLETE`` count.
+
+Lineage: a job's checkpoints are resume points until its final one, written with
+``job_finished: true`` once the governor approved the final weights. The campaign's latest
+checkpoint (``lineage_head``) is the newest finished one, so nothing a failed or unfinished
+attempt wrote ever becomes what the next job continues from. A checkpoint is staged (written in
+its temporary folder) and committed (marker, rename) only after a loss measured on its weights
+was approved; a name is never reused, and a collision is an error, not a success.
+Retention keeps ``keep_last`` and logs what it removes.
 """
 
 from __future__ import annotations
@@ -37,6 +44,10 @@ class NonFiniteWeights(RuntimeError):
     """Refusing to write a checkpoint whose weights hold NaN or Inf."""
 
 
+class CheckpointExists(RuntimeError):
+    """A checkpoint folder of this step already exists: names are never reused."""
+
+
 @dataclass(frozen=True)
 class Checkpoint:
     step: int
@@ -44,6 +55,14 @@ class Checkpoint:
 
     def state(self) -> dict[str, Any]:
         return json.loads((self.path / "trainer_state.json").read_text())
+
+    def lineage(self) -> tuple[str | None, bool]:
+        """(job id, finished) of the job that wrote it; (None, False) when unreadable."""
+        try:
+            state = self.state()
+        except (OSError, ValueError):
+            return None, False
+        return state.get("job_id"), bool(state.get("job_finished"))
 
     def locked(self) -> dict[str, Any]:
         return json.loads((self.path / "locked.json").read_text())
@@ -82,12 +101,44 @@ def _fsync_tree(folder: Path) -> None:
     fsync_dir(folder)
 
 
-def save_checkpoint(root: Path, step: int, model, tokenizer, *, state: dict[str, Any],
-                    torch_state: dict[str, Any], locked: dict[str, Any]) -> Checkpoint:
-    """Write ``step-<step>`` atomically; an existing complete one of that step is kept."""
+@dataclass
+class Staged:
+    """A checkpoint written in its temporary folder, waiting for its weights to be approved."""
+
+    root: Path
+    step: int
+    tmp: Path
+
+    def commit(self) -> Checkpoint:
+        """Mark complete and rename into place (never over an existing folder)."""
+        final = self.root / f"step-{self.step}"
+        try:
+            (self.tmp / MARKER).write_text(json.dumps({"step": self.step,
+                                                       "saved_at": utc_now()}) + "\n")
+            _fsync_tree(self.tmp)
+            try:
+                rename_noreplace(self.tmp, final)
+            except FileExistsError:
+                raise CheckpointExists(
+                    f"{final} already exists: checkpoint names are never reused, so this is a "
+                    "second writer or a bug; nothing was overwritten") from None
+            fsync_dir(self.root)
+        finally:
+            shutil.rmtree(self.tmp, ignore_errors=True)
+        return Checkpoint(self.step, final)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.tmp, ignore_errors=True)
+
+
+def stage_checkpoint(root: Path, step: int, model, tokenizer, *, state: dict[str, Any],
+                     torch_state: dict[str, Any], locked: dict[str, Any]) -> Staged:
+    """Write everything but the completion marker into ``.step-<step>.tmp-<host>-<pid>``."""
     _check_finite(model)
     root.mkdir(parents=True, exist_ok=True)
-    final = root / f"step-{step}"
+    if (root / f"step-{step}").exists():
+        raise CheckpointExists(f"{root / f'step-{step}'} already exists: checkpoint names are "
+                               "never reused; nothing was overwritten")
     tmp = root / f".step-{step}.tmp-{host_name()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -95,33 +146,48 @@ def save_checkpoint(root: Path, step: int, model, tokenizer, *, state: dict[str,
         tokenizer.save_pretrained(tmp)
         torch.save(torch_state, tmp / "trainer_state.pt")
         write_json_atomic(tmp / "trainer_state.json",
-                          {"schema": STATE_SCHEMA, "step": step, "saved_at": utc_now(), **state})
+                          {"schema": STATE_SCHEMA, "saved_at": utc_now(), **state, "step": step})
         write_json_atomic(tmp / "locked.json", locked)
         _fsync_tree(tmp)
-        (tmp / MARKER).write_text(json.dumps({"step": step, "saved_at": utc_now()}) + "\n")
-        _fsync_tree(tmp)
-        try:
-            rename_noreplace(tmp, final)
-        except FileExistsError:
-            if not (final / MARKER).is_file():
-                raise
-            log.warning("checkpoint.exists", step=step, path=str(final))
-        fsync_dir(root)
-    finally:
+    except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-    return Checkpoint(step, final)
+        raise
+    return Staged(root, step, tmp)
 
 
-def apply_retention(root: Path, keep_last: int, *, protect: set[Path] = frozenset()
-                    ) -> list[Path]:
-    """Remove complete checkpoints beyond the newest ``keep_last`` (logged), except ``protect``."""
+def save_checkpoint(root: Path, step: int, model, tokenizer, *, state: dict[str, Any],
+                    torch_state: dict[str, Any], locked: dict[str, Any]) -> Checkpoint:
+    """Stage and commit at once (the weights are already approved)."""
+    return stage_checkpoint(root, step, model, tokenizer, state=state, torch_state=torch_state,
+                            locked=locked).commit()
+
+
+def lineage_head(root: Path) -> Checkpoint | None:
+    """The campaign's latest checkpoint: the newest one a job finished with."""
+    for ckpt in reversed(complete_checkpoints(root)):
+        if ckpt.lineage()[1]:
+            return ckpt
+    return None
+
+
+def remove_checkpoint(ckpt: Checkpoint, event: str, **why) -> None:
+    log.warning(event, step=ckpt.step, path=str(ckpt.path), **why)
+    shutil.rmtree(ckpt.path)
+
+
+def apply_retention(root: Path, keep_last: int, *, protect: set[Path] = frozenset(),
+                    job_id: str | None = None) -> list[Path]:
+    """Remove complete checkpoints beyond the newest ``keep_last`` (logged), except ``protect``.
+    With ``job_id`` (during a job) only that job's own resume points are candidates, so a job
+    that later fails leaves everything from before it exactly as it was."""
     removed = []
-    for ckpt in complete_checkpoints(root)[:-keep_last]:
+    found = complete_checkpoints(root)
+    if job_id is not None:
+        found = [c for c in found if c.lineage() == (job_id, False)]
+    for ckpt in found[:-keep_last]:
         if ckpt.path in protect:
             continue
-        log.info("checkpoint.retention_removed", step=ckpt.step, path=str(ckpt.path),
-                 keep_last=keep_last)
-        shutil.rmtree(ckpt.path)
+        remove_checkpoint(ckpt, "checkpoint.retention_removed", keep_last=keep_last)
         removed.append(ckpt.path)
     return removed
 

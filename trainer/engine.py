@@ -5,10 +5,17 @@
 
 The step body lives in ``EpochRunner.train_step``: prepare microbatches, forward/backward each
 (loss summed over tokens and divided by the step's total target tokens, so accumulation equals
-one big batch), optimizer step with clipping, metrics. After every optimizer step the guard
-(the governor, issue 5) sees (loss, grad_norm) and approves the state; a checkpoint is written
-only from an approved state. One cooperative stop check per step: a stop request checkpoints at
-the step boundary and raises ``StopRequested``.
+one big batch), optimizer step with clipping, metrics. Step N's forward pass measures the weights
+step N-1 produced, so after every optimizer step the guard (``trainer.guard``; the governor by
+default) judges the PREVIOUS state: a checkpoint staged for that state is committed only on
+approval. The job's final state (and a stopped job's last one) is judged by one no-grad pass on
+a fixed batch before it is written; when it fails, the job saves its last approved state
+instead, or fails when that is the state it started from. One cooperative stop check per step.
+
+Lineage (``trainer.checkpoint``): a new job continues from the campaign's newest *finished*
+checkpoint; it resumes its own unfinished one only when job id and config hash match and no
+other job finished since; anything else above the head is a dead branch and is removed. A job
+that fails permanently removes what it wrote.
 
 On several devices (``trainer.distributed.Group``) each rank takes its slice of every global
 microbatch (``micro_batch_size`` rows per rank), the step's token count is summed over the ranks
@@ -28,20 +35,23 @@ from typing import Any, Callable
 
 import torch
 
-from trainer.checkpoint import (Checkpoint, apply_retention, clean_incomplete, latest_checkpoint,
-                                save_checkpoint)
+from trainer.checkpoint import (Checkpoint, Staged, apply_retention, clean_incomplete,
+                                complete_checkpoints, lineage_head, remove_checkpoint,
+                                stage_checkpoint)
 from trainer.config.locked import verify_locked
 from trainer.data.cache import load_or_build
 from trainer.data.packing import IGNORE, Batch, collate, pack_rows, packing_efficiency
 from trainer.data.reader import DataError
 from trainer.distributed import Group, weights_digest
-from trainer.governor import GovernorGuard
+from trainer.governor import GovernorGaveUp, GovernorGuard
+from trainer.guard import Action, Decision, FiniteGuard, NonFiniteLoss
 from trainer.metrics import RunningStats, StatusWriter, StepMetrics, get_logger, \
     progress_line, status_payload
 from trainer.attention import NAME as ATTENTION, use_packed_attention
 from trainer.model import load_model
+from trainer.state import TrainState
 
-from core.errors import ConfigError
+from core.errors import ConfigError, RealmError
 
 
 class StopRequested(Exception):
@@ -51,10 +61,6 @@ class StopRequested(Exception):
         super().__init__(f"stopped at step {step}")
         self.checkpoint = checkpoint
         """The resume point (None on ranks other than 0, which write nothing)."""
-
-
-class NonFiniteLoss(RuntimeError):
-    """The loss or gradient norm is NaN/Inf and no guard can roll back."""
 
 
 class RanksDiverged(RuntimeError):
@@ -78,16 +84,6 @@ class JobSpec:
 
 
 @dataclass
-class Position:
-    """Where the job is in its data: resume restores exactly this."""
-
-    epoch: int = 0
-    rows_done: int = 0
-    """Rows of this epoch's order already consumed (independent of batch size and world size,
-    so a job resumes exactly on any number of devices)."""
-
-
-@dataclass
 class TrainResult:
     start_step: int
     final_step: int
@@ -100,23 +96,9 @@ class TrainResult:
     governor: dict = field(default_factory=dict)
 
 
-class FiniteGuard:
-    """The minimal guard: approves finite steps, fails the job on NaN/Inf.
-
-    The governor (issue 5) replaces it with rollback to a last-known-good snapshot.
-    """
-
-    approved = True
-
-    def after_step(self, trainer: "Trainer", m: StepMetrics) -> None:
-        if not (math.isfinite(m.loss) and math.isfinite(m.grad_norm)):
-            self.approved = False
-            raise NonFiniteLoss(f"step {m.step}: loss {m.loss}, grad_norm {m.grad_norm}; no "
-                                "checkpoint written from this state")
-        self.approved = True
-
-    def counts(self) -> dict:
-        return {"enabled": False}
+PERMANENT_FAILURES = (RealmError, DataError, NonFiniteLoss, GovernorGaveUp)
+"""Failures that retrying cannot fix (bad data or config, the governor): the job fails for
+good and removes the checkpoints it wrote."""
 
 
 def pick_device(precision: str, device: torch.device | None = None
@@ -151,15 +133,15 @@ class Trainer:
         """Test-only: rewrites the measured loss of a step (spike injection); not a config knob."""
         self.heartbeat: Callable[[], None] = lambda: None
         """Called after every optimizer step (the daemon watches it for a stuck child)."""
-        self.micro_done = 0
-        """Microbatches consumed by this job so far (the governor's skipped-window count)."""
         self.device, self.autocast_dtype = pick_device(self.cfg.training.precision,
                                                        self.group.device())
         if device is not None:
             self.device, self.autocast_dtype = device, None
         self.log = get_logger(job_id=spec.job_id)
         self.stats = RunningStats()
-        self.position = Position()
+        self.state = TrainState()
+        self.staged: Staged | None = None
+        """A checkpoint written for a state the guard has not judged yet (rank 0)."""
         self.stop_agreed = False
         """Set after each step when any rank was asked to stop."""
         self.resumed_from: int | None = None
@@ -172,22 +154,30 @@ class Trainer:
     # --- the spine ------------------------------------------------------------------------
 
     def train(self) -> TrainResult:
-        self._setup_model()
-        self._setup_data()
-        self._setup_optimizer()
-        self._restore()
-        self._setup_guard()
-        runner = EpochRunner(self)
-        while not self.finished():
-            runner.run()
-        return self._finalize()
+        try:
+            self._setup_model()
+            self._setup_data()
+            self._setup_optimizer()
+            self._restore()
+            self._setup_guard()
+            runner = EpochRunner(self)
+            while not self.finished():
+                runner.run()
+            return self._finalize()
+        except PERMANENT_FAILURES:
+            self._discard_own_checkpoints()  # a failed job leaves the lineage as it was
+            raise
+        finally:
+            if self.staged is not None:
+                self.staged.discard()
 
     def finished(self) -> bool:
-        return self.job_step >= self.total_steps or self.position.epoch >= self.cfg.training.epochs
+        return (self.state.job_step >= self.total_steps
+                or self.state.epoch >= self.cfg.training.epochs)
 
     @property
-    def job_step(self) -> int:
-        return self.global_step - self.job_start_step
+    def global_step(self) -> int:
+        return self.state.global_step
 
     # --- setup ----------------------------------------------------------------------------
 
@@ -195,8 +185,10 @@ class Trainer:
         root = self.spec.checkpoint_root
         if self.group.main:
             clean_incomplete(root)
-        self.group.barrier()  # every rank restores the same checkpoint
-        self.start_checkpoint = latest_checkpoint(root)
+            self.start_checkpoint = self._choose_start(root)
+        self.group.barrier()  # rank 0 has pruned dead branches: every rank sees the same start
+        if not self.group.main:
+            self.start_checkpoint = self._choose_start(root, prune=False)
         if self.start_checkpoint is not None:
             diff = verify_locked(self.start_checkpoint.locked(), self.spec.locked)
             if diff:
@@ -219,8 +211,46 @@ class Trainer:
             # buffers (rotary tables) are constant: no per-step broadcast
             self.loss_module = DistributedDataParallel(self.loss_module,
                                                        forward_sync_buffers=False)
-        self.global_step = self.start_checkpoint.step if self.start_checkpoint else 0
-        self.job_start_step = self.global_step
+        start = self.start_checkpoint.step if self.start_checkpoint else 0
+        self.state = TrainState(global_step=start, job_start_step=start)
+
+    def _choose_start(self, root: Path, prune: bool = True) -> Checkpoint | None:
+        """This job's own finished checkpoint (trained already), else its resume point when it
+        still builds on the campaign's head with the same config, else the head. Unfinished
+        checkpoints above the head that are not that resume point are dead branches (a failed
+        attempt, a refused resume): removed, so no name is reused and none becomes the head."""
+        me = self.spec.job_id
+        found = complete_checkpoints(root)
+        mine_done = [c for c in found if c.lineage() == (me, True)]
+        if mine_done:
+            return mine_done[-1]
+        head = lineage_head(root)
+        base = head.step if head else 0
+        mine = [c for c in found if c.lineage() == (me, False) and c.step > base]
+        resume = mine[-1] if mine else None
+        refusal = self._resume_refusal(resume, base) if resume else None
+        if refusal:
+            self.log.warning("job.resume_refused", checkpoint=str(resume.path), reason=refusal,
+                             starts_from=str(head.path) if head else "fresh weights")
+            resume = None
+        for ckpt in found:
+            if prune and ckpt.step > base and ckpt != resume and not ckpt.lineage()[1]:
+                remove_checkpoint(ckpt, "checkpoint.branch_discarded", head=base,
+                                  job_id=ckpt.lineage()[0], reason=refusal or "not on the "
+                                  "campaign's lineage (written by an attempt that did not finish)")
+        return resume or head
+
+    def _resume_refusal(self, ckpt: Checkpoint, base: int) -> str | None:
+        """Why this job's own checkpoint may not be resumed (None: it may)."""
+        state = ckpt.state()
+        if state.get("job_start_step") != base:
+            return (f"it continued from step {state.get('job_start_step')}, but the campaign's "
+                    f"latest checkpoint is now step {base}")
+        if state.get("config_hash") != self.spec.config_hash:
+            return (f"the job's config changed since it was written ({state.get('config_hash')}"
+                    f" -> {self.spec.config_hash}): its optimizer, schedule and data position "
+                    "belong to the old config")
+        return None
 
     def _setup_data(self) -> None:
         data = self.cfg.data
@@ -286,8 +316,7 @@ class Trainer:
                 self.log.warning("governor.disabled", note="governor.enabled is false: NaN "
                                  "fails the job, divergence and collapse go unchecked")
                 self.guard = FiniteGuard()
-        if hasattr(self.guard, "on_start"):
-            self.guard.on_start(self)
+        self.guard.start(self)
 
     def _restore(self) -> None:
         """Resume this job's own checkpoint exactly; a previous job's only lends its weights."""
@@ -299,8 +328,8 @@ class Trainer:
             # An earlier attempt trained to the end and died before the job was recorded:
             # training again would apply this dataset twice.
             self.finished_before = ckpt
-            self.job_start_step = state["job_start_step"]
-            self.position = Position(self.cfg.training.epochs, 0)
+            self.state = TrainState.from_json(state)
+            self.state.epoch = self.cfg.training.epochs
             self.last_loss = state.get("last_loss")
             self.log.warning("job.already_trained", checkpoint=str(ckpt.path), step=ckpt.step)
             return
@@ -313,23 +342,90 @@ class Trainer:
         torch.set_rng_state(saved["rng_cpu"])
         if self.device.type == "cuda" and saved.get("rng_cuda") is not None:
             torch.cuda.set_rng_state(saved["rng_cuda"])
-        self.job_start_step = state["job_start_step"]
-        self.position = Position(state["epoch"], state["rows_done"])
-        self.stats.loss_ewma = state.get("loss_ewma")
+        self.state = TrainState.from_json(state)
+        self.stats.loss_ewma = self.state.loss_ewma
         self.resumed_from = ckpt.step
         self.log.info("job.resumed", checkpoint=str(ckpt.path), step=ckpt.step,
-                      epoch=self.position.epoch, rows_done=self.position.rows_done)
+                      epoch=self.state.epoch, rows_done=self.state.rows_done)
 
-    # --- state the governor and checkpoints use -------------------------------------------
+    # --- judging states -------------------------------------------------------------------
 
-    def checkpoint(self, *, finished: bool = False) -> Checkpoint | None:
-        """Rank 0 writes (and returns) the checkpoint; other ranks return None."""
+    def after_step(self, m: StepMetrics) -> None:
+        """Step N's loss was measured on state N-1: judge that state (committing what was
+        staged for it), then offer state N at snapshot and checkpoint points."""
+        decision = self.guard.judge(m.loss, m.grad_norm, step=m.step)
+        self._settle_staged(decision.approved)
+        if decision.action is Action.FAIL:
+            raise decision.error
+        if decision.action is Action.ROLLBACK:
+            self._rollback(decision)
+            return
+        if self.finished() or self.stop_agreed:
+            return  # judged by the final pass instead
+        job_step = self.state.job_step
+        save = job_step % self.cfg.checkpoint.save_steps == 0
+        if save or job_step % self.cfg.governor.snapshot_steps == 0:
+            self.guard.propose(self.state)
+        if save:
+            self.staged = self._stage(finished=False)
+
+    def _settle_staged(self, approved: bool) -> None:
+        staged, self.staged = self.staged, None
+        if staged is None:
+            return
+        if not approved:
+            self.log.info("checkpoint.not_approved", step=staged.step)
+            staged.discard()
+            return
+        ckpt = staged.commit()
+        apply_retention(self.spec.checkpoint_root, self.cfg.checkpoint.keep_last,
+                        protect={ckpt.path}, job_id=self.spec.job_id)
+        self.log.info("checkpoint.saved", step=ckpt.step, path=str(ckpt.path))
+
+    def _rollback(self, decision: Decision) -> None:
+        restored = self.guard.rollback(decision, self.state)
+        self.state.loss_ewma = self.stats.loss_ewma = restored.loss_ewma
+
+    def _judge_final(self) -> Decision:
+        """One no-grad pass on a fixed batch judges the live weights; when they fail, roll back
+        to the last approved state (or FAIL when that is where the job started)."""
+        decision = self.guard.judge(self._judge_loss(), final=True, step=self.global_step)
+        if decision.action is Action.ROLLBACK:
+            self._rollback(decision)
+        return decision
+
+    @torch.no_grad()
+    def _judge_loss(self) -> float:
+        """Loss of the live weights on the first training rows: the same distribution as the
+        losses the governor's history holds (a validation batch of an overfitting job sits
+        legitimately far above them)."""
+        rows = self.rows[:self.cfg.training.micro_batch_size]
+        batch = collate(rows, self.store, self.tokenizer.pad_token_id).to(self.device)
+        self.model.eval()
+        try:
+            loss = float(token_loss_sum(self.model, batch, self.autocast_dtype))
+        finally:
+            self.model.train()
+        return loss / max(1, batch.target_tokens)
+
+    def stop(self) -> None:
+        """A stop was agreed: judge the live state and leave a resume point holding the last
+        approved state (none when nothing past the job's start was approved)."""
+        decision = self._judge_final()
+        ckpt = None
+        if decision.action is not Action.FAIL and self.group.main:
+            ckpt = self._stage(finished=False).commit()
+            self.log.info("checkpoint.saved", step=ckpt.step, path=str(ckpt.path))
+        raise StopRequested(ckpt, self.global_step)
+
+    # --- checkpoints ----------------------------------------------------------------------
+
+    def _stage(self, *, finished: bool) -> Staged | None:
+        """Rank 0 writes the live state into a staged checkpoint; other ranks return None."""
         if not self.group.main:
             return None
         last = self.stats.last
-        state = {"job_id": self.spec.job_id, "job_start_step": self.job_start_step,
-                 "job_finished": finished, "epoch": self.position.epoch,
-                 "rows_done": self.position.rows_done, "loss_ewma": self.stats.loss_ewma,
+        state = {**self.state.to_json(), "job_id": self.spec.job_id, "job_finished": finished,
                  "last_loss": last.loss if last else None, "world_size": self.group.world,
                  "dataset_sha256": self.spec.dataset_sha256, "config_hash": self.spec.config_hash,
                  "tokens_seen": self.stats.tokens}
@@ -337,22 +433,29 @@ class Trainer:
                        "scheduler": self.scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
                        "rng_cuda": torch.cuda.get_rng_state() if self.device.type == "cuda"
                        else None}
-        ckpt = save_checkpoint(self.spec.checkpoint_root, self.global_step, self.model,
-                               self.tokenizer,
-                               state=state, torch_state=torch_state, locked=self.spec.locked)
-        apply_retention(self.spec.checkpoint_root, self.cfg.checkpoint.keep_last,
-                        protect={ckpt.path})
-        self.log.info("checkpoint.saved", step=self.global_step, path=str(ckpt.path))
-        return ckpt
+        return stage_checkpoint(self.spec.checkpoint_root, self.global_step, self.model,
+                                self.tokenizer, state=state, torch_state=torch_state,
+                                locked=self.spec.locked)
+
+    def _discard_own_checkpoints(self) -> None:
+        if not self.group.main or not self.spec.checkpoint_root.is_dir():
+            return
+        for ckpt in complete_checkpoints(self.spec.checkpoint_root):
+            if ckpt.lineage() == (self.spec.job_id, False):
+                remove_checkpoint(ckpt, "checkpoint.failed_job_removed", job_id=self.spec.job_id)
 
     # --- the end --------------------------------------------------------------------------
 
     def _finalize(self) -> TrainResult:
-        counts = self.guard.counts() if hasattr(self.guard, "counts") else {}
+        before = self.finished_before
+        if before is None:
+            decision = self._judge_final()
+            if decision.action is Action.FAIL:
+                raise decision.error
+        counts = self.guard.counts()
         if self.group.active:
             self.data_stats["ranks"] = self._check_replicas(counts)
-        before = self.finished_before
-        ckpt = before or (self.checkpoint(finished=True) if self.guard.approved else None)
+        ckpt = before or self._write_final()
         val = self.evaluate(self.val_rows) if self.val_rows and self.group.main else None
         last = self.stats.last
         self.status.write({"state": "finished", "job_id": self.spec.job_id,
@@ -360,10 +463,21 @@ class Trainer:
         self.data_stats["loss_curve"] = downsample(self.stats.history, 60)
         if before is not None:
             self.data_stats["already_trained"] = True
-        return TrainResult(self.job_start_step, self.global_step,
+        return TrainResult(self.state.job_start_step, self.global_step,
                            last.loss if last else self.last_loss, val,
                            self.stats.tokens_per_sec_avg, ckpt, self.data_stats,
                            self.resumed_from, counts)
+
+    def _write_final(self) -> Checkpoint | None:
+        """The approved final state becomes the campaign's head; then retention over all."""
+        staged = self._stage(finished=True)
+        if staged is None:
+            return None
+        ckpt = staged.commit()
+        apply_retention(self.spec.checkpoint_root, self.cfg.checkpoint.keep_last,
+                        protect={ckpt.path})
+        self.log.info("checkpoint.saved", step=ckpt.step, path=str(ckpt.path), final=True)
+        return ckpt
 
     def _check_replicas(self, counts: dict) -> dict:
         """All ranks must end with the same weights and the same rollbacks; otherwise nothing
@@ -422,7 +536,7 @@ def _attention_kwargs(model, batch: Batch) -> dict:
 
 
 class EpochRunner:
-    """One epoch from ``trainer.position``: the loop reads top to bottom."""
+    """One epoch from the trainer's data position: the loop reads top to bottom."""
 
     def __init__(self, trainer: Trainer):
         self.t = trainer
@@ -431,9 +545,10 @@ class EpochRunner:
         for groups in self._step_groups():
             metrics = self.train_step(groups)
             self._update_metrics(metrics)
-            self.t.guard.after_step(self.t, metrics)
+            self.t.after_step(metrics)
             self.t.heartbeat()
-            self._after_step()
+            if self.t.stop_agreed:
+                self.t.stop()  # raises StopRequested
             if self.t.finished():
                 return
         self._finalize_epoch()
@@ -446,8 +561,8 @@ class EpochRunner:
         t = self.t
         A = t.cfg.training.grad_accum
         size = t.cfg.training.micro_batch_size * t.group.world
-        order = self._epoch_order(t.position.epoch)
-        micro = [order[i:i + size] for i in range(t.position.rows_done, len(order), size)]
+        order = self._epoch_order(t.state.epoch)
+        micro = [order[i:i + size] for i in range(t.state.rows_done, len(order), size)]
         for start in range(0, len(micro), A):
             yield micro[start:start + A]
 
@@ -486,9 +601,9 @@ class EpochRunner:
                     t.loss_module.no_sync():  # one gradient all-reduce per step
                 loss_sum += self._forward_backward(device_batch, step_tokens, weight)
         grad_norm, lr = self._optimizer_step()
-        t.position.rows_done += sum(len(g) for g in groups)
-        t.micro_done += len(groups)
-        t.global_step += 1
+        t.state.rows_done += sum(len(g) for g in groups)
+        t.state.micro_done += len(groups)
+        t.state.global_step += 1
         if t.loss_hook is not None:  # on this rank's loss, before the ranks combine theirs
             loss_sum = t.loss_hook(t.global_step, loss_sum / max(1, local_tokens)) * local_tokens
         stop = t.stop_requested()
@@ -527,8 +642,7 @@ class EpochRunner:
         params = [p for p in t.model.parameters() if p.grad is not None]
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
         lr = t.optimizer.param_groups[0]["lr"]
-        if hasattr(t.guard, "before_optimizer_step"):
-            t.guard.before_optimizer_step()  # e.g. a snapshot copy still reading the weights
+        t.guard.before_optimizer_step()  # e.g. a snapshot copy still reading the weights
         t.optimizer.step()
         t.scheduler.step()
         t.optimizer.zero_grad(set_to_none=True)
@@ -537,27 +651,19 @@ class EpochRunner:
     def _update_metrics(self, m: StepMetrics) -> None:
         t = self.t
         if math.isfinite(m.loss):
-            m.loss_ewma = t.stats.update_ewma(m.loss)
+            m.loss_ewma = t.state.loss_ewma = t.stats.update_ewma(m.loss)
             t.stats.history.append(m.loss)
         t.stats.record(m)
-        eta = (t.total_steps - t.job_step) * t.stats.seconds / max(1, t.stats.steps)
+        job_step = t.state.job_step
+        eta = (t.total_steps - job_step) * t.stats.seconds / max(1, t.stats.steps)
         t.log.debug("train.step", **{k: getattr(m, k) for k in (
             "step", "loss", "loss_ewma", "grad_norm", "lr", "tokens_per_sec", "input_wait_ms",
             "h2d_copy_ms", "step_latency_ms")})
-        if t.job_step % t.cfg.logging.log_every_steps == 0 or t.job_step == t.total_steps:
-            t.log.info("train.progress", line=progress_line(m, t.job_step, t.total_steps, eta))
-        t.status.write(status_payload(t.spec.job_id, m, job_step=t.job_step,
+        if job_step % t.cfg.logging.log_every_steps == 0 or job_step == t.total_steps:
+            t.log.info("train.progress", line=progress_line(m, job_step, t.total_steps, eta))
+        t.status.write(status_payload(t.spec.job_id, m, job_step=job_step,
                                       total_steps=t.total_steps, stats=t.stats))
 
-    def _after_step(self) -> None:
-        t = self.t
-        if not t.guard.approved:
-            return
-        if t.stop_agreed:
-            raise StopRequested(t.checkpoint(), t.global_step)
-        if t.job_step % t.cfg.checkpoint.save_steps == 0 and not t.finished():
-            t.checkpoint()
-
     def _finalize_epoch(self) -> None:
-        self.t.position = Position(self.t.position.epoch + 1, 0)
-        self.t.log.info("epoch.done", epoch=self.t.position.epoch, step=self.t.global_step)
+        self.t.state.new_epoch()
+        self.t.log.info("epoch.done", epoch=self.t.state.epoch, step=self.t.global_step)

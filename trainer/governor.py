@@ -1,21 +1,26 @@
-"""The governor: watches every optimizer step and rolls back to the last known good state.
+"""The governor: judges every state by a loss measured on it and rolls back to the last state
+it approved.
 
 Starts from esper-lite's Tolaria governor (seeds 003, 004):
-- ``check`` reads the vital signs of one step: NaN/Inf in loss or gradient norm panics at once;
+- ``check`` reads the vital signs of one loss: NaN/Inf in loss or gradient norm panics at once;
   lobotomy (the loss collapses to the random-guess loss ln(vocab), within
   ``lobotomy_tolerance * ln(vocab)``, while the healthy average was below
   ``lobotomy_healthy_ratio * ln(vocab)``) panics at once; divergence (loss > mean + k*std of the
   healthy window AND > multiplier * mean AND > an absolute floor) panics after ``min_panics``
-  consecutive anomalous steps. Beyond esper: a loss above ``max_loss_ratio * ln(vocab)`` (far
-  worse than guessing) is anomalous even before ``min_history`` healthy values exist, so a job
-  that diverges from its first steps is caught. Anomalous values never enter the history.
-- ``snapshot`` keeps a last-known-good copy of model, optimizer, scheduler, RNG and the caller's
-  extra state, double-buffered: the new copy is built in the spare slot and only then becomes
-  current, so a failed snapshot never destroys the previous one. On CUDA the copies go to reused
-  pinned CPU buffers, non-blocking on a side stream; the training stream waits on one event
-  before its next optimizer step, and a rollback synchronises on it before reading.
-- ``rollback`` restores the snapshot, backs the learning rate off, and emits exactly one typed
-  ``governor.rollback`` event; a failing event sink is logged and ignored.
+  consecutive anomalous steps. Beyond esper: a spike (loss above ``max_loss_ratio * ln(vocab)``,
+  or above ``spike_factor`` times the healthy EWMA and the floor) panics at once, history or
+  not; once the healthy mean was well below ln(vocab), a loss above it is anomalous. Anomalous
+  values never enter the history.
+- ``propose`` copies a state into the spare of two slots; ``approve`` makes it the last known
+  good only when a loss measured on that state was healthy, ``discard`` drops it. A failed copy
+  never destroys the previous snapshot. On CUDA the copies go to reused pinned CPU buffers,
+  non-blocking on a side stream; the training stream waits on one event before its next
+  optimizer step, and a rollback synchronises on it before reading.
+- ``rollback`` restores copies of the snapshot (never aliases), backs the learning rate off,
+  and emits exactly one typed ``governor.rollback`` event; a failing event sink is logged and
+  ignored.
+- ``GovernorGuard`` is the engine's guard (``trainer.guard``): it returns decisions, the trainer
+  acts on them.
 """
 
 from __future__ import annotations
@@ -30,7 +35,13 @@ from typing import Any, Callable
 import structlog
 import torch
 
+from trainer.guard import Action, Decision
+from trainer.state import TrainState
+
 log = structlog.get_logger("realm.governor")
+
+EWMA_ALPHA = 0.1
+"""Smoothing of the healthy-loss EWMA the spike rule compares against."""
 
 
 @dataclass(frozen=True)
@@ -70,10 +81,26 @@ class Snapshot:
     scheduler: dict[str, Any] | None
     rng_cpu: torch.Tensor
     rng_cuda: torch.Tensor | None
+    state: TrainState | None = None
+    """The trainer's counters at this state (a rollback restores its loss EWMA; the data
+    position and step counter move on)."""
+    initial: bool = False
+    """The job's starting state (approved before the job began)."""
     extra: dict[str, Any] = field(default_factory=dict)
     nbytes: int = 0
     ready: Any = None
     """CUDA event recorded after the copies (None on CPU)."""
+
+
+def _clone_tree(value: Any) -> Any:
+    """Fresh copies of every tensor in a nested state dict (what a restore hands out)."""
+    if isinstance(value, torch.Tensor):
+        return value.clone()
+    if isinstance(value, dict):
+        return {k: _clone_tree(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_clone_tree(v) for v in value)
+    return copy.deepcopy(value)
 
 
 def _copy_tree(value: Any, out: list[int], pin: bool, into: Any = None) -> Any:
@@ -106,12 +133,16 @@ class Governor:
         self.cfg = cfg
         self.random_guess_loss = math.log(vocab_size)
         self.history: deque[float] = deque(maxlen=cfg.window)
+        self.ewma: float | None = None
+        """EWMA of healthy losses only (the spike rule's reference)."""
         self.consecutive = 0
         self.sink = sink
         self._slots: list[Snapshot | None] = [None, None]
         self._current: int | None = None
+        self._candidate = False
+        """The spare slot holds a proposed state that no verdict has approved yet."""
         self.rollbacks = 0
-        self.panics = {"nan": 0, "lobotomy": 0, "divergence": 0}
+        self.panics = {"nan": 0, "spike": 0, "lobotomy": 0, "divergence": 0}
         self.batches_skipped = 0
         self.events: list[RollbackEvent] = []
         self.lr_scale = 1.0
@@ -122,15 +153,18 @@ class Governor:
     def check(self, loss: float, grad_norm: float = 0.0) -> Verdict:
         if not (math.isfinite(loss) and math.isfinite(grad_norm)):
             return self._panic("nan", loss, None)  # at once, and never counted as divergence
-        threshold = None
-        if len(self.history) >= self.cfg.min_history:
-            mean = sum(self.history) / len(self.history)
-            if self._lobotomy(loss, mean):
-                return self._panic("lobotomy", loss, self.random_guess_loss)
-            threshold = self._divergence_threshold(mean)
-        insane = self.cfg.max_loss_ratio * self.random_guess_loss
-        if loss > insane:  # far worse than uniform guessing: no history needed to know
-            threshold = min(threshold, insane) if threshold is not None else insane
+        mean = sum(self.history) / len(self.history) if self.history else None
+        if len(self.history) >= self.cfg.min_history and self._lobotomy(loss, mean):
+            return self._panic("lobotomy", loss, self.random_guess_loss)
+        spike = self._spike_threshold()
+        if loss > spike:  # one catastrophic step: no need to wait for min_panics
+            return self._panic("spike", loss, spike)
+        threshold = self._divergence_threshold(mean) \
+            if len(self.history) >= self.cfg.min_history else None
+        if mean is not None and mean < self.cfg.lobotomy_healthy_ratio * self.random_guess_loss:
+            # well below guessing so far: worse than guessing is never healthy again
+            threshold = min(threshold, self.random_guess_loss) if threshold is not None \
+                else self.random_guess_loss
         if threshold is not None and loss > threshold:
             self.consecutive += 1
             if self.consecutive >= self.cfg.min_panics:
@@ -138,7 +172,16 @@ class Governor:
             return Verdict(False, True, "divergence", loss, threshold, self.consecutive)
         self.consecutive = 0
         self.history.append(loss)
+        self.ewma = loss if self.ewma is None else EWMA_ALPHA * loss + (1 - EWMA_ALPHA) * self.ewma
         return Verdict(False, False, None, loss, None, 0)
+
+    def _spike_threshold(self) -> float:
+        """Far worse than uniform guessing (history or not), or a multiple of the healthy EWMA
+        above the absolute floor."""
+        insane = self.cfg.max_loss_ratio * self.random_guess_loss
+        if self.ewma is None:
+            return insane
+        return min(insane, max(self.cfg.spike_factor * self.ewma, self.cfg.divergence_floor))
 
     def _lobotomy(self, loss: float, mean: float) -> bool:
         rg = self.random_guess_loss
@@ -158,8 +201,10 @@ class Governor:
     # --- last known good ------------------------------------------------------------------
 
     @torch.no_grad()
-    def snapshot(self, step: int, model, optimizer=None, scheduler=None, **extra) -> Snapshot:
-        """Copy the current (approved) state into the spare slot, then make it current.
+    def propose(self, step: int, model, optimizer=None, scheduler=None, *,
+                state: TrainState | None = None, initial: bool = False) -> Snapshot:
+        """Copy the live state into the spare slot as a candidate; ``approve`` makes it the
+        last known good once a loss measured on it is healthy, ``discard`` drops it.
 
         On CUDA the copies run on a side stream into reused pinned buffers; ``ready`` (an event)
         marks their completion. The training stream must wait for it before the next optimizer
@@ -170,6 +215,7 @@ class Governor:
         pin = torch.cuda.is_available() and any(p.is_cuda for p in model.parameters())
         spare = 0 if self._current != 0 else 1
         old, self._slots[spare] = self._slots[spare], None  # never current; buffers reused
+        self._candidate = False
         stream = torch.cuda.Stream() if pin else None
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream())
@@ -182,24 +228,49 @@ class Governor:
                 scheduler=copy.deepcopy(scheduler.state_dict()) if scheduler else None,
                 rng_cpu=torch.get_rng_state(),
                 rng_cuda=torch.cuda.get_rng_state() if pin else None,
-                extra={**extra, "_lr_scale": self.lr_scale})
+                state=state, initial=initial, extra={"_lr_scale": self.lr_scale})
             snap.ready = stream.record_event() if stream is not None else None
         snap.nbytes = sum(sizes)
-        self._slots[spare], self._current = snap, spare
+        self._slots[spare], self._candidate = snap, True
         return snap
 
+    def approve(self) -> Snapshot | None:
+        """The pending candidate (if any) becomes the last known good; returns it."""
+        if not self._candidate:
+            return None
+        self._current = 0 if self._current != 0 else 1
+        self._candidate = False
+        return self.last_good
+
+    def discard(self) -> None:
+        """Drop the pending candidate (its buffers stay for reuse)."""
+        self._candidate = False
+
+    def snapshot(self, step: int, model, optimizer=None, scheduler=None, *,
+                 state: TrainState | None = None, initial: bool = False) -> Snapshot:
+        """Propose and approve at once: for a state already known good (the job's start)."""
+        self.propose(step, model, optimizer, scheduler, state=state, initial=initial)
+        return self.approve()
+
     def wait_for_snapshot(self) -> None:
-        """Order the training stream after the pending snapshot copy (no host sync)."""
-        snap = self.last_good
-        if snap is not None and snap.ready is not None:
-            torch.cuda.current_stream().wait_event(snap.ready)
+        """Order the training stream after the pending snapshot copies (no host sync)."""
+        for snap in self._slots:
+            if snap is not None and snap.ready is not None:
+                torch.cuda.current_stream().wait_event(snap.ready)
 
     @property
     def last_good(self) -> Snapshot | None:
         return None if self._current is None else self._slots[self._current]
 
+    @property
+    def candidate(self) -> Snapshot | None:
+        return self._slots[0 if self._current != 0 else 1] if self._candidate else None
+
     @torch.no_grad()
     def restore(self, model, optimizer=None, scheduler=None) -> Snapshot:
+        """Load the last known good into the live objects. Every restored tensor is a copy:
+        the optimizer's ``load_state_dict`` keeps tensors whose device and dtype already match,
+        and later steps would then edit the snapshot itself."""
         snap = self.last_good
         if snap is None:
             raise RuntimeError("no last-known-good snapshot to roll back to")
@@ -210,14 +281,15 @@ class Governor:
             missing, extra = sorted(model_keys - set(snap.model)), sorted(set(snap.model) - model_keys)
             raise RuntimeError(f"snapshot does not match the model: missing {missing[:5]}, "
                                f"unexpected {extra[:5]}")
-        model.load_state_dict(snap.model, strict=True)
+        model.load_state_dict(snap.model, strict=True)  # copies into the live parameters
         if optimizer is not None and snap.optimizer is not None:
-            optimizer.load_state_dict(snap.optimizer)
+            optimizer.load_state_dict(_clone_tree(snap.optimizer))
         if scheduler is not None and snap.scheduler is not None:
-            scheduler.load_state_dict(snap.scheduler)
+            scheduler.load_state_dict(copy.deepcopy(snap.scheduler))
         torch.set_rng_state(snap.rng_cpu)
         if snap.rng_cuda is not None:
             torch.cuda.set_rng_state(snap.rng_cuda)
+        self._candidate = False
         return snap
 
     def rollback(self, verdict: Verdict, step: int, model, optimizer=None, scheduler=None, *,
@@ -264,7 +336,8 @@ class Governor:
 
 
 class GovernorGaveUp(RuntimeError):
-    """The job failed permanently: too many rollbacks. The message says what to change."""
+    """The job failed permanently: too many rollbacks, or no state of the job was approved.
+    The message says what to change."""
 
     def __init__(self, reason: str, counts: dict):
         super().__init__(reason)
@@ -272,37 +345,75 @@ class GovernorGaveUp(RuntimeError):
 
 
 class GovernorGuard:
-    """Plugs the governor into the engine's step hook (``Trainer.guard``)."""
+    """The governor as the engine's guard (``trainer.guard.Guard``): it judges, the trainer
+    acts on the decision."""
 
     def __init__(self, cfg, vocab_size: int, sink=None):
         self.cfg = cfg
         self.governor = Governor(cfg, vocab_size, sink=sink)
-        self.approved = True
         self.initial_lr: float | None = None
+        self.final: dict | None = None
+        """How the job's final state was settled (recorded on the job)."""
+        self._live: tuple = (None, None, None)
+        self._group = None
+        self._verdict: Verdict | None = None
+        self._step = 0
 
-    def on_start(self, trainer) -> None:
+    def start(self, trainer) -> None:
+        self._live = (trainer.model, trainer.optimizer, trainer.scheduler)
+        self._group = trainer.group
         self.initial_lr = trainer.cfg.training.learning_rate
-        self._snapshot(trainer)
+        state = trainer.state
+        self.governor.snapshot(state.global_step, *self._live, state=state.copy(), initial=True)
         log.info("governor.snapshot_memory", bytes=self.governor.last_good.nbytes)
+
+    def propose(self, state: TrainState) -> None:
+        self.governor.propose(state.global_step, *self._live, state=state.copy())
 
     def before_optimizer_step(self) -> None:
         self.governor.wait_for_snapshot()
 
-    def after_step(self, trainer, m) -> None:
-        verdict = self._agreed(trainer, self.governor.check(m.loss, m.grad_norm))
-        if verdict.panic:
-            self._handle_panic(trainer, verdict, m)
-            self.approved = True  # the restored state is the approved snapshot
-            return
-        self.approved = not verdict.anomalous
-        if self.approved and trainer.job_step % self.cfg.snapshot_steps == 0:
-            self._snapshot(trainer)
+    def judge(self, loss: float, grad_norm: float = 0.0, *, final: bool = False,
+              step: int = 0) -> Decision:
+        g = self.governor
+        verdict = self._verdict = self._agreed(g.check(loss, grad_norm))
+        self._step = step
+        if not verdict.anomalous:
+            g.approve()
+            if final:
+                self.final = {"approved": True, "loss": _round(loss)}
+            return Decision(Action.APPROVE, loss)
+        g.discard()
+        if final:
+            return self._settle_final(verdict)
+        if not verdict.panic:
+            return Decision(Action.HOLD, loss, verdict.kind)
+        if g.rollbacks >= self.cfg.max_rollbacks:
+            return Decision(Action.FAIL, loss, verdict.kind,
+                            GovernorGaveUp(self._give_up_reason(verdict, step), g.counts()))
+        return Decision(Action.ROLLBACK, loss, verdict.kind)
 
-    @staticmethod
-    def _agreed(trainer, verdict: Verdict) -> Verdict:
+    def _settle_final(self, verdict: Verdict) -> Decision:
+        """The final weights failed their judgement: back to the last approved state, or fail
+        when that is where the job started."""
+        snap = self.governor.last_good
+        self.final = {"approved": False, "loss": _round(verdict.loss), "kind": verdict.kind,
+                      "rolled_back_to_step": None if snap.initial else snap.step}
+        if snap.initial:
+            return Decision(Action.FAIL, verdict.loss, verdict.kind, GovernorGaveUp(
+                self._nothing_approved_reason(verdict), self.counts()))
+        return Decision(Action.ROLLBACK, verdict.loss, verdict.kind)
+
+    def rollback(self, decision: Decision, state: TrainState) -> TrainState:
+        snap = self.governor.last_good
+        skipped = state.micro_done - snap.state.micro_done if snap.state else 0
+        self.governor.rollback(self._verdict, self._step, *self._live, batches_skipped=skipped)
+        return snap.state.copy() if snap.state else state.copy()
+
+    def _agreed(self, verdict: Verdict) -> Verdict:
         """On several ranks, one rank's panic (or anomaly) is every rank's: all roll back
         together, or none does."""
-        group = getattr(trainer, "group", None)
+        group = self._group
         if group is None or not group.active:
             return verdict
         panic, anomalous = group.max([float(verdict.panic), float(verdict.anomalous)])
@@ -311,30 +422,32 @@ class GovernorGuard:
         return replace(verdict, panic=panic > 0, anomalous=anomalous > 0,
                        kind=verdict.kind or "peer")
 
-    def _snapshot(self, trainer) -> None:
-        self.governor.snapshot(trainer.global_step, trainer.model, trainer.optimizer,
-                               trainer.scheduler, epoch=trainer.position.epoch,
-                               rows_done=trainer.position.rows_done, micro_done=trainer.micro_done,
-                               loss_ewma=trainer.stats.loss_ewma)
+    def _lr(self) -> float:
+        optimizer = self._live[1]
+        return optimizer.param_groups[0]["lr"] if optimizer is not None else float("nan")
 
-    def _handle_panic(self, trainer, verdict: Verdict, m) -> None:
-        g = self.governor
-        lr = trainer.optimizer.param_groups[0]["lr"]
-        if g.rollbacks >= self.cfg.max_rollbacks:
-            raise GovernorGaveUp(self._give_up_reason(verdict, m.step, lr), g.counts())
-        skipped = trainer.micro_done - g.last_good.extra["micro_done"]
-        g.rollback(verdict, m.step, trainer.model, trainer.optimizer, trainer.scheduler,
-                   batches_skipped=skipped)
-        trainer.global_step = g.last_good.step  # weights are from there; data moves on
-        trainer.stats.loss_ewma = g.last_good.extra["loss_ewma"]
-
-    def _give_up_reason(self, verdict: Verdict, step: int, lr: float) -> str:
+    def _give_up_reason(self, verdict: Verdict, step: int) -> str:
         kinds = ", ".join(f"{k} {n}" for k, n in self.governor.panics.items() if n)
         threshold = f", threshold {verdict.threshold:.4g}" if verdict.threshold else ""
         return (f"governor gave up after {self.governor.rollbacks} rollbacks (panics: {kinds}); "
                 f"last: {verdict.kind} at step {step}, loss {verdict.loss:.4g}{threshold}, lr "
-                f"{lr:.3g}. Lower training.learning_rate (it was {self.initial_lr:.3g}), or raise "
-                f"governor.max_rollbacks if the spikes are expected.")
+                f"{self._lr():.3g}. Lower training.learning_rate (it was {self.initial_lr:.3g}), "
+                f"or raise governor.max_rollbacks if the spikes are expected.")
+
+    def _nothing_approved_reason(self, verdict: Verdict) -> str:
+        return (f"governor approved no state of this job: the final weights score loss "
+                f"{verdict.loss:.4g} ({verdict.kind}) on a fixed batch, where a uniform guess "
+                f"scores {self.governor.random_guess_loss:.3g}, and the last approved state is "
+                f"the one the job started from. Nothing was saved: the campaign's latest "
+                f"checkpoint is unchanged. Lower training.learning_rate (it was "
+                f"{self.initial_lr:.3g}).")
 
     def counts(self) -> dict:
-        return self.governor.counts()
+        counts = self.governor.counts()
+        if self.final is not None:
+            counts["final"] = self.final
+        return counts
+
+
+def _round(x: float) -> float | None:
+    return round(x, 6) if math.isfinite(x) else None

@@ -29,7 +29,7 @@ from pathlib import Path
 import structlog
 
 from core import exitcodes
-from core.errors import InputError, RealmError
+from core.errors import InputError
 from core.job import Job
 from core.logsetup import configure
 from core.paths import RealmPaths, resolve_base
@@ -215,8 +215,7 @@ def _rank_log(paths: RealmPaths, job: Job, group):
 
 
 def _run(paths: RealmPaths, job: Job, beat, cli, stop, group) -> int:
-    from trainer.engine import StopRequested, Trainer
-    from trainer.data.reader import DataError
+    from trainer.engine import PERMANENT_FAILURES, StopRequested, Trainer
 
     resolved = None
     record = _record if group.main else (lambda *a, **k: None)  # rank 0 writes the record
@@ -236,8 +235,8 @@ def _run(paths: RealmPaths, job: Job, beat, cli, stop, group) -> int:
         if stopped.checkpoint is not None:
             record(paths, job, stopped=stopped.checkpoint, resolved=resolved)
         return exitcodes.STOPPED
-    except (RealmError, DataError) as exc:
-        record(paths, job, error=str(exc))
+    except PERMANENT_FAILURES as exc:  # bad data or config, the governor: retrying cannot help
+        record(paths, job, error=str(exc), governor=getattr(exc, "counts", None))
         print(f"error: {exc}", file=sys.stderr)
         return exitcodes.PERMANENT
     except MemoryError as exc:
@@ -247,9 +246,6 @@ def _run(paths: RealmPaths, job: Job, beat, cli, stop, group) -> int:
         if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
             record(paths, job, error=f"CUDA out of memory: {exc}")
             return exitcodes.RETRYABLE
-        if type(exc).__name__ in ("NonFiniteLoss", "GovernorGaveUp"):
-            record(paths, job, error=str(exc), governor=getattr(exc, "counts", None))
-            return exitcodes.PERMANENT
         traceback.print_exc()
         record(paths, job, error=f"crashed: {type(exc).__name__}: {exc}")
         return exitcodes.CRASHED

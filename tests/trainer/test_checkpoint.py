@@ -3,21 +3,24 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from trainer.checkpoint import (NonFiniteWeights, apply_retention, clean_incomplete,
-                                complete_checkpoints, latest_checkpoint, save_checkpoint)
+from trainer.checkpoint import (CheckpointExists, NonFiniteWeights, apply_retention,
+                                clean_incomplete, complete_checkpoints, latest_checkpoint,
+                                lineage_head, save_checkpoint, stage_checkpoint)
 
 LOCKED = {"base_model": "random-init:tiny-qwen3", "model_architecture": "Qwen3ForCausalLM",
           "max_context_length": 1024, "vocab_size": 512, "model_version": "tiny-qwen3/c1"}
 
 
-def save(root, step, model, tokenizer):
-    return save_checkpoint(root, step, model, tokenizer, state={"job_id": "j"},
-                           torch_state={"rng_cpu": torch.get_rng_state()}, locked=LOCKED)
+def save(root, step, model, tokenizer, job="j", finished=False, stage=False):
+    writer = stage_checkpoint if stage else save_checkpoint
+    return writer(root, step, model, tokenizer, state={"job_id": job, "job_finished": finished},
+                  torch_state={"rng_cpu": torch.get_rng_state()}, locked=LOCKED)
 
 
 def test_checkpoint_loads_with_from_pretrained_and_same_logits(tmp_path, tiny_model, tokenizer):
@@ -68,8 +71,41 @@ def test_non_finite_weights_are_never_written(tmp_path, tiny_model, tokenizer):
     assert list(tmp_path.iterdir()) == []
 
 
-def test_existing_complete_step_is_not_replaced(tmp_path, tiny_model, tokenizer):
+def test_a_step_folder_is_never_reused_and_a_collision_is_an_error(tmp_path, tiny_model,
+                                                                   tokenizer):
     first = save(tmp_path, 3, tiny_model, tokenizer)
     marker = json.loads((first.path / "COMPLETE").read_text())
-    save(tmp_path, 3, tiny_model, tokenizer)
+    with pytest.raises(CheckpointExists, match="never reused"):
+        save(tmp_path, 3, tiny_model, tokenizer)
+    staged = save(tmp_path, 4, tiny_model, tokenizer, stage=True)
+    shutil.copytree(first.path, tmp_path / "step-4")  # another writer got there first
+    with pytest.raises(CheckpointExists, match="nothing was overwritten"):
+        staged.commit()
     assert json.loads((first.path / "COMPLETE").read_text()) == marker
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith(".")] == [], "temp removed"
+
+
+def test_a_staged_checkpoint_counts_only_once_committed(tmp_path, tiny_model, tokenizer):
+    staged = save(tmp_path, 5, tiny_model, tokenizer, stage=True)
+    assert complete_checkpoints(tmp_path) == []
+    staged.discard()
+    assert list(tmp_path.iterdir()) == []
+    assert save(tmp_path, 5, tiny_model, tokenizer, stage=True).commit().step == 5
+
+
+def test_the_head_is_the_newest_finished_checkpoint(tmp_path, tiny_model, tokenizer):
+    save(tmp_path, 4, tiny_model, tokenizer, job="a", finished=True)
+    save(tmp_path, 6, tiny_model, tokenizer, job="b")  # b's resume point: not the lineage
+    assert lineage_head(tmp_path).step == 4 and latest_checkpoint(tmp_path).step == 6
+    (tmp_path / "step-8").mkdir()
+    (tmp_path / "step-8" / "COMPLETE").write_text("{}")  # no trainer_state.json: unreadable
+    assert lineage_head(tmp_path).step == 4
+
+
+def test_retention_during_a_job_touches_only_that_jobs_resume_points(tmp_path, tiny_model,
+                                                                     tokenizer):
+    save(tmp_path, 1, tiny_model, tokenizer, job="a", finished=True)
+    for step in (2, 3, 4):
+        save(tmp_path, step, tiny_model, tokenizer, job="b")
+    apply_retention(tmp_path, keep_last=1, job_id="b")
+    assert [c.step for c in complete_checkpoints(tmp_path)] == [1, 4]

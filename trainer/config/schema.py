@@ -92,8 +92,11 @@ class GovernorConfig:
     min_panics: int = 3
     """Consecutive anomalous steps before a divergence panic."""
     max_loss_ratio: float = 3.0
-    """A loss above this multiple of ln(vocab) (far worse than guessing uniformly) is anomalous
-    even before min_history: catches a job that diverges from its first steps."""
+    """A loss above this multiple of ln(vocab) (far worse than guessing uniformly) rolls back at
+    once, history or not: catches a job that diverges from its first steps."""
+    spike_factor: float = 4.0
+    """A loss above this multiple of the healthy-loss EWMA (and above divergence_floor) rolls
+    back at once: one catastrophic step is not waited out for min_panics steps."""
     lobotomy_tolerance: float = 0.065
     """Collapse to ln(vocab) +/- tolerance * ln(vocab) counts as lobotomy."""
     lobotomy_healthy_ratio: float = 0.6
@@ -163,7 +166,7 @@ BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "checkpoint.save_steps": (1, None), "checkpoint.keep_last": (1, None),
     "governor.window": (2, None), "governor.min_history": (2, None), "governor.sigma_k": (0, None),
     "governor.multiplier": (1, None), "governor.min_panics": (1, None),
-    "governor.max_loss_ratio": (1, None),
+    "governor.max_loss_ratio": (1, None), "governor.spike_factor": (1, None),
     "governor.lobotomy_tolerance": (0, 1), "governor.lobotomy_healthy_ratio": (0, 1),
     "governor.snapshot_steps": (1, None), "governor.max_rollbacks": (0, None),
     "governor.lr_backoff": (0, 1),
