@@ -33,7 +33,8 @@ from guild.heroes import load_hero_file, shipped_dir  # noqa: E402
 from trainer.config.loader import resolve, Layer  # noqa: E402
 from trainer.data.cache import load_or_build  # noqa: E402
 from trainer.data.packing import IGNORE, collate, pack_rows  # noqa: E402
-from trainer.engine import FiniteGuard, JobSpec, Trainer, pick_device, token_loss_sum  # noqa: E402
+from trainer.engine import JobSpec, Trainer, pick_device, token_loss_sum  # noqa: E402
+from trainer.guard import FiniteGuard  # noqa: E402
 from trainer.governor import GovernorGuard  # noqa: E402
 from trainer.attention import use_packed_attention  # noqa: E402
 from trainer.model import build_byte_tokenizer, load_model  # noqa: E402
@@ -89,28 +90,43 @@ WARMUP = 3  # steps excluded from every measurement (allocator warm-up, first-to
 
 class StepRecorder:
     """Wraps the engine's real guard (the governor, or the plain finite check when it is off)
-    and records (useful tokens, seconds) per optimizer step."""
+    and records (useful tokens, seconds) per optimizer step, the guard's judgement included."""
 
     def __init__(self, inner):
         self.inner = inner
         self.steps: list[tuple[int, float]] = []
+        self.trainer = None
 
-    @property
-    def approved(self) -> bool:
-        return self.inner.approved
+    def start(self, trainer) -> None:
+        self.trainer = trainer
+        self.inner.start(trainer)
 
-    def on_start(self, trainer) -> None:
-        if hasattr(self.inner, "on_start"):
-            self.inner.on_start(trainer)
+    def propose(self, state) -> None:
+        start = time.perf_counter()
+        self.inner.propose(state)  # a snapshot copy: its cost belongs to the step
+        self._add(time.perf_counter() - start)
 
     def before_optimizer_step(self) -> None:
-        if hasattr(self.inner, "before_optimizer_step"):
-            self.inner.before_optimizer_step()
+        self.inner.before_optimizer_step()
 
-    def after_step(self, trainer, m) -> None:
+    def judge(self, loss, grad_norm=0.0, *, final=False, step=0):
         start = time.perf_counter()
-        self.inner.after_step(trainer, m)  # its cost belongs to the step
-        self.steps.append((m.tokens, m.step_latency_ms / 1000 + time.perf_counter() - start))
+        decision = self.inner.judge(loss, grad_norm, final=final, step=step)
+        if not final:
+            m = self.trainer.stats.last
+            self.steps.append((m.tokens, m.step_latency_ms / 1000 + time.perf_counter() - start))
+        return decision
+
+    def _add(self, seconds: float) -> None:
+        if self.steps:
+            tokens, took = self.steps[-1]
+            self.steps[-1] = (tokens, took + seconds)
+
+    def rollback(self, decision, state):
+        return self.inner.rollback(decision, state)
+
+    def counts(self) -> dict:
+        return self.inner.counts()
 
 
 def rate(steps: list[tuple[int, float]]) -> float:

@@ -153,7 +153,8 @@ def test_nan_on_rank_one_rolls_back_every_rank(tmp_path):
                 paths.logs / "jobs" / f"{job.id}.rank1.log"):
         (rollback,) = events(log, "governor.rollback")
         assert rollback["reason"] == "nan" and rollback["step"] == 5
-        assert rollback["snapshot_step"] == 4
+        # state 4 was proposed, but step 5's loss (NaN) judged it: back to approved state 3
+        assert rollback["snapshot_step"] == 3
     # nothing non-finite was written: every checkpoint's weights are finite
     from safetensors.torch import load_file
 
