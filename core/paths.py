@@ -22,12 +22,18 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 def check_name(value: str, what: str) -> str:
-    """Refuse a hero, campaign or job name that could escape its folder (``..``, ``/``, spaces)."""
-    if not _SAFE_NAME.fullmatch(value or "") or ".." in value:
+    """Refuse a hero, campaign or job name that could escape its folder (``..``, ``/``, spaces)
+    or is too long to be a folder name with realm's suffixes."""
+    from core.validate import MAX_NAME_LEN
+
+    if not isinstance(value, str) or not _SAFE_NAME.fullmatch(value) or ".." in value:
         raise UsageError(
             f"{what} {value!r} is not a safe name: use letters, digits, '.', '_' and '-', "
             "starting with a letter or digit (no '/', '..' or spaces)."
         )
+    if len(value) > MAX_NAME_LEN:
+        raise UsageError(f"{what} {value[:20]}... is {len(value)} characters long; at most "
+                         f"{MAX_NAME_LEN} are accepted. Choose a shorter name.")
     return value
 
 
@@ -96,6 +102,33 @@ def init_layout(paths: RealmPaths) -> list[Path]:
             folder.mkdir(parents=True, exist_ok=True)
             created.append(folder)
     return created
+
+
+def layout_problems(paths: RealmPaths) -> list[str]:
+    """Reasons the queue cannot be served safely: an inbox or state folder that is a symlink
+    (it would pull outside files in, or push jobs out) or lies on another file system than
+    ``queue/`` (renames across file systems are copies, not atomic moves)."""
+    problems = []
+    try:
+        queue_dev = os.stat(paths.queue).st_dev
+    except FileNotFoundError:
+        return problems
+    for folder in PRIORITIES + STATE_FOLDERS:
+        path = paths.state_dir(folder)
+        if path.is_symlink():
+            problems.append(f"queue/{folder} is a symlink to {os.readlink(path)}; realm serves "
+                            "only folders inside the realm. Replace it with a real folder "
+                            "(`rm queue/{folder} && realm init`).".replace("{folder}", folder))
+            continue
+        try:
+            st = os.stat(path)
+        except FileNotFoundError:
+            continue
+        if st.st_dev != queue_dev:
+            problems.append(f"queue/{folder} is on another file system than queue/ (a mount "
+                            "point); realm moves jobs by atomic rename, which cannot cross file "
+                            "systems. Unmount it and use a plain folder.")
+    return problems
 
 
 def is_initialised(paths: RealmPaths) -> bool:

@@ -271,7 +271,8 @@ class TrainingQueue:
                           mutate=lambda j: _apply_results(j, results))
 
     def fail(self, job: Job, reason: str, *, retryable: bool = False,
-             max_attempts: int = 3, same_lease: bool = False) -> Job:
+             max_attempts: int = 3, same_lease: bool = False,
+             results: dict | None = None) -> Job:
         """A retryable failure requeues until ``max_attempts``; anything else fails for good.
 
         ``same_lease``: only if the sidecar still holds the lease ``job`` shows (same worker,
@@ -285,6 +286,7 @@ class TrainingQueue:
         guard = lease_unchanged if same_lease else None
 
         def record(j: Job) -> None:
+            _apply_results(j, results or {})
             j.last_error = reason
             if retryable:
                 j.attempts += 1
@@ -302,9 +304,11 @@ class TrainingQueue:
         return self._move(job, JobState.SKIPPED, reason=reason,
                           mutate=lambda j: setattr(j, "last_error", reason))
 
-    def requeue(self, job: Job, reason: str, *, resume: dict | None = None) -> Job:
+    def requeue(self, job: Job, reason: str, *, resume: dict | None = None,
+                results: dict | None = None) -> Job:
         """processing -> queued in the job's own priority folder, keeping its resume point."""
         def keep_resume(j: Job) -> None:
+            _apply_results(j, results or {})
             if resume is not None:
                 j.resume = resume
 

@@ -1,0 +1,161 @@
+"""The validation kit every reader of a user-written file goes through.
+
+Sidecars, config.json, campaign.json, hero YAML and dataset lines are written by people and by
+scripts, and some of them by attackers: each is read with a size bound, without following a
+symlink or blocking on a special file, parsed with a depth bound, and its numbers checked to be
+finite and in range. Every refusal is an ``InputError`` whose message says what, where and how to
+fix it. Torch-free: the daemon, ``queue status`` and the child all use it.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import stat
+from pathlib import Path
+from typing import Any
+
+from core.errors import InputError
+
+MAX_SIDECAR_BYTES = 1 << 20
+"""A sidecar, campaign.json or config.json larger than this is refused (realm writes < 64 KiB)."""
+MAX_DEPTH = 32
+"""Deepest nesting of objects and lists accepted in any user-written JSON or YAML."""
+MAX_NAME_LEN = 64
+"""Longest hero, campaign or job name (they become folder names and parts of file names)."""
+MAX_FILE_NAME_BYTES = 200
+"""Longest dataset file name in bytes: realm adds ``.job.json`` and temporary suffixes to it and
+the file system's limit is 255 bytes."""
+MAX_INT = 2**53
+"""Largest integer accepted in a config value (beyond it JSON readers lose precision)."""
+
+
+def read_regular(path: Path, max_bytes: int, what: str) -> bytes:
+    """Read a small regular file: never follows a symlink, never blocks on a FIFO or device,
+    refuses anything larger than ``max_bytes``. FileNotFoundError passes through."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        if os.path.islink(path):
+            raise InputError(f"{path}: {what} is a symlink; realm reads only regular files it "
+                             "can own. Replace it with a copy of the file.") from None
+        raise InputError(f"{path}: cannot open {what} ({exc.strerror}).") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(f"{path}: {what} is {kind_of(st.st_mode)}, not a regular file; "
+                             "remove it and write a regular file.")
+        if st.st_size > max_bytes:
+            raise InputError(f"{path}: {what} is {st.st_size:,} bytes, over the limit of "
+                             f"{max_bytes:,}; a {what} holds a few fields, not data.")
+        data = os.read(fd, max_bytes + 1)
+        while len(data) <= max_bytes:
+            more = os.read(fd, max_bytes + 1 - len(data))
+            if not more:
+                break
+            data += more
+        if len(data) > max_bytes:
+            raise InputError(f"{path}: {what} grew past {max_bytes:,} bytes while read.")
+        return data
+    finally:
+        os.close(fd)
+
+
+def kind_of(mode: int) -> str:
+    for test, name in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+                       (stat.S_ISSOCK, "a socket"), (stat.S_ISCHR, "a character device"),
+                       (stat.S_ISBLK, "a block device"), (stat.S_ISLNK, "a symlink")):
+        if test(mode):
+            return name
+    return "not a regular file"
+
+
+def parse_json(text: str | bytes, source: str, *, max_depth: int = MAX_DEPTH) -> Any:
+    """``json.loads`` with a depth bound and finite numbers only; errors name file:line:col."""
+    if isinstance(text, bytes):
+        try:
+            text = text.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise InputError(f"{source}: not UTF-8 text (byte {exc.start}: {exc.reason}); "
+                             "write it as UTF-8 JSON.") from None
+    depth = nesting_depth(text)
+    if depth > max_depth:
+        raise InputError(f"{source}: JSON nested {depth} deep; at most {max_depth} levels are "
+                         "accepted. Flatten it.")
+    try:
+        return json.loads(text, parse_constant=_refuse_constant)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{source}:{exc.lineno}:{exc.colno}: invalid JSON ({exc.msg}); fix "
+                         "the file.") from None
+    except _NonFinite as exc:
+        raise InputError(f"{source}: {exc} is not a JSON number; write a finite number.") \
+            from None
+    except RecursionError:
+        raise InputError(f"{source}: JSON nested too deep to parse; flatten it.") from None
+
+
+class _NonFinite(ValueError):
+    pass
+
+
+def _refuse_constant(name: str) -> Any:
+    raise _NonFinite(name)
+
+
+def nesting_depth(text: str) -> int:
+    """Deepest bracket nesting outside strings: a linear scan, so a 100,000-deep document costs
+    a pass over its bytes, never a RecursionError."""
+    depth = deepest = 0
+    in_string = escaped = False
+    for ch in text:
+        if in_string:
+            if escaped:
+                escaped = False
+            elif ch == "\\":
+                escaped = True
+            elif ch == '"':
+                in_string = False
+        elif ch == '"':
+            in_string = True
+        elif ch in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif ch in "]}":
+            depth -= 1
+    return deepest
+
+
+def read_json_file(path: Path, what: str, *, max_bytes: int = MAX_SIDECAR_BYTES) -> Any:
+    """A user-written JSON file, bounded in size and depth (see ``read_regular``)."""
+    return parse_json(read_regular(path, max_bytes, what), str(path))
+
+
+def finite_number(value: Any, key: str) -> str | None:
+    """A problem message when ``value`` is a NaN/Infinity or an integer past ``MAX_INT``."""
+    if isinstance(value, bool):
+        return None
+    if isinstance(value, float) and not math.isfinite(value):
+        return f"{key} is {value!r}; write a finite number"
+    if isinstance(value, int) and abs(value) > MAX_INT:
+        return f"{key} is {value}, larger than {MAX_INT:,}; write a smaller number"
+    return None
+
+
+def check_file_name(name: str, where: str) -> str | None:
+    """A problem message when a dataset file name cannot be a realm job name: not valid UTF-8
+    (it could not be shown or recorded) or too long to carry realm's suffixes."""
+    try:
+        raw = name.encode("utf-8")
+    except UnicodeEncodeError:
+        shown = name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        return (f"{where}/{shown}: the file name is not valid UTF-8; rename it (realm records "
+                "names in JSON, which holds text only)")
+    if len(raw) > MAX_FILE_NAME_BYTES:
+        return (f"{where}/{name[:40]}...: the file name is {len(raw)} bytes; at most "
+                f"{MAX_FILE_NAME_BYTES} are accepted (realm adds .job.json to it). Rename it.")
+    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+        return (f"{where}/{name!r}: the file name holds control characters; rename it")
+    return None
