@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import math
 
 from core.errors import UsageError
 from core.paths import RealmPaths, is_initialised, resolve_base
@@ -32,9 +34,47 @@ def add_common_flags(parser) -> None:
                         help="override any config key, e.g. training.learning_rate=1e-4")
 
 
-def cli_layer_from(args):
+MAX_SET_CHARS = 10_000
+"""Longest ``--set KEY=VALUE`` item accepted (a config value is a number, a word or a short list)."""
+
+
+def parse_sets_checked(items: list[str] | None) -> dict:
+    """``core.overrides.parse_sets`` after bounding each item's length and nesting, so a hostile
+    ``--set k=[[[[...`` is a usage error, not a RecursionError."""
     from core.overrides import parse_sets
+    from core.validate import MAX_DEPTH, nesting_depth
+
+    for item in items or []:
+        if len(item) > MAX_SET_CHARS:
+            raise UsageError(f"--set {item[:40]}...: {len(item):,} characters, at most "
+                             f"{MAX_SET_CHARS:,} are accepted; give a shorter value.")
+        if nesting_depth(item.partition("=")[2]) > MAX_DEPTH or item.count(".") > MAX_DEPTH:
+            raise UsageError(f"--set {item[:40]}...: nested more than {MAX_DEPTH} levels; config "
+                             "values are numbers, words or short lists.")
+    return parse_sets(items)
+
+
+def cli_layer_from(args):
     from trainer.config.loader import FLAG_KEYS, cli_layer
 
     flags = {name: getattr(args, name, None) for name in FLAG_KEYS}
-    return cli_layer(flags, parse_sets(args.set), args.set or [])
+    return cli_layer(flags, parse_sets_checked(args.set), args.set or [])
+
+
+def positive_seconds(flag: str, maximum: float = 7 * 24 * 3600.0):
+    """An argparse ``type`` for a duration flag: a finite number in (0, maximum] (a week by
+    default, ``trainer.config.schema.MAX_SECONDS``); anything else is refused at parse time
+    (exit 2) naming the flag."""
+
+    def parse(text: str) -> float:
+        try:
+            value = float(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{flag} {text!r} is not a number of seconds; "
+                                             f"give one such as {flag} 5") from None
+        if not math.isfinite(value) or not 0 < value <= maximum:
+            raise argparse.ArgumentTypeError(f"{flag} {text}: must be more than 0 and at most "
+                                             f"{maximum:g} seconds; give one such as {flag} 5")
+        return value
+
+    return parse

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from core.cli_common import add_common_flags, realm_paths
+from core.cli_common import add_common_flags, cli_layer_from, positive_seconds, realm_paths
 
 
 def _flag_args(args) -> list[str]:
@@ -44,7 +44,10 @@ def cmd_daemon(args) -> int:
         return 0
     from core.daemon_lock import DeviceSet
 
-    config = resolve_for(paths).config
+    # The daemon's own settings come from the same layers `config show --set` reports, command
+    # line included; resolving them also validates the training layers every child will resolve
+    # (a typo or a NaN in --set), so a bad command line exits 2 before any job is claimed.
+    config = resolve_for(paths, cli=cli_layer_from(args)).config
     DeviceSet.parse(args.devices or config.daemon.devices)  # a bad set is refused before anything
     stream = _open_daemon_log(paths, config.logging.level)
     try:
@@ -53,9 +56,11 @@ def cmd_daemon(args) -> int:
                          keep_last=config.checkpoint.keep_last).run()
     finally:
         stream.close()
+    left = f"; {summary.left_queued} job(s) left queued: not claiming: {summary.guard}" \
+        if summary.guard and summary.left_queued else ""
     print(f"daemon stopped: {len(summary.completed)} completed, {len(summary.failed)} failed, "
-          f"{len(summary.requeued)} requeued")
-    return 1 if args.once and summary.failed else 0
+          f"{len(summary.requeued)} requeued{left}")
+    return 3 if left else 1 if args.once and summary.failed else 0  # 3: exitcodes.ONCE_LEFT_QUEUED
 
 
 DEMO_OVERRIDES = {"training": {"epochs": 20, "learning_rate": 3e-3, "warmup_steps": 10},
@@ -146,7 +151,7 @@ def cmd_demo(args) -> int:
 def add_parsers(sub) -> None:
     p = sub.add_parser("daemon", help="train queued jobs, one child process per job")
     p.add_argument("--once", action="store_true", help="drain the queue, then exit")
-    p.add_argument("--poll", type=float, metavar="SECONDS", default=None,
+    p.add_argument("--poll", type=positive_seconds("--poll"), metavar="SECONDS", default=None,
                    help="rescan every SECONDS instead of watching (network file systems)")
     p.add_argument("--devices", default=None,
                    help="device set this daemon serves: cpu, cpu:N (N processes per job on CPU, "

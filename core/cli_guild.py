@@ -17,16 +17,21 @@ CONFIG_SCHEMA = 1
 # --- heroes ---------------------------------------------------------------------------------
 
 def cmd_hero_list(args) -> int:
-    from guild.heroes import hero_files, load_hero_file
+    """Good heroes, then each hero file that cannot be loaded with its reason (exit 0: one bad
+    file must not hide the others; `hero show NAME` fails with the same reason)."""
+    from guild.heroes import list_heroes
 
-    paths = realm_paths(args, must_exist=False)
-    rows = [load_hero_file(p).summary() for p in hero_files(paths).values()]
+    heroes, problems = list_heroes(realm_paths(args, must_exist=False))
+    rows = [h.summary() for h in heroes]
     if args.json:
-        print_json({"schema": CONFIG_SCHEMA, "heroes": rows})
+        print_json({"schema": CONFIG_SCHEMA, "heroes": rows,
+                    "problems": [p.summary() for p in problems]})
         return 0
     for r in rows:
         print(f"{r['id']:<16} {r['architecture']:<20} vocab {r['vocab_size']:<7} "
               f"context {r['context_length']:<6} {r['weights']}")
+    for p in problems:
+        print(f"problem: hero {p.id} ({p.source}) cannot be loaded: {p.reason}")
     return 0
 
 
@@ -39,19 +44,22 @@ def cmd_hero_show(args) -> int:
                     "model_config": hero.model.config, "tokenizer": hero.tokenizer,
                     "chat": hero.chat, "training_defaults": hero.training_defaults})
         return 0
+    from core.validate import read_regular
+    from trainer.config.sources import MAX_YAML_BYTES
+
     print(f"# {hero.source}")
-    print(hero.source.read_text(), end="")
+    print(read_regular(hero.source, MAX_YAML_BYTES, "hero profile").decode("utf-8"), end="")
     return 0
 
 
 # --- campaigns ------------------------------------------------------------------------------
 
 def cmd_campaign_create(args) -> int:
-    from core.overrides import parse_sets
+    from core.cli_common import parse_sets_checked
     from guild.campaigns import create_campaign
 
     campaign = create_campaign(realm_paths(args), args.name, args.hero,
-                               overrides=parse_sets(args.set), description=args.description or "",
+                               overrides=parse_sets_checked(args.set), description=args.description or "",
                                activate_it=not args.no_activate)
     state = "active" if not args.no_activate else "not activated"
     print(f"created campaign {campaign.ref} ({state}); config {campaign.config_hash[:19]}, "

@@ -57,13 +57,26 @@ def cmd_queue_show(args) -> int:
     return 0
 
 
+def _check_overrides(overrides: dict) -> None:
+    """Refuse bad ``--set`` overrides before anything is copied: unknown keys, types, NaN and
+    Infinity, bounds. Rules that need the hero (data.max_length) are checked when it trains."""
+    from core.errors import ConfigError
+    from trainer.config.loader import Layer, check_values
+
+    problems = check_values(Layer("job", "--set", overrides))
+    if problems:
+        raise ConfigError(problems[:-1] + [problems[-1] + " Nothing was queued."])
+
+
 def cmd_queue_add(args) -> int:
-    from core.overrides import parse_sets
+    from core.cli_common import parse_sets_checked
 
     for value, what in ((args.hero, "--hero"), (args.campaign, "--campaign")):
         if value is not None:
-            check_name(value, what)
-    overrides = parse_sets(args.set)
+            for part in value.split("/", 1) if what == "--campaign" else [value]:
+                check_name(part, what)
+    overrides = parse_sets_checked(args.set)
+    _check_overrides(overrides)
     job = _queue(args).add(Path(args.file), priority=args.priority, hero_id=args.hero,
                            campaign_id=args.campaign, overrides=overrides)
     print(f"queued {job.id} as {job.dataset_path} ({job.num_examples} examples, "

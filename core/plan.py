@@ -23,6 +23,11 @@ KEY_SETTINGS = ("training.learning_rate", "training.micro_batch_size", "training
                 "training.epochs", "training.max_steps", "data.max_length")
 
 
+_REPORTED = (RealmError, OSError, ValueError, RecursionError)
+"""What the plan reports as a problem instead of failing: it never trains, so every refusal is
+information (a config error, an unreadable file)."""
+
+
 def _entries(queue: TrainingQueue, problems: list) -> list[tuple[str, Path, Job | None]]:
     """(priority, dataset path, adopted job or None) in claim order."""
     out = []
@@ -77,7 +82,7 @@ def _plan_row(paths: RealmPaths, priority: str, path: Path, job: Job | None, cli
                            "problems": _first_line_problems(path)}
     try:
         resolved = resolve_for(paths, job=record, cli=cli)
-    except RealmError as exc:
+    except _REPORTED as exc:
         row["problems"].append(str(exc))
         return row
     t, d = resolved.config.training, resolved.config.data
@@ -105,9 +110,10 @@ def build_plan(paths: RealmPaths, cli_args=None) -> dict[str, Any]:
     throughput = _throughput(queue)
     devices = getattr(cli_args, "devices", None)
     try:
-        device_set = DeviceSet.parse(devices or resolve_for(paths).config.daemon.devices)
-    except RealmError as exc:
-        problems.append({"path": "--devices", "problem": str(exc)})
+        device_set = DeviceSet.parse(devices or resolve_for(paths, cli=cli).config.daemon.devices)
+    except _REPORTED as exc:
+        where = "--devices" if devices else "config"
+        problems.append({"path": where, "problem": str(exc)})
         device_set = DeviceSet("cpu", 1, "")
     rows = [_plan_row(paths, p, path, job, cli, throughput, device_set.ranks)
             for p, path, job in _entries(queue, problems)]

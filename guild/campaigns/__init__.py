@@ -9,6 +9,7 @@ leaves the first campaign untouched.
 from __future__ import annotations
 
 import difflib
+import os
 import secrets
 import shutil
 import subprocess
@@ -21,7 +22,7 @@ from core.fsutil import rename_noreplace, write_json_atomic
 from core.job import utc_now
 from core.paths import RealmPaths, check_name
 from trainer.config.locked import LOCKED_FIELDS
-from trainer.config.sources import load_json
+from trainer.config.sources import load_json_object
 
 CAMPAIGN_SCHEMA = 1
 _FIELDS = {"schema", "name", "hero_id", "description", "created_at", "status", "overrides",
@@ -70,9 +71,8 @@ def code_version() -> str | None:
 
 
 def read_campaign(path: Path) -> Campaign:
-    data = load_json(path)
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: campaign.json must be a JSON object.")
+    """A campaign.json, read through the validation kit (bounded, never a symlink or FIFO)."""
+    data = load_json_object(path, "campaign.json", '{"name": ..., "hero_id": ..., "overrides": {}}')
     problems = []
     stray = {k: v for k, v in data.items() if k not in _FIELDS}
     for key in stray:
@@ -82,9 +82,14 @@ def read_campaign(path: Path) -> Campaign:
             problems.append(f"{path}: unknown key '{key}'{hint}.")
     if not isinstance(data.get("overrides", {}), dict):
         problems.append(f"{path}: 'overrides' must be an object.")
-    for key in ("name", "hero_id"):
+    for key, what in (("name", "campaign"), ("hero_id", "hero")):
         if not isinstance(data.get(key), str):
-            problems.append(f"{path}: missing or invalid '{key}'.")
+            problems.append(f"{path}: missing or invalid '{key}' (a string naming the {what}).")
+            continue
+        try:
+            check_name(data[key], key)
+        except UsageError as exc:
+            problems.append(f"{path}: {exc}")
     if problems:
         raise ConfigError(problems)
     known = {k: v for k, v in data.items() if k in _FIELDS and k != "schema"}
@@ -102,14 +107,17 @@ def list_campaigns(paths: RealmPaths) -> list[Campaign]:
 
 def active_ref(paths: RealmPaths) -> str | None:
     pointer = paths.campaigns / "active.json"
-    if not pointer.exists():
+    if not os.path.lexists(pointer):
         return None
-    data = load_json(pointer)
+    fix = "fix it or run `realm campaign activate HERO/NAME`"
+    data = load_json_object(pointer, "active.json", '{"hero_id": ..., "campaign": ...}')
     try:
         return f"{check_name(data['hero_id'], 'hero')}/{check_name(data['campaign'], 'campaign')}"
-    except (KeyError, TypeError, UsageError):
-        raise ConfigError(f"{pointer}: expected {{\"hero_id\": ..., \"campaign\": ...}}; fix it "
-                          "or run `realm campaign activate HERO/NAME`.") from None
+    except (KeyError, TypeError):
+        raise ConfigError(f"{pointer}: expected {{\"hero_id\": ..., \"campaign\": ...}}; "
+                          f"{fix}.") from None
+    except UsageError as exc:
+        raise ConfigError(f"{pointer}: {exc} Then {fix}.") from None
 
 
 def find_campaign(paths: RealmPaths, ref: str | None = None) -> Campaign:
@@ -125,7 +133,8 @@ def find_campaign(paths: RealmPaths, ref: str | None = None) -> Campaign:
             raise UsageError(f"no campaign '{ref}' ({path} does not exist); "
                              "`realm campaign list` shows the campaigns.")
         return read_campaign(path)
-    matches = [c for c in list_campaigns(paths) if c.name == check_name(ref, "campaign")]
+    check_name(ref, "campaign")
+    matches = [c for c in list_campaigns(paths) if c.name == ref]
     if len(matches) != 1:
         what = "no campaign" if not matches else f"{len(matches)} campaigns"
         raise UsageError(f"{what} named '{ref}'; give it as HERO/NAME "

@@ -3,7 +3,9 @@
 A hero is ``configs/heroes/<id>.yaml`` in the realm, or one of the profiles shipped inside this
 package (``guild/heroes/profiles/``, installed into a realm by ``realm init``). A realm's own file
 wins over the shipped one of the same id. Files are read with ``yaml.safe_load`` and validated;
-every error names the file, the line and the key path.
+every error names the file, the line and the key path. Files are read through the validation kit
+(bounded size, no symlink, no FIFO; anchors, depth and numbers checked: see
+``trainer.config.sources``); ``list_heroes`` keeps one bad file from hiding the good ones.
 """
 
 from __future__ import annotations
@@ -15,9 +17,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
-from core.errors import ConfigError, UsageError
+from core.errors import ConfigError, RealmError, UsageError
 from core.paths import RealmPaths, check_name
-from trainer.config.sources import load_yaml, where
+from trainer.config.sources import load_yaml, number_problems, where
 
 DEFAULT_HERO = "tiny-qwen3"
 
@@ -108,7 +110,13 @@ def _validate(data: Any, path: Path, lines: dict) -> list[str]:
         if isinstance(data.get(section), dict):
             _check_keys(data[section], schema, f"{section}.", path, lines, problems)
     problems += [f"{path}: missing required key '{k}'." for k in _REQUIRED if _get(data, k) is None]
+    problems += number_problems(data, path, lines)
     model = data.get("model") if isinstance(data.get("model"), dict) else {}
+    for key in ("vocab_size", "context_length"):
+        value = model.get(key)
+        if _is(value, int) and value < 1:
+            problems.append(f"{where(path, lines, 'model.' + key)}: 'model.{key}' must be at "
+                            f"least 1, got {value}.")
     if model and model.get("init") == "random" and not model.get("config"):
         problems.append(f"{where(path, lines, 'model.init')}: 'model.init: random' needs "
                         "'model.config' (the architecture's config keys).")
@@ -157,6 +165,33 @@ def load_hero(paths: RealmPaths | None, hero_id: str) -> HeroProfile:
         raise UsageError(f"unknown hero '{hero_id}'; known heroes: {', '.join(sorted(files))}."
                          f"{hint} Add configs/heroes/{hero_id}.yaml to define it.")
     return load_hero_file(files[hero_id])
+
+
+@dataclass(frozen=True)
+class HeroProblem:
+    """A hero file that cannot be loaded, listed beside the good heroes."""
+
+    id: str
+    source: Path
+    reason: str
+
+    def summary(self) -> dict[str, Any]:
+        return {"id": self.id, "source": str(self.source), "problem": self.reason}
+
+
+def list_heroes(paths: RealmPaths | None) -> tuple[list[HeroProfile], list[HeroProblem]]:
+    """Every known hero, and every hero file that cannot be loaded with the reason why."""
+    heroes, problems = [], []
+    for hero_id, path in hero_files(paths).items():
+        shown = hero_id.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+        try:
+            check_name(hero_id, "hero file name")
+            heroes.append(load_hero_file(path))
+        except RealmError as exc:
+            reason = str(exc).encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            problems.append(HeroProblem(shown, Path(str(path).encode(
+                "utf-8", "surrogateescape").decode("utf-8", "replace")), reason))
+    return heroes, problems
 
 
 def install_shipped(paths: RealmPaths) -> list[Path]:

@@ -8,7 +8,8 @@
     6 cli       command-line flags, then --set a.b=c (a flag not given overrides nothing)
 
 Unknown keys get a did-you-mean, types are checked (strings from --set or YAML are parsed),
-bounds and cross-field rules are checked, and every problem of one resolution is reported in one
+NaN, Infinity and integers past ``core.validate.MAX_INT`` are refused in every layer, bounds and
+cross-field rules are checked, and every problem of one resolution is reported in one
 ConfigError. No layer may set a locked field: ``build_locked_config`` alone produces ``locked``.
 """
 
@@ -22,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.errors import ConfigError
+from core.validate import MAX_DEPTH, finite_number
 from trainer.config.locked import LOCKED_FIELDS, build_locked_config
 from trainer.config.schema import BOUNDS, SECTIONS, FieldSpec, RealmConfig, field_specs, \
     from_flat, to_nested
@@ -95,7 +97,7 @@ class Resolved:
 
 def flatten(values: Any, prefix: str = "") -> list[tuple[str, Any]]:
     """Nested and dotted keys alike -> [(dotted key, leaf value)]."""
-    if not isinstance(values, dict):
+    if not isinstance(values, dict) or prefix.count(".") >= MAX_DEPTH:
         return [(prefix, values)]
     out = []
     for key, value in values.items():
@@ -137,13 +139,16 @@ def coerce(spec: FieldSpec, value: Any) -> tuple[bool, Any]:
         return False, _EXPECTED[kind]
     if kind is int:
         if isinstance(value, str) and _INT.fullmatch(value.strip()):
-            return True, int(value)
+            try:
+                return True, int(value)
+            except ValueError:  # more digits than Python converts: far past MAX_INT anyway
+                return False, "an integer of at most 16 digits"
         return (True, value) if isinstance(value, int) else (False, "an integer")
     if kind is float:
         try:
             return (True, float(value)) if isinstance(value, (int, float, str)) else (False, "")
-        except ValueError:
-            return False, "a number"
+        except (ValueError, OverflowError):
+            return False, "a finite number"
     return (True, value) if isinstance(value, kind) else (False, _EXPECTED.get(kind, str(kind)))
 
 
@@ -153,6 +158,10 @@ _EXPECTED = {int: "an integer", float: "a number", str: "a string", bool: "true 
 def check_layer(layer: Layer) -> tuple[dict[str, Any], list[str]]:
     """Typed dotted values of one layer, and its problems (each naming key and source)."""
     typed, problems = {}, []
+    if not isinstance(layer.values, dict):
+        return {}, [f"the {layer.name} layer ({layer.source}) must be an object of config keys "
+                    f"such as {{\"training\": {{\"epochs\": 2}}}}, got "
+                    f"{type(layer.values).__name__} {_short(layer.values)}; rewrite it."]
     for key, value in flatten(layer.values):
         parts = key.split(".")
         if parts[0] == "locked" or parts[-1] in LOCKED_FIELDS:
@@ -164,12 +173,29 @@ def check_layer(layer: Layer) -> tuple[dict[str, Any], list[str]]:
             problems.append(f"{_unknown(key)}, set by the {layer.name} layer ({layer.where(key)}).")
         else:
             ok, result = coerce(SPECS[key], value)
-            if ok:
+            bad_number = finite_number(value, key) or (ok and finite_number(result, key))
+            if bad_number:
+                problems.append(f"{bad_number} (from the {layer.name} layer, "
+                                f"{layer.where(key)}).")
+            elif ok:
                 typed[key] = result
             else:
                 problems.append(f"{key}: expected {result or _EXPECTED[SPECS[key].type]}, got "
                                 f"{value!r} (from the {layer.name} layer, {layer.where(key)}).")
     return typed, problems
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def check_values(layer: Layer) -> list[str]:
+    """Problems of one layer on its own: unknown keys, types, non-finite numbers and the bounds
+    of the keys it sets (cross-field rules need every layer and the hero: the resolver's)."""
+    typed, problems = check_layer(layer)
+    provenance = {k: (layer.name, layer.where(k)) for k in typed}
+    return problems + _check_bounds(typed, provenance)
 
 
 # --- all layers --------------------------------------------------------------------------------
@@ -201,10 +227,11 @@ def _origin(key: str, provenance: dict) -> str:
 def _check_bounds(values: dict, provenance: dict) -> list[str]:
     problems = []
     for key, (low, high) in BOUNDS.items():
-        value = values[key]
+        value = values.get(key)
         if value is None:
             continue
-        if (low is not None and value < low) or (high is not None and value > high):
+        # written as "not within" so that a NaN, were one ever to get here, fails the check
+        if not ((low is None or value >= low) and (high is None or value <= high)):
             rng = f"at least {low}" if high is None else f"between {low} and {high}"
             problems.append(f"{key}: must be {rng}, got {value} ({_origin(key, provenance)}).")
     return problems

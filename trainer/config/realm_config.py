@@ -7,14 +7,16 @@ on the command line, then the active campaign, then the embedded default hero ``
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
+from core.errors import ConfigError, RealmError, UsageError
 from core.job import Job
-from core.paths import RealmPaths
+from core.paths import RealmPaths, check_name
 from guild.campaigns import Campaign, active_ref, find_campaign
 from guild.heroes import DEFAULT_HERO, HeroProfile, load_hero
 from trainer.config.loader import Layer, Resolved, check_layer, resolve
-from trainer.config.sources import load_json
+from trainer.config.sources import load_json_object
 
 
 def _rel(paths: RealmPaths, path: Path | None) -> str:
@@ -35,9 +37,10 @@ def campaign_layer(paths: RealmPaths, campaign: Campaign) -> Layer:
 
 def realm_layer(paths: RealmPaths) -> Layer | None:
     path = paths.base / "config.json"
-    if not path.exists():
+    if not os.path.lexists(path):
         return None
-    return Layer("realm", _rel(paths, path), load_json(path))
+    values = load_json_object(path, "realm config.json", '{"training": {"epochs": 2}}')
+    return Layer("realm", _rel(paths, path), values)
 
 
 def job_layer(paths: RealmPaths, job: Job) -> Layer:
@@ -45,8 +48,28 @@ def job_layer(paths: RealmPaths, job: Job) -> Layer:
     return Layer("job", _rel(paths, sidecar), job.overrides)
 
 
+def _check_job_names(paths: RealmPaths, job: Job) -> None:
+    """A sidecar's hero_id / campaign_id must be safe names before they become paths: a
+    300-character one is refused naming the sidecar, never an ENAMETOOLONG from the OS."""
+    for field_name in ("hero_id", "campaign_id"):
+        value = getattr(job, field_name)
+        if value is None:
+            continue
+        parts = value.split("/", 1) if isinstance(value, str) and field_name == "campaign_id" \
+            else [value]
+        try:
+            for part in parts:
+                check_name(part, field_name)
+        except UsageError as exc:
+            sidecar = f"{job.dataset_path}.job.json"
+            raise ConfigError(f"{sidecar}: {exc} Fix {field_name} in the sidecar (or remove it "
+                              "to use the active campaign).") from None
+
+
 def _choose(paths: RealmPaths, hero_id: str | None, campaign: Campaign | str | None,
             job: Job | None) -> tuple[HeroProfile, Campaign | None]:
+    if job is not None:
+        _check_job_names(paths, job)
     if job is not None and job.campaign_id:
         ref = job.campaign_id if "/" in job.campaign_id or not job.hero_id else \
             f"{job.hero_id}/{job.campaign_id}"
@@ -59,8 +82,6 @@ def _choose(paths: RealmPaths, hero_id: str | None, campaign: Campaign | str | N
         campaign = find_campaign(paths)
     if campaign is not None:
         if hero_id and hero_id != campaign.hero_id:
-            from core.errors import UsageError
-
             raise UsageError(f"hero '{hero_id}' does not match campaign '{campaign.ref}' (hero "
                              f"'{campaign.hero_id}'); name one or the other.")
         hero_id = campaign.hero_id
@@ -77,14 +98,12 @@ class CampaignOf:
         self._memo: dict[tuple[str | None, str | None], str | None] = {}
 
     def __call__(self, job: Job) -> str | None:
-        key = (job.campaign_id, job.hero_id)
+        key = (repr(job.campaign_id)[:200], repr(job.hero_id)[:200])
         if key not in self._memo:
-            from core.errors import RealmError
-
             try:
                 chosen = _choose(self.paths, None, None, job)[1]
-            except RealmError:
-                chosen = None
+            except (RealmError, OSError, ValueError, TypeError, RecursionError):
+                chosen = None  # one job's bad sidecar never stops the caller: its child says why
             self._memo[key] = chosen.ref if chosen else None
         return self._memo[key]
 
@@ -92,6 +111,7 @@ class CampaignOf:
 def resolve_for(paths: RealmPaths, *, hero_id: str | None = None,
                 campaign: Campaign | str | None = None, job: Job | None = None,
                 cli: Layer | None = None) -> Resolved:
+    """Resolve the six layers for a job (or, without one, for the command line alone)."""
     hero, chosen = _choose(paths, hero_id, campaign, job)
     layers = [hero_layer(paths, hero)]
     if chosen is not None:

@@ -154,28 +154,38 @@ class RealmConfig:
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
-# (minimum, maximum) inclusive; None means unbounded.
+MAX_SEED = 2**32 - 1
+"""Seeds are in [0, 2**32 - 1]: the range every RNG realm seeds (Python, NumPy, torch) accepts."""
+MAX_SECONDS = 7 * 24 * 3600.0
+"""Longest duration any ``*_seconds``/timeout/interval key accepts (a week): longer values are
+typos, and sleeps and timers refuse unbounded ones."""
+MAX_GB = 1_000_000.0
+"""Largest free-space/free-memory guard (a petabyte-scale typo is refused, not waited on)."""
+
+# (minimum, maximum) inclusive; None means unbounded. Every int and float key is listed (a test
+# checks it); NaN and Infinity are refused before bounds, integers past core.validate.MAX_INT too.
 BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "training.micro_batch_size": (1, None), "training.grad_accum": (1, None),
     "training.learning_rate": (0, None), "training.weight_decay": (0, None),
     "training.adam_beta1": (0, 1), "training.adam_beta2": (0, 1),
     "training.warmup_steps": (0, None), "training.min_lr_ratio": (0, 1),
     "training.epochs": (1, None), "training.max_steps": (1, None),
-    "training.max_grad_norm": (0, None), "training.seed": (0, None),
+    "training.max_grad_norm": (0, None), "training.seed": (0, MAX_SEED),
     "data.max_length": (8, None), "data.max_bad_fraction": (0, 1), "data.val_fraction": (0, 0.5),
     "checkpoint.save_steps": (1, None), "checkpoint.keep_last": (1, None),
     "governor.window": (2, None), "governor.min_history": (2, None), "governor.sigma_k": (0, None),
-    "governor.multiplier": (1, None), "governor.min_panics": (1, None),
+    "governor.multiplier": (1, None), "governor.divergence_floor": (0, None),
+    "governor.min_panics": (1, None),
     "governor.max_loss_ratio": (1, None), "governor.spike_factor": (1, None),
     "governor.lobotomy_tolerance": (0, 1), "governor.lobotomy_healthy_ratio": (0, 1),
     "governor.snapshot_steps": (1, None), "governor.max_rollbacks": (0, None),
     "governor.lr_backoff": (0, 1),
-    "daemon.settle_seconds": (0, None), "daemon.poll_interval": (0.05, None),
-    "daemon.max_attempts": (1, None), "daemon.heartbeat_seconds": (0.05, None),
-    "daemon.lease_seconds": (0.1, None), "daemon.job_timeout": (1, None),
-    "daemon.stop_grace_seconds": (0, None), "daemon.min_free_disk_gb": (0, None),
-    "daemon.min_free_memory_gb": (0, None),
-    "logging.log_every_steps": (1, None), "logging.status_every_seconds": (0, None),
+    "daemon.settle_seconds": (0, MAX_SECONDS), "daemon.poll_interval": (0.05, MAX_SECONDS),
+    "daemon.max_attempts": (1, None), "daemon.heartbeat_seconds": (0.05, MAX_SECONDS),
+    "daemon.lease_seconds": (0.1, MAX_SECONDS), "daemon.job_timeout": (1, MAX_SECONDS),
+    "daemon.stop_grace_seconds": (0, MAX_SECONDS), "daemon.min_free_disk_gb": (0, MAX_GB),
+    "daemon.min_free_memory_gb": (0, MAX_GB),
+    "logging.log_every_steps": (1, None), "logging.status_every_seconds": (0, MAX_SECONDS),
 }
 
 
