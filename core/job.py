@@ -18,7 +18,8 @@ from datetime import datetime, timezone
 from enum import Enum
 from typing import Any, Optional
 
-from core.errors import IllegalTransition, SidecarError
+from core.errors import IllegalTransition, SidecarError, UsageError
+from core.paths import check_name
 
 SCHEMA_VERSION = 1
 
@@ -36,9 +37,11 @@ class JobState(str, Enum):
 
 
 # The only table of legal moves. processing -> queued is a warm stop or crash recovery and keeps
-# priority and resume point; failed/skipped/cancelled -> queued is `realm queue retry`.
+# priority and resume point; failed/skipped/cancelled -> queued is `realm queue retry`;
+# queued -> failed is a queued record whose dataset vanished (it can never train).
 ALLOWED: dict[JobState, frozenset[JobState]] = {
-    JobState.QUEUED: frozenset({JobState.PROCESSING, JobState.SKIPPED, JobState.CANCELLED}),
+    JobState.QUEUED: frozenset({JobState.PROCESSING, JobState.SKIPPED, JobState.CANCELLED,
+                                JobState.FAILED}),
     JobState.PROCESSING: frozenset(
         {JobState.COMPLETED, JobState.FAILED, JobState.SKIPPED, JobState.QUEUED, JobState.CANCELLED}
     ),
@@ -78,6 +81,8 @@ class Job:
     status: JobState = JobState.QUEUED
     dataset_sha256: Optional[str] = None
     num_bytes: Optional[int] = None
+    dataset_mtime_ns: Optional[int] = None
+    """The dataset's mtime when it was hashed: a change after adoption is noticed at claim."""
     num_examples: Optional[int] = None
     estimated_tokens: Optional[int] = None
     hero_id: Optional[str] = None
@@ -113,7 +118,12 @@ class Job:
 
     @classmethod
     def from_dict(cls, data: Any, *, source: str = "<sidecar>") -> "Job":
-        """Build a Job from sidecar JSON; every problem is reported at once, naming the field."""
+        """Build a Job from sidecar JSON; every problem is reported at once, naming the field.
+
+        The ``seal`` realm adds to the records it writes is dropped here, unchecked: whether a
+        record may be trusted is decided where realm acts on it (``core.sidecar.RealmKey``)."""
+        if isinstance(data, dict):
+            data = {k: v for k, v in data.items() if k != "seal"}
         values = _validated(data, source)
         missing = [n for n in ("id", "dataset_path", "dataset_name") if n not in values]
         if missing:
@@ -232,4 +242,15 @@ def check_user_sidecar(data: Any, source: str) -> dict[str, Any]:
             f"{source}: field(s) {', '.join(system)} are set by realm, not by hand; a sidecar "
             f"written before adoption may hold only {', '.join(sorted(USER_FIELDS - {'schema'}))}."
         )
+    for name in ("hero_id", "campaign_id"):
+        value = values.get(name)
+        if value is None:
+            continue
+        # a campaign may be named HERO/NAME; each part must be a safe name
+        parts = value.split("/", 1) if name == "campaign_id" else [value]
+        try:
+            for part in parts:
+                check_name(part, f"field {name!r}")
+        except UsageError as exc:
+            raise SidecarError(f"{source}: {exc}") from None
     return values

@@ -81,6 +81,16 @@ class RealmPaths:
     def heroes(self) -> Path:
         return self.base / "configs" / "heroes"
 
+    def queue_entry(self, rel: str) -> Path:
+        """The dataset a record names (``queue/<folder>/<name>.jsonl``), refused unless it lies
+        directly in one of the queue's folders: realm renames only its own files."""
+        parts = Path(str(rel)).parts
+        if len(parts) != 3 or parts[0] != "queue" or parts[1] not in PRIORITIES + STATE_FOLDERS \
+                or not parts[2].endswith(DATASET_SUFFIX) or parts[2].startswith("."):
+            raise UsageError(f"dataset_path {str(rel)[:200]!r} is not a dataset in this realm's "
+                             "queue (queue/<folder>/<name>.jsonl); realm moves only its own files.")
+        return self.base.joinpath(*parts)
+
     def relative(self, path: Path) -> str:
         """``path`` relative to the realm when inside it (how sidecars store paths)."""
         try:

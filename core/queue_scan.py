@@ -9,15 +9,16 @@ atomic rename (a new inode), so a cached parse is never stale for a file realm w
 from __future__ import annotations
 
 import hashlib
-import json
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
-from core.errors import SidecarError
+from core.errors import InputError, SidecarError
 from core.job import Job, JobState, check_user_sidecar
 from core.paths import DATASET_SUFFIX, PRIORITIES, SIDECAR_SUFFIX, RealmPaths
+from core.sidecar import SEAL_FIELD, RealmKey, read_sidecar_json
+from core.validate import check_file_name, kind_of
 
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".swp")
 SYMLINK_REFUSAL = (
@@ -47,80 +48,85 @@ class Listing:
 
 
 def scan_folder(paths: RealmPaths, folder: str) -> Listing:
-    """One pass over a folder; DirEntry type checks use d_type, so no stat per file."""
+    """One pass over a folder; DirEntry type checks use d_type, so no stat per file.
+
+    Anything named like a sidecar is listed as one whatever it is (a directory, a FIFO, a
+    symlink): reading it then refuses it, so its dataset is blocked rather than adopted over it.
+    A dataset must be a regular file with a name realm can record.
+    """
     listing = Listing(folder)
     try:
         entries = list(os.scandir(paths.state_dir(folder)))
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):
         return listing
     sidecars, datasets, cut = listing.sidecars, listing.datasets, -len(SIDECAR_SUFFIX)
     for entry in entries:
         name = entry.name
         if name[0] == "." or name.endswith(IGNORED_SUFFIXES):
             continue
-        if entry.is_file(follow_symlinks=False):
-            if name.endswith(SIDECAR_SUFFIX):
-                sidecars[name[:cut]] = entry
-                continue
-            if name.endswith(DATASET_SUFFIX):
-                datasets[name] = entry
-                continue
-        rel = f"queue/{folder}/{name}"
+        rel = f"queue/{folder}/{shown(name)}"
+        if (bad_name := check_file_name(name.removesuffix(SIDECAR_SUFFIX), f"queue/{folder}")):
+            listing.problems.append({"path": rel, "problem": bad_name})
+            continue
+        if name.endswith(SIDECAR_SUFFIX):
+            sidecars[name[:cut]] = entry
+            continue
+        if entry.is_file(follow_symlinks=False) and name.endswith(DATASET_SUFFIX):
+            datasets[name] = entry
+            continue
         problem = SYMLINK_REFUSAL if entry.is_symlink() else \
             "not a .jsonl dataset or .job.json sidecar; ignored"
         listing.problems.append({"path": rel, "problem": problem})
     return listing
 
 
-def read_sidecar_json(path: Path) -> Any:
-    """Parse a sidecar; bad JSON becomes a SidecarError naming file, line and column."""
-    try:
-        text = Path(path).read_text(encoding="utf-8")
-    except UnicodeDecodeError as exc:
-        raise SidecarError(f"{path}: not UTF-8 text ({exc.reason}); rewrite it as JSON.") from None
-    try:
-        return json.loads(text)
-    except json.JSONDecodeError as exc:
-        raise SidecarError(
-            f"{path}:{exc.lineno}:{exc.colno}: invalid JSON ({exc.msg}); fix the file or delete it "
-            "to let realm write a fresh sidecar."
-        ) from None
+def shown(name: str) -> str:
+    """A file name as text that can always be printed and stored (undecodable bytes become
+    U+FFFD)."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 class SidecarCache:
-    """Parsed sidecars keyed by (path, inode); parse errors are cached too."""
+    """Parsed sidecars keyed by (path, inode). Only sealed records are cached: realm writes every
+    sidecar by atomic rename (a new inode), so such a parse is never stale. A person's sidecar
+    or a refused one is read again on every scan, so a fix made in place is seen at once."""
 
-    def __init__(self) -> None:
-        self._parsed: dict[tuple[str, int], Job | dict | SidecarError] = {}
+    def __init__(self, key: RealmKey) -> None:
+        self.key = key
+        self._parsed: dict[tuple[str, int], Job] = {}
 
     def load(self, entry: os.DirEntry) -> Job | dict | None:
         """A Job for an adopted sidecar, a dict for one a person wrote before adoption, None if
-        it has been moved away since the folder was listed."""
-        key = (entry.path, entry.inode())
-        hit = self._parsed.get(key)
-        if hit is None:
-            try:
-                hit = self._parse(Path(entry.path))
-            except FileNotFoundError:  # moved by another process since the listing
-                return None
-            self._parsed[key] = hit
-        if isinstance(hit, SidecarError):
-            raise hit
-        return hit
-
-    @staticmethod
-    def _parse(path: Path) -> Job | dict | SidecarError:
+        it has been moved away since the folder was listed. SidecarError when refused."""
         try:
-            data = read_sidecar_json(path)
-            if isinstance(data, dict) and "id" not in data:
-                return check_user_sidecar(data, str(path))
-            return Job.from_dict(data, source=str(path))
-        except SidecarError as exc:
-            return exc
+            key = (entry.path, entry.inode())
+        except FileNotFoundError:
+            return None
+        hit = self._parsed.get(key)
+        if hit is not None:
+            return hit
+        try:
+            parsed = parse_sidecar(Path(entry.path), self.key)
+        except FileNotFoundError:  # moved by another process since the listing
+            return None
+        if isinstance(parsed, Job):
+            self._parsed[key] = parsed
+        return parsed
 
     def forget(self, path: str) -> None:
         for key in [k for k in self._parsed if k[0] == path]:
             del self._parsed[key]
+
+
+def parse_sidecar(path: Path, key: RealmKey) -> Job | dict:
+    """A sealed realm record as a Job, or a person's pre-adoption fields as a dict."""
+    data = read_sidecar_json(path)
+    if isinstance(data, dict) and "id" not in data and SEAL_FIELD not in data:
+        return check_user_sidecar(data, str(path))
+    if not isinstance(data, dict):
+        raise SidecarError(f"{path}: a sidecar must be a JSON object, got "
+                           f"{type(data).__name__}.")
+    return Job.from_dict(key.verify(data, str(path)), source=str(path))
 
 
 @dataclass
@@ -131,12 +137,34 @@ class Digest:
 
 
 def digest_file(path: Path) -> Digest:
-    """sha256, size and non-blank line count in one streaming pass (memory: one line)."""
+    """sha256, size and line count in one streaming pass over 1 MiB blocks (memory: one block,
+    whatever the line lengths). Never follows a symlink or blocks on a FIFO: InputError for
+    anything that is not a regular file."""
     sha = hashlib.sha256()
     size = lines = 0
-    with open(path, "rb") as fh:
-        for line in fh:
-            sha.update(line)
-            size += len(line)
-            lines += bool(line.strip())
-    return Digest(sha.hexdigest(), size, lines)
+    open_line_has_text = False  # the line that runs on past the current block
+    with open_regular(path) as fh:
+        while block := fh.read(1 << 20):
+            sha.update(block)
+            size += len(block)
+            *ended, rest = block.split(b"\n")
+            for i, part in enumerate(ended):
+                lines += bool(part.strip()) or (i == 0 and open_line_has_text)
+            open_line_has_text = bool(rest.strip()) or (not ended and open_line_has_text)
+    return Digest(sha.hexdigest(), size, lines + open_line_has_text)
+
+
+def open_regular(path: Path):
+    """Open a dataset for reading: no symlink, no FIFO or device (InputError), no blocking."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if isinstance(exc, FileNotFoundError):
+            raise
+        raise InputError(f"{path}: cannot open the dataset ({exc.strerror}); it must be a "
+                         "regular file, not a symlink.") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
+        os.close(fd)
+        raise InputError(f"{path}: the dataset is {kind_of(st.st_mode)}, not a regular file.")
+    return os.fdopen(fd, "rb")

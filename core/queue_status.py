@@ -22,10 +22,9 @@ def _recent(queue: TrainingQueue, folder: str, limit: int, problems: list) -> li
     """The ``limit`` newest jobs of a folder, by sidecar mtime (no need to read them all)."""
     listing = queue.listing(folder)
     stamped = []
-    for name, entry in listing.sidecars.items():
+    for entry in listing.sidecars.values():  # a record whose dataset vanished counts too
         try:
-            if name in listing.datasets:
-                stamped.append((entry.stat().st_mtime_ns, entry))
+            stamped.append((entry.stat(follow_symlinks=False).st_mtime_ns, entry))
         except FileNotFoundError:
             continue  # moved on since the listing
     newest = [e for _, e in sorted(stamped, key=lambda x: x[0], reverse=True)[:limit]]
@@ -46,7 +45,7 @@ def _counts(queue: TrainingQueue, problems: list) -> tuple[dict, dict, int]:
     for folder in STATE_FOLDERS:
         listing = queue.listing(folder)
         problems.extend(listing.problems)
-        counts[folder] = sum(1 for n in listing.datasets if n in listing.sidecars)
+        counts[folder] = len(listing.sidecars)
     return counts, by_priority, waiting
 
 

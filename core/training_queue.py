@@ -21,9 +21,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
 
-from core.errors import ClaimLost, JobNotFound, SidecarError, UsageError
+import structlog
+
+from core.errors import ClaimLost, InputError, JobNotFound, SidecarError, UsageError
 from core.fsutil import host_name, locked, rename_noreplace, unique_name, write_json_atomic
-from core.job import Job, JobState, check_user_sidecar, new_job_id, transition, utc_now
+from core.job import TERMINAL, Job, JobState, check_user_sidecar, new_job_id, transition, utc_now
 from core.job_ledger import JobLedger
 from core.paths import (
     DATASET_SUFFIX,
@@ -38,16 +40,21 @@ from core.queue_scan import (
     SidecarCache,
     digest_file,
     folder_state,
+    parse_sidecar,
     read_sidecar_json,
     scan_folder,
+    shown,
 )
 from core.settle import Settler
+from core.sidecar import RealmKey, sidecar_of
+from core.validate import check_file_name
+
+log = structlog.get_logger("realm.queue")
 
 BYTES_PER_TOKEN_ESTIMATE = 4  # refined per hero tokenizer once heroes exist (issue 3)
 
 
-def _sidecar(path: Path) -> Path:
-    return path.with_name(path.name + SIDECAR_SUFFIX)
+_sidecar = sidecar_of
 
 
 def worker_identity() -> dict:
@@ -62,7 +69,8 @@ class TrainingQueue:
         self.paths = RealmPaths(resolve_base(base))
         self.settler = settler or Settler(settle_seconds)
         self.ledger = JobLedger(self.paths.ledger)
-        self.cache = SidecarCache()
+        self.key = RealmKey(self.paths)
+        self.cache = SidecarCache(self.key)
 
     # --- reading ---------------------------------------------------------------------------
 
@@ -91,6 +99,15 @@ class TrainingQueue:
                 split.new.append((name, loaded))
             else:
                 split.blocked.append(name)
+        for name in set(listing.sidecars) - set(listing.datasets):
+            loaded = self._load(listing.sidecars[name], problems)
+            if isinstance(loaded, Job) and state is not JobState.QUEUED:
+                # its dataset vanished (deleted during training, or a move a crash cut short):
+                # the record stays visible where it is
+                loaded.status = state
+                split.jobs.append(loaded)
+            elif isinstance(loaded, Job):
+                split.orphans.append(name)
         if problems is not None:
             problems.extend(listing.problems)
         return split
@@ -100,8 +117,15 @@ class TrainingQueue:
             return self.cache.load(entry)
         except SidecarError as exc:
             if problems is not None:
-                rel = self.paths.relative(Path(entry.path))
-                problems.append({"path": rel, "problem": str(exc).replace(entry.path, rel)})
+                rel = shown(self.paths.relative(Path(entry.path)))
+                problem = str(exc).replace(shown(entry.path), rel)
+                folder = Path(entry.path).parent.name
+                if folder not in PRIORITIES:
+                    problem += (f" Do not delete it: in queue/{folder}/ the sidecar is the job's "
+                                "record; logs/jobs.jsonl holds its history.")
+                else:
+                    problem += " (Deleting it makes realm adopt the dataset as a new job.)"
+                problems.append({"path": rel, "problem": problem})
             return None
 
     def queued(self, problems: list | None = None) -> list[Job]:
@@ -156,8 +180,8 @@ class TrainingQueue:
                 if self.settler.is_settled(str(path), st.st_size, st.st_mtime_ns):
                     try:
                         digest = digest_file(path)  # outside the lock: may be slow
-                    except FileNotFoundError:
-                        continue  # claimed or moved by another process meanwhile
+                    except (FileNotFoundError, InputError):
+                        continue  # moved meanwhile, or replaced by something not a file
                     candidates.append((priority, name, st, user, digest))
         if not candidates:
             return []
@@ -166,10 +190,19 @@ class TrainingQueue:
             # A dataset without a sidecar may be the second half of a move a crash interrupted:
             # finish such moves before treating anything as new.
             self._repair_locked()
-            adopted = [job for c in candidates if (job := self._adopt_locked(*c, discovered_at))]
+            adopted = [job for c in candidates if (job := self._adopt_one(c, discovered_at))]
         for priority in {c[0] for c in candidates}:  # adopted here or by another process
             splits[priority] = self._split(self.listing(priority))
         return adopted
+
+    def _adopt_one(self, candidate: tuple, discovered_at: str) -> Job | None:
+        """Adopt one file; a file that cannot be adopted is logged and left, never fatal."""
+        try:
+            return self._adopt_locked(*candidate, discovered_at)
+        except OSError as exc:
+            log.warning("queue.adopt_failed", path=f"queue/{candidate[0]}/{candidate[1]}",
+                        error=str(exc))
+            return None
 
     def _adopt_locked(self, priority, name, st, user, digest, discovered_at) -> Job | None:
         path = self.paths.state_dir(priority) / name
@@ -190,7 +223,8 @@ class TrainingQueue:
         elif user:
             return None
         job = self._new_job(path, priority, digest, discovered_at, user)
-        write_json_atomic(sidecar, job.to_dict(), replace=bool(user))
+        job.dataset_mtime_ns = st.st_mtime_ns
+        self._write_sidecar(sidecar, job, replace=bool(user))
         self.ledger.append(job, job.history[-1])
         self.settler.forget(str(path))
         return job
@@ -226,6 +260,8 @@ class TrainingQueue:
         if not source.name.endswith(DATASET_SUFFIX) or source.name.startswith("."):
             raise UsageError(f"{source}: datasets must be visible .jsonl files; rename it to "
                              f"end in .jsonl.")
+        if (bad := check_file_name(source.name, str(source.parent))):
+            raise UsageError(f"{bad}.")
         inbox = self.paths.state_dir(priority)
         tmp = inbox / f".{source.name}.{os.getpid()}.part"
         shutil.copyfile(source, tmp)
@@ -237,9 +273,10 @@ class TrainingQueue:
             final = inbox / name
             user = {"hero_id": hero_id, "campaign_id": campaign_id, "overrides": overrides or {}}
             job = self._new_job(final, priority, digest, utc_now(), user)
+            job.dataset_mtime_ns = os.stat(tmp).st_mtime_ns
             job.history[-1]["reason"] = f"added by realm queue add from {source}"
             # Sidecar first: a dataset never sits in an inbox without its record.
-            write_json_atomic(_sidecar(final), job.to_dict(), replace=False)
+            self._write_sidecar(_sidecar(final), job, replace=False)
             rename_noreplace(tmp, final)
             self.ledger.append(job, job.history[-1])
         return job
@@ -251,11 +288,16 @@ class TrainingQueue:
         """Adopt what is new, then claim the first queued job; None when the queue is empty.
         Jobs for which ``defer`` says True are taken only when no other job is queued."""
         splits = {p: self._split(self.listing(p)) for p in PRIORITIES}  # one scan, two uses
+        if any(split.orphans for split in splits.values()):
+            self.repair_half_moves()
+            splits = {p: self._split(self.listing(p)) for p in PRIORITIES}
         self.adopt_new(splits)
         for skip in ([defer, None] if defer is not None else [None]):
             for priority in PRIORITIES:
                 for job in _claim_candidates(splits[priority].jobs):
                     if skip is not None and skip(job):
+                        continue
+                    if not self._unchanged_since_adoption(job):
                         continue
                     try:
                         return self._move(job, JobState.PROCESSING,
@@ -263,6 +305,9 @@ class TrainingQueue:
                                           mutate=lambda j: _stamp_worker(j, worker))
                     except ClaimLost:
                         continue  # another process won this one: take the next
+                    except SidecarError:  # changed in place since it was cached: re-read later
+                        self.cache.forget(str(_sidecar(self.paths.base / job.dataset_path)))
+                        continue
         return None
 
     def complete(self, job: Job, *, reason: str = "training finished", **results) -> Job:
@@ -334,44 +379,107 @@ class TrainingQueue:
     def rewrite(self, job: Job, mutate: Callable[[Job], None]) -> Job:
         """Read-modify-write a job's sidecar in place (heartbeats, progress), under the lock."""
         with self._locked():
-            fresh = self._fresh(job)
+            fresh = self._fresh(job, restore=True)
             mutate(fresh)
-            write_json_atomic(_sidecar(self.paths.base / fresh.dataset_path), fresh.to_dict())
+            self._write_sidecar(_sidecar(self.paths.queue_entry(fresh.dataset_path)), fresh)
             return fresh
 
-    def _fresh(self, job: Job) -> Job:
-        """The job as its sidecar says now; ClaimLost if it is no longer where ``job`` says."""
-        path = self.paths.base / job.dataset_path
+    def _fresh(self, job: Job, *, restore: bool = False) -> Job:
+        """The job as its sidecar says now; ClaimLost if it is no longer where ``job`` says.
+
+        ``restore``: the caller's ``job`` is the record realm last wrote (the daemon holding a
+        lease): a sidecar someone overwrote with garbage is rewritten from it instead of failing.
+        """
+        path = self.paths.queue_entry(job.dataset_path)
         try:
-            data = read_sidecar_json(_sidecar(path))
+            fresh = parse_sidecar(_sidecar(path), self.key)
         except FileNotFoundError:
             raise ClaimLost(job.id) from None
-        fresh = Job.from_dict(data, source=str(_sidecar(path)))
-        if fresh.id != job.id or not path.is_file():
+        except SidecarError as exc:
+            if not restore:
+                raise
+            log.warning("sidecar.restored", job_id=job.id, problem=str(exc))
+            fresh = Job.from_dict(job.to_dict())
+        if not isinstance(fresh, Job) or fresh.id != job.id:
             raise ClaimLost(job.id)
         fresh.status = folder_state(path.parent.name)
         return fresh
+
+    def _write_sidecar(self, path: Path, job: Job, *, replace: bool = True) -> None:
+        write_json_atomic(path, self.key.sealed(job.to_dict()), replace=replace)
+
+    def _unchanged_since_adoption(self, job: Job) -> bool:
+        """False (and the record refreshed once the file settles again) when the dataset's size
+        or mtime differ from what was hashed: a file replaced or still being appended to is
+        never trained under the old hash."""
+        path = self.paths.queue_entry(job.dataset_path)
+        try:
+            st = os.stat(path, follow_symlinks=False)
+        except FileNotFoundError:
+            return False
+        recorded = (job.num_bytes, job.dataset_mtime_ns or st.st_mtime_ns)
+        if (st.st_size, st.st_mtime_ns) == recorded:
+            return True
+        return self.settler.is_settled(str(path), st.st_size, st.st_mtime_ns) and \
+            self._readopt(job, path, st)
+
+    def _readopt(self, job: Job, path: Path, st: os.stat_result) -> bool:
+        """Hash the changed file again and record it; True when the record now matches."""
+        try:
+            digest = digest_file(path)
+        except (FileNotFoundError, InputError):
+            return False
+        before = job.num_bytes
+
+        def refresh(j: Job) -> None:
+            if os.stat(path, follow_symlinks=False).st_mtime_ns != st.st_mtime_ns:
+                raise ClaimLost(f"{j.id}: changed again while hashed")
+            j.dataset_sha256, j.num_bytes, j.num_examples = (digest.sha256, digest.num_bytes,
+                                                             digest.num_examples)
+            j.estimated_tokens = math.ceil(digest.num_bytes / BYTES_PER_TOKEN_ESTIMATE)
+            j.dataset_mtime_ns = st.st_mtime_ns
+            j.history.append({"from": "queued", "to": "queued", "at": utc_now(),
+                              "reason": f"re-adopted: the dataset changed after adoption "
+                                        f"({before} -> {digest.num_bytes} bytes); hashed again"})
+
+        try:
+            self.rewrite(job, refresh)
+        except (ClaimLost, FileNotFoundError):
+            return False
+        self.settler.forget(str(path))
+        return True
 
     def _move(self, job: Job, to: JobState, *, reason: str,
               mutate: Callable[[Job], None] | None = None,
               guard: Callable[[Job], None] | None = None) -> Job:
         with self._locked():
-            fresh = self._fresh(job)
+            fresh = self._fresh(job, restore=to is not JobState.PROCESSING)
             if guard:
                 guard(fresh)  # may refuse (ClaimLost) before anything changes
+            src = self.paths.queue_entry(fresh.dataset_path)
+            vanished = not os.path.lexists(src)
+            if vanished:  # deleted under us: the record moves alone and stays visible
+                if to is JobState.PROCESSING:
+                    raise ClaimLost(f"{job.id}: its dataset {fresh.dataset_path} is gone")
+                reason += f" (its dataset {fresh.dataset_path} vanished: the record moved alone)"
+                if to is JobState.QUEUED:
+                    to, reason = JobState.FAILED, f"{reason}; it cannot be queued again"
             entry = transition(fresh, to, reason=reason)  # raises before anything moves
             if mutate:
                 mutate(fresh)
-            src = self.paths.base / fresh.dataset_path
+            if vanished and to is JobState.FAILED:
+                fresh.last_error = reason
             folder = fresh.priority if to is JobState.QUEUED else to.value
             dst = self._move_pair(src, self.paths.state_dir(folder))
             fresh.dataset_path = self.paths.relative(dst)
-            write_json_atomic(_sidecar(dst), fresh.to_dict())
+            self._write_sidecar(_sidecar(dst), fresh)
             self.ledger.append(fresh, entry)
             return fresh
 
     def _move_pair(self, src: Path, dst_dir: Path) -> Path:
-        """Sidecar first (it is the record and the claim), then the dataset; never overwrite."""
+        """Sidecar first (it is the record and the claim), then the dataset; never overwrite.
+        A missing destination folder is made again (someone removed ``queue/processing``)."""
+        dst_dir.mkdir(parents=True, exist_ok=True)
         for _ in range(100):
             dst = dst_dir / unique_name(dst_dir, src.name)
             try:
@@ -380,7 +488,8 @@ class TrainingQueue:
                 continue  # someone dropped that name just now: pick the next suffix
             except FileNotFoundError:
                 raise ClaimLost(str(src)) from None
-            rename_noreplace(src, dst)
+            with contextlib.suppress(FileNotFoundError):  # a vanished dataset: record alone
+                rename_noreplace(src, dst)
             return dst
         raise RuntimeError(f"could not find a free name for {src.name} in {dst_dir}")
 
@@ -409,17 +518,41 @@ class TrainingQueue:
         return repaired
 
     def _repair_one(self, sidecar: Path, name: str) -> str | None:
+        """Only a sealed record is trusted, and only to move a file inside the queue."""
         try:
-            data = read_sidecar_json(sidecar)
-        except (SidecarError, FileNotFoundError):
+            job = parse_sidecar(sidecar, self.key)
+            old = self.paths.queue_entry(job.dataset_path) if isinstance(job, Job) else None
+        except (SidecarError, UsageError, FileNotFoundError):
             return None
-        old = self.paths.base / str(data.get("dataset_path", "")) if isinstance(data, dict) \
-            else None
-        if not old or not old.is_file() or os.path.lexists(_sidecar(old)) \
-                or old == sidecar.parent / name:
+        here = sidecar.parent / name
+        if not isinstance(job, Job) or os.path.lexists(here):
             return None
-        rename_noreplace(old, sidecar.parent / name)
-        return str(sidecar.parent / name)
+        if old == here or os.path.lexists(_sidecar(old)) or os.path.islink(old) \
+                or not os.path.isfile(old):
+            return self._orphaned(here, job)
+        rename_noreplace(old, here)
+        if here.parent.name == "processing" and job.status is not JobState.PROCESSING:
+            # a claim cut between its two renames never started training: undo it
+            back = self._move_pair(here, self.paths.state_dir(job.priority))
+            job.dataset_path = self.paths.relative(back)
+            self._write_sidecar(_sidecar(back), job)
+            return str(back)
+        return str(here)
+
+    def _orphaned(self, here: Path, job: Job) -> str | None:
+        """A queued record whose dataset is nowhere: fail it visibly (it can never train).
+        Records in other folders stay where they are (a processing one belongs to its owner)."""
+        if here.parent.name not in PRIORITIES:
+            return None
+        reason = f"its dataset {job.dataset_path} vanished while it was queued"
+        job.status = JobState.QUEUED
+        entry = transition(job, JobState.FAILED, reason=reason)
+        job.last_error = reason
+        dst = self._move_pair(here, self.paths.state_dir("failed"))
+        job.dataset_path = self.paths.relative(dst)
+        self._write_sidecar(_sidecar(dst), job)
+        self.ledger.append(job, entry)
+        return str(dst)
 
 
 @dataclass
@@ -427,6 +560,8 @@ class _Split:
     jobs: list[Job] = field(default_factory=list)
     new: list[tuple[str, dict]] = field(default_factory=list)
     blocked: list[str] = field(default_factory=list)
+    orphans: list[str] = field(default_factory=list)
+    """Adopted records whose dataset is not beside them (a cut move, or a deleted file)."""
 
 
 def _order_key(job: Job) -> tuple:

@@ -193,11 +193,14 @@ def test_crash_between_the_two_renames_is_repaired(realm, queue):
                      realm.state_dir("processing") / "a.jsonl.job.json")
     drop(realm, "low", "trigger.jsonl")
     assert [j.dataset_name for j in queue.adopt_new()] == ["trigger.jsonl"]  # lock -> repair
-    assert (realm.state_dir("processing") / "a.jsonl").is_file()
-    assert not (realm.state_dir("normal") / "a.jsonl").exists()
-    assert [j.id for j in queue.jobs_in("processing")] == [job.id]
-    assert [j.dataset_name for j in drain(queue)] == ["trigger.jsonl"], \
-        "the half-moved dataset was not adopted a second time"
+    # the claim never finished (its record still says queued): undone, the pair is back
+    assert (realm.state_dir("normal") / "a.jsonl").is_file()
+    assert (realm.state_dir("normal") / "a.jsonl.job.json").is_file()
+    assert list(realm.state_dir("processing").iterdir()) == []
+    assert [j.id for j in queue.jobs_in("normal")] == [job.id]
+    claimed = drain(queue)
+    assert [j.dataset_name for j in claimed] == ["a.jsonl", "trigger.jsonl"]
+    assert claimed[0].id == job.id, "the half-moved dataset was adopted a second time"
 
 
 def test_deferred_jobs_are_claimed_only_when_nothing_else_is_queued(realm, queue):
