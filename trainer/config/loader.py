@@ -23,10 +23,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from core.errors import ConfigError
-from core.validate import MAX_DEPTH, finite_number
+from core.validate import MAX_DEPTH
 from trainer.config.locked import LOCKED_FIELDS, build_locked_config
 from trainer.config.schema import BOUNDS, SECTIONS, FieldSpec, RealmConfig, field_specs, \
     from_flat, to_nested
+from trainer.config.sources import number_problem
 
 LAYERS = ("schema", "hero", "campaign", "realm", "job", "cli")
 SPECS = field_specs()
@@ -173,7 +174,7 @@ def check_layer(layer: Layer) -> tuple[dict[str, Any], list[str]]:
             problems.append(f"{_unknown(key)}, set by the {layer.name} layer ({layer.where(key)}).")
         else:
             ok, result = coerce(SPECS[key], value)
-            bad_number = finite_number(value, key) or (ok and finite_number(result, key))
+            bad_number = number_problem(value, key) or (ok and number_problem(result, key))
             if bad_number:
                 problems.append(f"{bad_number} (from the {layer.name} layer, "
                                 f"{layer.where(key)}).")
@@ -181,7 +182,8 @@ def check_layer(layer: Layer) -> tuple[dict[str, Any], list[str]]:
                 typed[key] = result
             else:
                 problems.append(f"{key}: expected {result or _EXPECTED[SPECS[key].type]}, got "
-                                f"{value!r} (from the {layer.name} layer, {layer.where(key)}).")
+                                f"{_short(value)} (from the {layer.name} layer, "
+                                f"{layer.where(key)}).")
     return typed, problems
 
 

@@ -16,8 +16,8 @@ from typing import Any
 import yaml
 
 from core.errors import ConfigError, InputError
-from core.validate import MAX_DEPTH, MAX_SIDECAR_BYTES, finite_number, read_json_file, \
-    read_regular
+from core.validate import MAX_DEPTH, MAX_INT, MAX_SIDECAR_BYTES, finite_number, \
+    read_json_file, read_regular
 
 MAX_YAML_BYTES = 1 << 20
 """A hero profile larger than this is refused (the shipped ones are under 2 KiB)."""
@@ -135,6 +135,9 @@ def load_json(path: Path, what: str = "config file") -> Any:
         raise ConfigError(f"{path}: {what} does not exist.") from None
     except InputError as exc:
         raise ConfigError(str(exc)) from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise ConfigError(f"{path}: {what} holds a value that cannot be read ({exc}); write a "
+                          "smaller number.") from None
 
 
 def load_json_object(path: Path, what: str, example: str) -> dict:
@@ -158,8 +161,18 @@ def number_problems(data: Any, path: Path | str, lines: dict[str, int],
     if isinstance(data, list):
         return [p for i, v in enumerate(data)
                 for p in number_problems(v, path, lines, f"{key}[{i}]")]
-    message = finite_number(data, key or "value")
+    message = number_problem(data, key or "value")
     return [f"{where(path, lines, key)}: {message}."] if message else []
+
+
+def number_problem(value: Any, key: str) -> str | None:
+    """``core.validate.finite_number``'s message, an integer of many digits described rather
+    than printed."""
+    if isinstance(value, int) and not isinstance(value, bool) and value.bit_length() > 1000:
+        digits = int(value.bit_length() * 0.30103) + 1
+        return (f"{key} is an integer of about {digits} digits, larger than {MAX_INT:,}; "
+                "write a smaller number")
+    return finite_number(value, key)
 
 
 def where(path: Path | str, lines: dict[str, int], key: str) -> str:
