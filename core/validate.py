@@ -86,7 +86,7 @@ def parse_json(text: str | bytes, source: str, *, max_depth: int = MAX_DEPTH) ->
         raise InputError(f"{source}: JSON nested {depth} deep; at most {max_depth} levels are "
                          "accepted. Flatten it.")
     try:
-        return json.loads(text, parse_constant=_refuse_constant)
+        return json.loads(text, parse_constant=_refuse_constant, parse_float=_finite_float)
     except json.JSONDecodeError as exc:
         raise InputError(f"{source}:{exc.lineno}:{exc.colno}: invalid JSON ({exc.msg}); fix "
                          "the file.") from None
@@ -103,6 +103,13 @@ class _NonFinite(ValueError):
 
 def _refuse_constant(name: str) -> Any:
     raise _NonFinite(name)
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 parses to inf
+        raise _NonFinite(text[:40])
+    return value
 
 
 def nesting_depth(text: str) -> int:
