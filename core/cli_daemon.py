@@ -9,16 +9,16 @@ from core.cli_common import add_common_flags, cli_layer_from, positive_seconds, 
 
 
 def _flag_args(args) -> list[str]:
-    """Pass the cli layer (flags given, --set) on to every training child."""
+    """Pass the cli layer (flags given, --set) on to every training child, as ``--flag=value``
+    so that a value starting with '-' is never read as an option by the child's parser."""
     from trainer.config.loader import FLAG_KEYS
 
     out = []
     for flag in FLAG_KEYS:
         value = getattr(args, flag, None)
         if value is not None:
-            out += ["--" + flag.replace("_", "-"), str(value)]
-    for item in args.set or []:
-        out += ["--set", item]
+            out.append(f"--{flag.replace('_', '-')}={value}")
+    out += [f"--set={item}" for item in args.set or []]
     return out
 
 

@@ -68,20 +68,30 @@ def cmd_campaign_create(args) -> int:
 
 
 def cmd_campaign_list(args) -> int:
-    from guild.campaigns import active_ref, list_campaigns
+    from core.errors import ConfigError
+    from guild.campaigns import active_ref, survey_campaigns
 
     paths = realm_paths(args)
-    active = active_ref(paths)
-    rows = [{**c.to_dict(), "active": c.ref == active} for c in list_campaigns(paths)]
+    campaigns, broken = survey_campaigns(paths)
+    problems = [{"path": str(path), "problem": reason} for path, reason in broken]
+    try:
+        active = active_ref(paths)
+    except ConfigError as exc:
+        active = None
+        problems.append({"path": str(paths.campaigns / "active.json"), "problem": str(exc)})
+    rows = [{**c.to_dict(), "active": c.ref == active} for c in campaigns]
     if args.json:
-        print_json({"schema": CONFIG_SCHEMA, "active": active, "campaigns": rows})
+        print_json({"schema": CONFIG_SCHEMA, "active": active, "campaigns": rows,
+                    "problems": problems})
         return 0
-    if not rows:
+    if not rows and not problems:
         print("no campaigns yet: realm campaign create NAME --hero HERO")
     for r in rows:
         mark = "*" if r["active"] else " "
         print(f"{mark} {r['hero_id']}/{r['name']:<24} created {r['created_at'][:19]}  "
               f"{r['description']}")
+    for p in problems:
+        print(f"problem: {p['problem']}")
     return 0
 
 

@@ -105,6 +105,19 @@ def list_campaigns(paths: RealmPaths) -> list[Campaign]:
     return out
 
 
+def survey_campaigns(paths: RealmPaths) -> tuple[list[Campaign], list[tuple[Path, str]]]:
+    """Every readable campaign, and (file, reason) for each campaign.json that is not: one
+    broken file does not hide the others from `realm campaign list`."""
+    good, bad = [], []
+    for path in sorted(paths.campaigns.glob("*/*/campaign.json")):
+        if not path.parent.name.startswith("."):
+            try:
+                good.append(read_campaign(path))
+            except ConfigError as exc:
+                bad.append((path, str(exc)))
+    return good, bad
+
+
 def active_ref(paths: RealmPaths) -> str | None:
     pointer = paths.campaigns / "active.json"
     if not os.path.lexists(pointer):
@@ -133,8 +146,11 @@ def find_campaign(paths: RealmPaths, ref: str | None = None) -> Campaign:
             raise UsageError(f"no campaign '{ref}' ({path} does not exist); "
                              "`realm campaign list` shows the campaigns.")
         return read_campaign(path)
-    check_name(ref, "campaign")
-    matches = [c for c in list_campaigns(paths) if c.name == ref]
+    check_name(ref, "campaign")  # a safe name: no glob characters
+    # only the folders of that name are read: another campaign's broken file does not matter
+    found = [p for p in sorted(paths.campaigns.glob(f"*/{ref}/campaign.json"))
+             if not p.parent.name.startswith(".")]
+    matches = [read_campaign(found[0])] if len(found) == 1 else found
     if len(matches) != 1:
         what = "no campaign" if not matches else f"{len(matches)} campaigns"
         raise UsageError(f"{what} named '{ref}'; give it as HERO/NAME "

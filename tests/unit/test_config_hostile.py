@@ -464,3 +464,30 @@ def test_plan_reports_every_config_problem(hrealm):
     plan = build_plan(hrealm, cli_args=args)
     assert any("training.learning_rate is nan" in "\n".join(r["problems"]) for r in plan["jobs"])
 
+
+
+# --- one broken campaign.json does not hide the others ---------------------------------------------
+
+def test_broken_campaign_is_listed_and_does_not_block_lookups(hrealm, capsys):
+    from core.cli_guild import cmd_campaign_list
+    from guild.campaigns import survey_campaigns
+
+    _campaign(hrealm, "good")
+    broken = _campaign(hrealm, "broken")
+    broken.write_text("null")
+    assert find_campaign(hrealm, "good").ref == "tiny-qwen3/good"
+    good, bad = survey_campaigns(hrealm)
+    assert [c.name for c in good] == ["good"]
+    assert [p for p, _ in bad] == [broken] and "got null" in bad[0][1]
+    with pytest.raises(ConfigError, match="campaign.json must be a JSON object"):
+        find_campaign(hrealm, "broken")
+    args = argparse.Namespace(base_dir=str(hrealm.base), json=False)
+    assert cmd_campaign_list(args) == 0
+    out = capsys.readouterr().out
+    assert "tiny-qwen3/good" in out and f"problem: {broken}: campaign.json must be" in out
+    (hrealm.campaigns / "active.json").write_text('{"hero_id": "x", "campaign": "' + "c" * 300
+                                                  + '"}')
+    assert cmd_campaign_list(argparse.Namespace(base_dir=str(hrealm.base), json=True)) == 0
+    listing = json.loads(capsys.readouterr().out)
+    assert listing["active"] is None and len(listing["problems"]) == 2
+    assert "at most 64" in listing["problems"][1]["problem"]

@@ -30,7 +30,7 @@ def _key_lines(node: yaml.Node, prefix: str = "", out: dict[str, int] | None = N
     if isinstance(node, yaml.MappingNode):
         for key_node, value_node in node.value:
             key = f"{prefix}{key_node.value}"
-            out.setdefault(key, key_node.start_mark.line + 1)
+            out[key] = key_node.start_mark.line + 1
             if len(key.split(".")) <= MAX_DEPTH:
                 _key_lines(value_node, key + ".", out)
     return out
@@ -91,7 +91,10 @@ def load_yaml(path: Path, what: str = "hero profile") -> tuple[Any, dict[str, in
     file, line and column."""
     path = Path(path)
     text = _read_text(path, what, MAX_YAML_BYTES)
-    loader = yaml.SafeLoader(text)
+    try:
+        loader = yaml.SafeLoader(text)  # its reader refuses control characters: a YAMLError
+    except yaml.YAMLError as exc:
+        raise _yaml_error(path, exc) from None
     try:
         node = loader.get_single_node()
         if node is None:
