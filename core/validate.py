@@ -91,9 +91,8 @@ def parse_json(text: str | bytes, source: str, *, max_depth: int = MAX_DEPTH) ->
         raise InputError(f"{source}:{exc.lineno}:{exc.colno}: invalid JSON ({exc.msg}); fix "
                          "the file.") from None
     except _NonFinite as exc:
-        raise InputError(f"{source}: {exc} is not a finite number (NaN, Infinity and overflowing "
-                         "literals are refused); write a finite number.") \
-            from None
+        raise InputError(f"{source}: {exc} is not a JSON number; write a finite number (NaN, "
+                         "Infinity and literals that overflow are refused).") from None
     except RecursionError:
         raise InputError(f"{source}: JSON nested too deep to parse; flatten it.") from None
 
