@@ -48,7 +48,8 @@ def parse_sets_checked(items: list[str] | None) -> dict:
         if len(item) > MAX_SET_CHARS:
             raise UsageError(f"--set {item[:40]}...: {len(item):,} characters, at most "
                              f"{MAX_SET_CHARS:,} are accepted; give a shorter value.")
-        if nesting_depth(item.partition("=")[2]) > MAX_DEPTH or item.count(".") > MAX_DEPTH:
+        key, _, value = item.partition("=")
+        if nesting_depth(value) > MAX_DEPTH or key.count(".") > MAX_DEPTH:
             raise UsageError(f"--set {item[:40]}...: nested more than {MAX_DEPTH} levels; config "
                              "values are numbers, words or short lists.")
     return parse_sets(items)
@@ -61,10 +62,11 @@ def cli_layer_from(args):
     return cli_layer(flags, parse_sets_checked(args.set), args.set or [])
 
 
-def positive_seconds(flag: str, maximum: float = 7 * 24 * 3600.0):
-    """An argparse ``type`` for a duration flag: a finite number in (0, maximum] (a week by
-    default, ``trainer.config.schema.MAX_SECONDS``); anything else is refused at parse time
-    (exit 2) naming the flag."""
+def positive_seconds(flag: str, minimum: float = 0.05, maximum: float = 7 * 24 * 3600.0):
+    """An argparse ``type`` for a duration flag: a finite number of seconds in
+    [minimum, maximum] (by default ``daemon.poll_interval``'s bounds in
+    ``trainer.config.schema.BOUNDS``); anything else, 0, negatives, NaN and Infinity included, is
+    refused at parse time (exit 2) naming the flag."""
 
     def parse(text: str) -> float:
         try:
@@ -72,8 +74,8 @@ def positive_seconds(flag: str, maximum: float = 7 * 24 * 3600.0):
         except ValueError:
             raise argparse.ArgumentTypeError(f"{flag} {text!r} is not a number of seconds; "
                                              f"give one such as {flag} 5") from None
-        if not math.isfinite(value) or not 0 < value <= maximum:
-            raise argparse.ArgumentTypeError(f"{flag} {text}: must be more than 0 and at most "
+        if not math.isfinite(value) or not (value > 0 and minimum <= value <= maximum):
+            raise argparse.ArgumentTypeError(f"{flag} {text}: must be between {minimum:g} and "
                                              f"{maximum:g} seconds; give one such as {flag} 5")
         return value
 

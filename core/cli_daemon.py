@@ -151,7 +151,10 @@ def cmd_demo(args) -> int:
 def add_parsers(sub) -> None:
     p = sub.add_parser("daemon", help="train queued jobs, one child process per job")
     p.add_argument("--once", action="store_true", help="drain the queue, then exit")
-    p.add_argument("--poll", type=positive_seconds("--poll"), metavar="SECONDS", default=None,
+    from trainer.config.schema import BOUNDS
+
+    p.add_argument("--poll", type=positive_seconds("--poll", *BOUNDS["daemon.poll_interval"]),
+                   metavar="SECONDS", default=None,
                    help="rescan every SECONDS instead of watching (network file systems)")
     p.add_argument("--devices", default=None,
                    help="device set this daemon serves: cpu, cpu:N (N processes per job on CPU, "

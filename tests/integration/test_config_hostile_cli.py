@@ -49,7 +49,7 @@ def test_daemon_poll_refused_at_parse_time(hrealm):
     for value in ("0", "nan"):  # the other values: tests/unit/test_config_hostile.py
         out = realm_cmd(hrealm.base, "daemon", "--once", f"--poll={value}")
         assert out.returncode == 2, out.stderr
-        assert f"argument --poll: --poll {value}: must be more than 0" in out.stderr
+        assert f"argument --poll: --poll {value}: must be between 0.05 and 604800" in out.stderr
 
 
 def test_queue_add_refuses_bad_overrides_and_copies_nothing(hrealm, tmp_path):

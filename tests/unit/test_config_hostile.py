@@ -407,7 +407,7 @@ def test_hero_list_lists_bad_files_as_problems(hrealm):
 
 # --- command-line helpers ---------------------------------------------------------------------------
 
-@pytest.mark.parametrize("text", ["0", "-1", "nan", "inf", "-inf", "abc", "1e9", ""])
+@pytest.mark.parametrize("text", ["0", "-1", "nan", "inf", "-inf", "abc", "1e9", "", "0.01"])
 def test_poll_refused_at_parse_time(text):
     parser = argparse.ArgumentParser(prog="realm daemon", exit_on_error=False)
     parser.add_argument("--poll", type=positive_seconds("--poll"))
