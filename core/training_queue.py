@@ -462,6 +462,10 @@ class TrainingQueue:
                 if to is JobState.PROCESSING:
                     raise ClaimLost(f"{job.id}: its dataset {fresh.dataset_path} is gone")
                 reason += f" (its dataset {fresh.dataset_path} vanished: the record moved alone)"
+                if to is JobState.QUEUED and fresh.status is not JobState.PROCESSING:
+                    raise UsageError(f"job {job.id}: its dataset {fresh.dataset_path} is gone, "
+                                     "so it cannot be queued again; add the file again with "
+                                     "`realm queue add FILE`.")
                 if to is JobState.QUEUED:
                     to, reason = JobState.FAILED, f"{reason}; it cannot be queued again"
             entry = transition(fresh, to, reason=reason)  # raises before anything moves

@@ -293,3 +293,16 @@ def test_a_claim_cut_between_its_renames_returns_to_its_inbox(realm, queue):
     [claimed] = drain(queue)  # repaired, then claimed normally: cancel and retry work again
     assert claimed.id == job.id and claimed.status is JobState.PROCESSING
     assert queue.complete(claimed).status is JobState.COMPLETED
+
+
+def test_retrying_a_job_whose_dataset_vanished_says_to_add_it_again(realm, queue):
+    from core.errors import UsageError
+
+    path = drop(realm, "normal", "x.jsonl")
+    queue.adopt_new()
+    path.unlink()
+    assert drain(queue) == []
+    [failed] = queue.jobs_in("failed")
+    with pytest.raises(UsageError, match="realm queue add FILE"):
+        queue.retry(failed)
+    assert queue.jobs_in("failed")[0].id == failed.id
