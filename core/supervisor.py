@@ -3,9 +3,11 @@
 The child is ``python -m trainer.run_job`` in its own session (a terminal's Ctrl-C reaches only
 the daemon, which decides what the child gets). On Linux the child asks the kernel for SIGKILL
 when its parent dies (``PR_SET_PDEATHSIG``), so a daemon killed with SIGKILL leaves no orphan
-training on. Liveness is the heartbeat file the child touches after every step (and every second
-while it sets up); a child silent for ``daemon.job_timeout`` is killed. Before its first beat
-(interpreter start, imports) it gets at least ``STARTUP_GRACE`` seconds.
+training on. Liveness is the counter the child advances after each setup phase and each
+optimizer step (``core.job_protocol``), judged by the daemon's own monotonic clock: silent for
+``daemon.job_timeout`` after its first step, or for the setup limit before it
+(``setup_limit``), the child is killed. How it ended is its outcome file
+(``core.job_protocol.Outcome``), or a crash named by its exit code or signal.
 
 A job on several devices is a group: the child is torch's elastic launcher
 (``python -m torch.distributed.run``) and the ranks are its children, each in its own session
@@ -32,10 +34,26 @@ from pathlib import Path
 import psutil
 
 from core import exitcodes
+from core.job_protocol import AliveWatch, JobFiles, Outcome  # noqa: F401  (JobFiles re-exported)
 
 _PR_SET_PDEATHSIG = 1
 STARTUP_GRACE = 120.0
-"""Seconds a child may take to beat for the first time (imports), whatever job_timeout says."""
+"""Seconds a child may stay in setup (imports, model load, tokenizing between two signs of life)
+before its first optimizer step, whatever job_timeout says. ``REALM_TEST_STARTUP_GRACE``
+(test-only) shortens it."""
+
+
+def setup_limit(daemon_cfg) -> tuple[float, str]:
+    """(seconds, how it was chosen) a child may go without a sign of life before its first
+    optimizer step: ``daemon.setup_timeout`` where the schema has it, else
+    max(daemon.job_timeout, startup grace)."""
+    explicit = getattr(daemon_cfg, "setup_timeout", None)
+    if explicit:
+        return float(explicit), f"daemon.setup_timeout {explicit:g} s"
+    grace = float(os.environ.get("REALM_TEST_STARTUP_GRACE", STARTUP_GRACE))
+    limit = max(daemon_cfg.job_timeout, grace)
+    return limit, (f"setup limit {limit:g} s = max(daemon.job_timeout {daemon_cfg.job_timeout:g}"
+                   f" s, startup grace {grace:g} s)")
 
 
 def die_with_parent(parent_pid: int) -> None:
@@ -54,49 +72,6 @@ def _die_with_parent(parent_pid: int):
 
 
 @dataclass
-class JobFiles:
-    """The files a running job and its daemon talk through, in ``status/jobs/``: one set per
-    job, so daemons sharing a realm never read each other's."""
-
-    heartbeat: Path
-    """Touched by the child (rank 0) after every step."""
-    stop: Path
-    """Created by the daemon: stop at the next step boundary with a checkpoint."""
-    outcome: Path
-    """Written by rank 0 of a group last: its exit code as JSON (a single child's exit code
-    says it directly)."""
-    progress: Path
-    """The child's throttled training status (step, loss, ETA) for ``queue status``."""
-
-    @classmethod
-    def of(cls, status_dir: Path, job_id: str) -> "JobFiles":
-        d = status_dir / "jobs"
-        return cls(d / f"{job_id}.heartbeat", d / f"{job_id}.stop", d / f"{job_id}.outcome",
-                   d / f"{job_id}.progress.json")
-
-    def clear(self) -> None:
-        for p in (self.stop, self.outcome):
-            p.unlink(missing_ok=True)
-
-    def remove(self) -> None:
-        for p in (self.heartbeat, self.stop, self.outcome, self.progress):
-            p.unlink(missing_ok=True)
-
-    def write_outcome(self, code: int) -> None:
-        from core.fsutil import write_json_atomic
-
-        write_json_atomic(self.outcome, {"code": code, "pid": os.getpid()}, fsync=False)
-
-    def read_outcome(self) -> int | None:
-        import json
-
-        try:
-            return int(json.loads(self.outcome.read_text())["code"])
-        except (OSError, ValueError, KeyError, TypeError):
-            return None
-
-
-@dataclass
 class ChildEnd:
     code: int | None
     """The exit code, or None when a signal ended it."""
@@ -110,16 +85,18 @@ class Child:
     def __init__(self, cmd: list[str], log_path: Path, files: JobFiles, env: dict | None = None,
                  *, group: bool = False):
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        self.files, self.heartbeat, self.group = files, files.heartbeat, group
-        files.heartbeat.parent.mkdir(parents=True, exist_ok=True)  # a stop may come at once
+        self.files, self.group = files, group
+        files.alive.parent.mkdir(parents=True, exist_ok=True)  # a stop may come at once
         files.clear()
-        self.started = time.time()
+        self.alive = AliveWatch(files.alive)
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env,
                                          start_new_session=True,
                                          preexec_fn=_die_with_parent(os.getpid()))
         self.stop_sent_at: float | None = None
         self.killed_for: str | None = None
+        self.kill_kind = "crash"
+        """The outcome kind of a kill (timeout when it was killed for silence)."""
 
     @property
     def pid(self) -> int:
@@ -133,14 +110,6 @@ class Child:
         except subprocess.TimeoutExpired:
             return False
 
-    def silent_for(self) -> tuple[float, bool]:
-        """(seconds since the last sign of life, whether the child has beaten at all)."""
-        try:
-            last = self.heartbeat.stat().st_mtime
-        except FileNotFoundError:
-            return time.time() - self.started, False
-        return time.time() - max(last, self.started), last >= self.started - 1
-
     def request_stop(self) -> None:
         """Warm stop: the child checkpoints at its next step boundary and exits."""
         if self.stop_sent_at is None and self.proc.poll() is None:
@@ -150,9 +119,9 @@ class Child:
                 self.proc.send_signal(signal.SIGTERM)
             self.stop_sent_at = time.monotonic()
 
-    def kill(self, why: str) -> None:
+    def kill(self, why: str, kind: str = "crash") -> None:
         if self.proc.poll() is None:
-            self.killed_for = why
+            self.killed_for, self.kill_kind = why, kind
             for rank in self._ranks():
                 with contextlib.suppress(psutil.NoSuchProcess):
                     rank.kill()
@@ -167,11 +136,6 @@ class Child:
 
     def end(self) -> ChildEnd:
         code = self.proc.wait()
-        written = self.files.read_outcome() if self.group else None
-        if written is not None:
-            # rank 0 decided (completed / stopped / failed); the launcher's 0-or-1 says less
-            return ChildEnd(written, None, f"training group ended: rank 0 reported code {written}"
-                            f" (launcher exit {code})")
         if code < 0:
             sig = -code
             name = signal.Signals(sig).name
@@ -180,10 +144,20 @@ class Child:
                 why += f": {self.killed_for}"
             return ChildEnd(None, sig, why)
         if self.group:
-            return ChildEnd(exitcodes.CRASHED, None, f"training group failed (launcher exit "
-                            f"{code}, no outcome from rank 0): a rank died or crashed; see the "
-                            f"job log")
-        return ChildEnd(code, None, f"training child exited with code {code}")
+            return ChildEnd(code, None, f"training group failed (launcher exit {code}, no "
+                            "outcome from rank 0): a rank died or crashed; see the job log")
+        return ChildEnd(code, None, f"training child exited with code {code} without "
+                        "reporting an outcome; see the job log")
+
+    def outcome(self, end: ChildEnd) -> Outcome:
+        """What the child reported, else a crash (or the kill's kind) named by how it ended."""
+        written = self.files.read_outcome()
+        if written is not None:
+            return written  # it decided (completed / stopped / failed) before it ended
+        if end.signal is not None:
+            return Outcome(exitcodes.CRASHED, self.kill_kind, end.reason)
+        code = exitcodes.CRASHED if self.group else end.code
+        return Outcome.without_file(code, end.reason)
 
 
 def child_command(base: Path, sidecar: Path, extra_args: list[str], nproc: int = 1

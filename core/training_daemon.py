@@ -7,9 +7,13 @@ Wake-ups are watchdog events on the three inboxes (handlers only set an event an
 closed files for the settle rule) plus a periodic rescan every ``daemon.poll_interval``;
 ``--poll`` uses the rescan alone (network file systems deliver no inotify events). Each job runs
 in a child process (``core.supervisor``); the daemon renews the job's lease in its sidecar every
-``daemon.heartbeat_seconds`` and watches the child's heartbeat file. First SIGTERM/SIGINT: stop
+``daemon.heartbeat_seconds`` and watches the child's liveness counter (``core.job_protocol``) on
+its own monotonic clock. The daemon is the only writer of sidecars: the child reports in its
+outcome file and the daemon records it when it moves the job. First SIGTERM/SIGINT: stop
 claiming, ask the child to checkpoint and stop, requeue the job with its resume point, exit 0.
-A second signal kills the child. Never imports torch.
+A second signal kills the child. A fault while renewing a lease or recording an outcome (a
+sidecar overwritten with garbage, a dataset or folder deleted) is logged and the daemon goes on;
+missing layout folders are recreated at the top of every round. Never imports torch.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import traceback
 import threading
 import time
 from dataclasses import dataclass, field
@@ -27,12 +32,13 @@ import structlog
 
 from core import exitcodes
 from core.daemon_lock import DaemonLock, DeviceSet, device_label, process_alive
-from core.errors import ClaimLost, SidecarError
+from core.errors import ClaimLost, UsageError
 from core.fsutil import host_name, write_json_atomic
 from core.job import Job, JobState, utc_now
-from core.paths import PRIORITIES, RealmPaths
+from core.job_protocol import JobFiles, Outcome, sidecar_path
+from core.paths import PRIORITIES, RealmPaths, init_layout, layout_problems
 from core.queue_scan import read_sidecar_json
-from core.supervisor import STARTUP_GRACE, Child, ChildEnd, JobFiles, child_command
+from core.supervisor import Child, ChildEnd, child_command, setup_limit
 from core.training_queue import TrainingQueue
 
 log = structlog.get_logger("realm.daemon")
@@ -43,23 +49,36 @@ class DrainSummary:
     completed: list[Job] = field(default_factory=list)
     failed: list[Job] = field(default_factory=list)
     requeued: list[Job] = field(default_factory=list)
+    left_queued: int = 0
+    """--once: jobs still queued when the disk/memory guard stopped the drain."""
+    guard: str | None = None
+    """--once: why the guard claimed nothing (None when it did not stop the drain)."""
 
 
-def record_outcome(queue: TrainingQueue, job: Job, code: int, max_attempts: int,
-                   end: ChildEnd | None = None) -> Job:
-    """Move the job by the child's exit code (its results are already in the sidecar)."""
-    fresh = Job.from_dict(read_sidecar_json(queue.paths.base / (job.dataset_path + ".job.json")))
-    # the child's own words if it wrote any in this attempt (not the last attempt's)
-    wrote = fresh.last_error if fresh.last_error != job.last_error else None
-    error = (end.reason if end and end.signal else None) or wrote or \
-        (end.reason if end else None) or f"training child exited with code {code}"
-    if code == exitcodes.COMPLETED:
-        return queue.complete(fresh, reason=f"trained to step {fresh.final_step}")
-    if code == exitcodes.STOPPED:
-        return queue.requeue(fresh, "stopped at a step boundary; resumes from its checkpoint")
-    if code == exitcodes.PERMANENT:
-        return queue.fail(fresh, error)
-    return queue.fail(fresh, error, retryable=True, max_attempts=max_attempts)
+def record_outcome(queue: TrainingQueue, job: Job, outcome: Outcome | int,
+                   max_attempts: int) -> Job:
+    """Move the job by what its child reported (an exit code alone is read as the outcome a
+    child without an outcome file has). The daemon's in-memory ``job`` is what the queue moves:
+    the sidecar on disk may have been damaged meanwhile."""
+    if isinstance(outcome, int):
+        outcome = Outcome.without_file(outcome, f"training child exited with code {outcome}") \
+            if outcome not in (exitcodes.COMPLETED, exitcodes.STOPPED) else \
+            Outcome(outcome, "completed" if outcome == exitcodes.COMPLETED else "stopped")
+    results = outcome.results
+    reason = outcome.reason or f"training child ended ({outcome.kind}, code {outcome.code})"
+    if outcome.kind == "completed":
+        return queue.complete(job, reason=f"trained to step {results.get('final_step')}",
+                              **results)
+    if outcome.kind == "stopped":
+        return queue.requeue(job, "stopped at a step boundary; resumes from its checkpoint",
+                             resume=outcome.resume, results=results)
+    if outcome.kind == "no_space":
+        return queue.requeue(job, f"no space left on device ({reason}); requeued with its "
+                             "resume point, not counted as an attempt; the daemon waits for "
+                             "free disk space", resume=outcome.resume, results=results)
+    if outcome.permanent:
+        return queue.fail(job, reason, results=results)
+    return queue.fail(job, reason, retryable=True, max_attempts=max_attempts, results=results)
 
 
 class LeaseWatch:
@@ -154,35 +173,68 @@ class Daemon:
         self.others_training: list[Job] = []
         """Jobs other live daemons are training, as of the last reaping round."""
         self._guard_said: str | None = None
+        self._round_failed = False
+        self._space_wanted: tuple[float, str] | None = None
+        """After a job met ENOSPC: (free GB to wait for, why), until the disk has it."""
         self.keep_last = keep_last
         self.progress = ProgressView()
 
     # --- the spine ------------------------------------------------------------------------
 
     def run(self) -> DrainSummary:
+        problems = layout_problems(self.paths)
+        if problems:
+            raise UsageError("refusing to serve this realm's queue:\n" +
+                             "\n".join(f"  - {p}" for p in problems))
         self.lock.acquire()
         self._install_signal_handlers()
         wakeups = _Wakeups(self.paths, self.queue.settler, poll_only=self.poll is not None)
         log.info("daemon.start", devices=self.devices, pid=os.getpid(), once=self.once,
                  mode="poll" if self.poll is not None else "inotify+rescan")
         try:
-            self.recover()
+            self._guarded(self.recover)
+            failures = 0
             while not self.stop_requests:
                 trained = self._one_round()
-                if self.once and not trained and (self._guard_said or not self._has_work()):
+                failures = failures + 1 if self._round_failed else 0
+                if self.once and not trained and (self._guard_said or failures >= 3 or
+                                                  not self._guarded(self._has_work, True)):
                     break  # --once: nothing left to train (or nothing may be claimed now)
                 if not self.stop_requests:
                     wakeups.wait(self._wait_seconds())
+            if self.once and self._guard_said:
+                self.summary.guard = self._guard_said
+                self.summary.left_queued = len(self.queue.queued())
         finally:
             wakeups.close()
             last = {"reason": f"not claiming: {self._guard_said}"} if self._guard_said else {}
             self._write_status("stopped", **last)
             self.lock.release()
-            log.info("daemon.stop", **{k: len(v) for k, v in vars(self.summary).items()})
+            log.info("daemon.stop", **{k: len(v) for k, v in vars(self.summary).items()
+                                       if isinstance(v, list)})
         return self.summary
 
     def _one_round(self) -> bool:
+        """One round, never fatal: a fault is logged and the next round tries again."""
+        self._round_failed = False
+        return self._guarded(self._round, False)
+
+    def _guarded(self, step, default=None):
+        try:
+            return step()
+        except Exception as exc:  # noqa: BLE001 - the daemon outlives any one bad file
+            self._round_failed = True
+            log.error("daemon.round_failed", step=step.__name__,
+                      error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+            self.say(f"error in {step.__name__.strip('_')} (the daemon keeps running): "
+                     f"{type(exc).__name__}: {exc}")
+            return default
+
+    def _round(self) -> bool:
         """Reap, guard, claim and train one job; False when nothing was trained."""
+        created = init_layout(self.paths)
+        if created:
+            log.warning("daemon.layout_recreated", folders=[str(p) for p in created])
         self.reap_dead_leases()
         if not self.resources_ok():
             return False
@@ -271,11 +323,30 @@ class Daemon:
                 floor, why = needed, f"checkpoint size {size:.2f} GB x (keep_last + 1)"
         return floor, why
 
+    def no_space_seen(self, outcome: Outcome) -> None:
+        """A job met ENOSPC: claim nothing until the free space exceeds what it was at the
+        failure by what a job needs (the disk floor: the newest checkpoint x (keep_last + 1),
+        at least daemon.min_free_disk_gb), even when it is above the floor now: the job that
+        filled the disk would fill it again."""
+        seen = psutil.disk_usage(str(self.paths.base)).free
+        if outcome.free_bytes is not None:
+            seen = max(seen, outcome.free_bytes)
+        need, why = self.disk_floor_gb()
+        want = seen / 2**30 + need
+        self._space_wanted = (want, f"a job ran out of space with {seen / 2**30:.1f} GB free; "
+                                    f"waiting for that + {need:.1f} GB ({why})")
+        log.warning("daemon.no_space", wanted_gb=round(want, 2), reason=self._space_wanted[1])
+
     def resources_ok(self) -> bool:
         disk = psutil.disk_usage(str(self.paths.base)).free / 2**30
         mem = psutil.virtual_memory().available / 2**30
         problems = []
         floor, why = self.disk_floor_gb()
+        if self._space_wanted is not None:
+            if disk >= self._space_wanted[0]:
+                self._space_wanted = None  # freed: the ENOSPC wait is over
+            elif self._space_wanted[0] > floor:
+                floor, why = self._space_wanted
         if disk < floor:
             problems.append(f"free disk {disk:.1f} GB < {floor:.1f} GB ({why})")
         if mem < self.cfg.min_free_memory_gb:
@@ -295,7 +366,7 @@ class Daemon:
     def train(self, job: Job) -> Job:
         self.say(f"training {job.id} ({job.dataset_name}, {job.num_examples} examples, "
                  f"{job.priority})")
-        sidecar = self.paths.base / (job.dataset_path + ".job.json")
+        sidecar = sidecar_path(self.paths.base / job.dataset_path)
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": self.device_set.visible}
         ranks = self.device_set.ranks
         child = Child(child_command(self.paths.base, sidecar, self.extra_args, ranks),
@@ -303,14 +374,20 @@ class Daemon:
                       JobFiles.of(self.paths.status, job.id), env, group=ranks > 1)
         log.info("job.started", job_id=job.id, child_pid=child.pid)
         self._write_status("training", job_id=job.id, child_pid=child.pid)
-        self._supervise(job, child)
+        try:
+            self._supervise(job, child)
+        finally:
+            if child.proc.poll() is None and self.stop_requests == 0:
+                child.kill("the daemon failed while supervising it")
         end = child.end()
         self.progress.close()
-        moved = self._record(job, end)
-        self.say(_describe(moved, end))
+        outcome = child.outcome(end)
+        moved = self._record(job, end, outcome)
+        self.say(_describe(moved, outcome))
         return moved
 
     def _supervise(self, job: Job, child: Child) -> None:
+        limit_setup, setup_why = setup_limit(self.cfg)
         while not child.wait(timeout=self.cfg.heartbeat_seconds):
             if not self._renew_lease(job):
                 child.kill("lease lost: another daemon reaped this job (see logs/jobs.jsonl)")
@@ -325,12 +402,19 @@ class Daemon:
                     child.kill(f"no clean stop within daemon.stop_grace_seconds "
                                f"({self.cfg.stop_grace_seconds:g} s)")
             else:
-                silent, has_beaten = child.silent_for()
-                limit = self.cfg.job_timeout if has_beaten else max(self.cfg.job_timeout,
-                                                                     STARTUP_GRACE)
-                if silent > limit:
-                    child.kill(f"no heartbeat for {silent:.0f} s (daemon.job_timeout "
-                               f"{self.cfg.job_timeout:g} s)")
+                self._judge_liveness(child, limit_setup, setup_why)
+
+    def _judge_liveness(self, child: Child, limit_setup: float, setup_why: str) -> None:
+        """Kill a child whose counter has not changed for too long, by this daemon's clock."""
+        silent = child.alive.poll()
+        if child.alive.stepped:
+            limit, why = self.cfg.job_timeout, f"daemon.job_timeout {self.cfg.job_timeout:g} s"
+            during = "while training"
+        else:
+            limit, why, during = limit_setup, setup_why, "during setup"
+        if silent > limit:
+            child.kill(f"timeout: no sign of life for {silent:.0f} s {during} ({why}; last "
+                       f"sign: {child.alive.last_phase})", kind="timeout")
 
     def _ours(self, job: Job) -> bool:
         w = job.worker or {}
@@ -348,30 +432,60 @@ class Daemon:
             self.queue.rewrite(job, renew)
             return True
         except ClaimLost as exc:
+            if self._still_ours(job):  # e.g. its dataset vanished: the record will say so
+                log.warning("job.lease_not_renewed", job_id=job.id, reason=str(exc))
+                return True
             log.error("job.lease_lost", job_id=job.id, reason=str(exc))
             return False
+        except Exception as exc:  # noqa: BLE001 - a damaged sidecar must not stop the daemon
+            log.error("job.lease_not_renewed", job_id=job.id,
+                      error=f"{type(exc).__name__}: {exc}")
+            return True
 
-    def _record(self, job: Job, end: ChildEnd) -> Job:
+    def _still_ours(self, job: Job) -> bool:
+        """The sidecar where we left it still names this daemon (unreadable counts as ours:
+        nobody else could have claimed it)."""
         try:
-            current = Job.from_dict(read_sidecar_json(self.paths.base / (job.dataset_path +
-                                                                         ".job.json")))
-            lost = not self._ours(current)
-        except (OSError, ValueError, SidecarError):
-            current, lost = job, True
-        if lost:  # fenced: never move a job another daemon holds now
+            current = Job.from_dict(read_sidecar_json(sidecar_path(self.paths.base /
+                                                                   job.dataset_path)))
+        except FileNotFoundError:
+            return False
+        except Exception:  # noqa: BLE001 - garbage in the sidecar: the queue restores it
+            return True
+        return self._ours(current)
+
+    def _record(self, job: Job, end: ChildEnd, outcome: Outcome) -> Job:
+        """Move the job by its outcome; a fault here is logged, never fatal (the job stays
+        where it is, visible, and a later reap or a restart deals with it)."""
+        try:
+            moved = self._move_by_outcome(job, end, outcome)
+        except Exception as exc:  # noqa: BLE001 - SidecarError, OSError, ClaimLost, ...
+            log.error("job.record_failed", job_id=job.id, outcome=outcome.to_dict(),
+                      error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+            self.say(f"  could not record {job.id} ({outcome.kind}: {outcome.reason}): "
+                     f"{type(exc).__name__}: {exc}")
+            moved = job
+        JobFiles.of(self.paths.status, job.id).remove()  # alive, stop, outcome, progress
+        return moved
+
+    def _move_by_outcome(self, job: Job, end: ChildEnd, outcome: Outcome) -> Job:
+        if not self._still_ours(job):  # fenced: never move a job another daemon holds now
             log.error("job.lease_lost", job_id=job.id, reason=end.reason)
-            self.say(f"  lost {job.id}: another daemon reaped it; its outcome here is dropped")
-            return current
-        if end.signal is not None and self.stop_requests:
-            moved = self.queue.requeue(job, f"daemon stopped: {end.reason}")
+            self.say(f"  lost {job.id}: another daemon reaped it (or its sidecar vanished); "
+                     "its outcome here is dropped")
+            return job
+        if end.signal is not None and self.stop_requests and outcome.kind != "completed":
+            moved = self.queue.requeue(job, f"daemon stopped: {end.reason}",
+                                       resume=outcome.resume, results=outcome.results)
         else:
-            code = end.code if end.code is not None else exitcodes.CRASHED
-            moved = record_outcome(self.queue, job, code, self.cfg.max_attempts, end)
+            moved = record_outcome(self.queue, job, outcome, self.cfg.max_attempts)
+        if outcome.kind == "no_space":
+            self.no_space_seen(outcome)
         bucket = {JobState.COMPLETED: self.summary.completed,
                   JobState.FAILED: self.summary.failed}.get(moved.status, self.summary.requeued)
         bucket.append(moved)
-        JobFiles.of(self.paths.status, job.id).remove()  # heartbeat, stop, outcome, progress
-        log.info("job.finished", job_id=moved.id, status=moved.status.value, reason=end.reason)
+        log.info("job.finished", job_id=moved.id, status=moved.status.value,
+                 kind=outcome.kind, reason=outcome.reason or end.reason)
         return moved
 
     # --- signals and status ---------------------------------------------------------------
@@ -387,10 +501,14 @@ class Daemon:
         signal.signal(signal.SIGINT, on_signal)
 
     def _write_status(self, state: str, **fields) -> None:
-        write_json_atomic(self.status_path, {
-            "schema": 1, "state": state, "pid": os.getpid(), "host": host_name(),
-            "started": self.worker["started"],
-            "devices": self.devices, "updated_at": utc_now(), **fields}, fsync=False)
+        try:
+            self.status_path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.status_path, {
+                "schema": 1, "state": state, "pid": os.getpid(), "host": host_name(),
+                "started": self.worker["started"],
+                "devices": self.devices, "updated_at": utc_now(), **fields}, fsync=False)
+        except OSError as exc:  # a full disk or a removed status/ must not stop the daemon
+            log.error("daemon.status_not_written", state=state, error=str(exc))
 
 
 class ProgressView:
@@ -431,12 +549,14 @@ class ProgressView:
             self.bar = None
 
 
-def _describe(job: Job, end: ChildEnd) -> str:
+def _describe(job: Job, outcome: Outcome) -> str:
     if job.status is JobState.COMPLETED:
         loss = f"{job.final_loss:.4f}" if job.final_loss is not None else "n/a"
         return (f"  completed {job.id}: steps {job.start_step} -> {job.final_step}, "
                 f"final loss {loss}, {job.tokens_per_sec_avg or 0:,.0f} tokens/s")
-    return f"  {job.status.value} {job.id}: {job.last_error or end.reason}"
+    if job.status is JobState.PROCESSING:  # could not be recorded (said above)
+        return f"  {job.id} left in processing: {outcome.reason or outcome.kind}"
+    return f"  {job.status.value} {job.id}: {outcome.reason or job.last_error or outcome.kind}"
 
 
 def drain(paths: RealmPaths, daemon_cfg, *, extra_args: list[str] | None = None,

@@ -14,12 +14,17 @@ attempt wrote ever becomes what the next job continues from. A checkpoint is sta
 its temporary folder) and committed (marker, rename) only after a loss measured on its weights
 was approved; a name is never reused, and a collision is an error, not a success.
 Retention keeps ``keep_last`` and logs what it removes.
+
+A checkpoint whose pickle a safe load refuses (``weights_only=True``: it names objects beyond
+tensors and plain containers, as a malicious file does) is ``UnsafeCheckpoint``: a permanent
+failure that names the folder and how to retire it. realm never loads it unsafely.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import re
 import shutil
 from dataclasses import dataclass
@@ -29,6 +34,7 @@ from typing import Any
 import structlog
 import torch
 
+from core.errors import InputError
 from core.fsutil import fsync_dir, host_name, rename_noreplace, write_json_atomic
 from core.job import utc_now
 
@@ -46,6 +52,18 @@ class NonFiniteWeights(RuntimeError):
 
 class CheckpointExists(RuntimeError):
     """A checkpoint folder of this step already exists: names are never reused."""
+
+
+class UnsafeCheckpoint(InputError):
+    """A checkpoint file a safe load refuses (possibly malicious): permanent, never retried."""
+
+    @classmethod
+    def of(cls, folder: Path, file: str) -> "UnsafeCheckpoint":
+        return cls(f"refusing checkpoint {folder}: {file} holds objects a safe load does not "
+                   "allow (it may be malicious; realm never loads such a file). Retire the "
+                   f"checkpoint: move the folder {folder.name} out of {folder.parent} (for "
+                   f"example into {folder.parent.parent / 'retired'}/), then `realm queue retry` "
+                   "the job; the campaign continues from its previous checkpoint.")
 
 
 @dataclass(frozen=True)
@@ -68,7 +86,11 @@ class Checkpoint:
         return json.loads((self.path / "locked.json").read_text())
 
     def torch_state(self) -> dict[str, Any]:
-        return torch.load(self.path / "trainer_state.pt", weights_only=True, map_location="cpu")
+        try:
+            return torch.load(self.path / "trainer_state.pt", weights_only=True,
+                              map_location="cpu")
+        except pickle.UnpicklingError:
+            raise UnsafeCheckpoint.of(self.path, "trainer_state.pt") from None
 
 
 def complete_checkpoints(root: Path) -> list[Checkpoint]:

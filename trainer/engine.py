@@ -131,8 +131,12 @@ class Trainer:
         self.guard = guard
         self.loss_hook: Callable[[int, float], float] | None = None
         """Test-only: rewrites the measured loss of a step (spike injection); not a config knob."""
-        self.heartbeat: Callable[[], None] = lambda: None
-        """Called after every optimizer step (the daemon watches it for a stuck child)."""
+        self.heartbeat: Callable[[str], None] = lambda _phase: None
+        """A sign of life, called after each setup phase and each optimizer step with the phase
+        (``model``, ``data``, ``optimizer``, ``restore``, ``step:N``); the daemon kills a child
+        whose signs of life stop (``core.job_protocol``)."""
+        self.data_tick: Callable[[], None] = lambda: None
+        """Called per line while the dataset is read or tokenized (throttled by the callee)."""
         self.device, self.autocast_dtype = pick_device(self.cfg.training.precision,
                                                        self.group.device())
         if device is not None:
@@ -156,10 +160,14 @@ class Trainer:
     def train(self) -> TrainResult:
         try:
             self._setup_model()
+            self.heartbeat("model")
             self._setup_data()
+            self.heartbeat("data")
             self._setup_optimizer()
+            self.heartbeat("optimizer")
             self._restore()
             self._setup_guard()
+            self.heartbeat("restore")
             runner = EpochRunner(self)
             while not self.finished():
                 runner.run()
@@ -257,7 +265,8 @@ class Trainer:
         if not self.group.main:
             self.group.barrier()  # rank 0 tokenizes first; the others then read its cache
         store, reused = load_or_build(self.spec.dataset, self.spec.dataset_sha256,
-                                      self.tokenizer, data, self.spec.cache_root)
+                                      self.tokenizer, data, self.spec.cache_root,
+                                      tick=self.data_tick)
         if self.group.main:
             self.group.barrier()
         self.store = store
@@ -546,7 +555,7 @@ class EpochRunner:
             metrics = self.train_step(groups)
             self._update_metrics(metrics)
             self.t.after_step(metrics)
-            self.t.heartbeat()
+            self.t.heartbeat(f"step:{self.t.global_step}")
             if self.t.stop_agreed:
                 self.t.stop()  # raises StopRequested
             if self.t.finished():

@@ -5,9 +5,16 @@ Sources, in order: a checkpoint to continue from; the hero's ``model.path``
 Hugging Face cache only (nothing is downloaded); or ``init: random`` with ``model.config`` and,
 for ``tokenizer.kind: byte``, the byte-level tokenizer built here in code. The loaded model's
 config is checked against the locked block.
+
+Never runs code from a model folder: a folder whose config.json or tokenizer_config.json asks
+for custom code (``auto_map``, i.e. ``trust_remote_code``) is refused with a permanent
+``InputError``; a checkpoint whose weights a safe load refuses is ``UnsafeCheckpoint``.
 """
 
 from __future__ import annotations
+
+import json
+import pickle
 
 from pathlib import Path
 from typing import Any
@@ -80,12 +87,45 @@ def _pretrained_source(hero) -> str:
     return model.hf_name
 
 
-def _from_pretrained(source: str, hero) -> tuple[torch.nn.Module, Any]:
+def _refuse_custom_code(source: str, hero) -> None:
+    folder = Path(source)
+    if not folder.is_dir():
+        return
+    for name in ("config.json", "tokenizer_config.json"):
+        try:
+            data = json.loads((folder / name).read_bytes()[:1 << 22])
+        except (OSError, ValueError, RecursionError):
+            continue
+        if isinstance(data, dict) and (data.get("auto_map") or data.get("trust_remote_code")):
+            raise InputError(
+                f"model folder {folder} needs custom code ({name} has auto_map: its classes live "
+                f"in Python files shipped with the model, loaded only with trust_remote_code). "
+                f"realm never runs code from a model folder: use a model whose architecture "
+                f"transformers implements (known to realm: {', '.join(MODEL_TYPES)}), and set "
+                f"model.path in configs/heroes/{hero.id}.yaml to it.")
+
+
+def _from_pretrained(source: str, hero, checkpoint: bool = False) -> tuple[torch.nn.Module, Any]:
+    _refuse_custom_code(source, hero)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True,
                                                      attn_implementation="sdpa",
                                                      dtype=torch.float32)
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
+    except pickle.UnpicklingError:
+        if checkpoint:
+            from trainer.checkpoint import UnsafeCheckpoint
+
+            raise UnsafeCheckpoint.of(Path(source), "its weights file") from None
+        raise InputError(f"model folder {source}: its weights file holds objects a safe load "
+                         "does not allow (it may be malicious); use a safetensors copy of the "
+                         "model.") from None
+    except ValueError as exc:
+        if "trust_remote_code" not in str(exc):
+            raise
+        raise InputError(f"model '{source}' for hero {hero.id} needs custom code "
+                         "(trust_remote_code); realm never runs code from a model folder: use "
+                         "a model whose architecture transformers implements.") from None
     except OSError as exc:
         raise InputError(
             f"cannot load model '{source}' for hero {hero.id} without a download ({exc}). This "
@@ -97,7 +137,7 @@ def _from_pretrained(source: str, hero) -> tuple[torch.nn.Module, Any]:
 def load_model(hero, locked: dict, *, checkpoint: Path | None = None, seed: int = 0):
     """(model, tokenizer) for a hero, continuing from ``checkpoint`` when given."""
     if checkpoint is not None:
-        model, tokenizer = _from_pretrained(str(checkpoint), hero)
+        model, tokenizer = _from_pretrained(str(checkpoint), hero, checkpoint=True)
     elif hero.model.init == "random":
         model = _random_model(hero, seed)
         tokenizer = build_byte_tokenizer() if hero.tokenizer.get("kind") == "byte" else \

@@ -1,27 +1,35 @@
 """Train one job in this process: ``python -m trainer.run_job --base-dir REALM --job SIDECAR``.
 
 The daemon runs this as a child process. It resolves the job's config (six layers), trains
-from the campaign's latest checkpoint, writes the results into the job's sidecar, and exits with
-a code from ``core.exitcodes``: completed, stopped (resumable), permanent or retryable failure.
-SIGTERM/SIGINT (or the daemon's stop file) request a stop at the next step boundary (with a
-checkpoint).
+from the campaign's latest checkpoint, and reports through the job protocol
+(``core.job_protocol``): it advances the liveness counter after each setup phase and each
+optimizer step, and writes everything it has to say (kind, reason, results, resume point) into
+its outcome file; it never writes the job's sidecar (the daemon records the outcome when it
+moves the job). It exits with a code from ``core.exitcodes``: completed, stopped (resumable),
+permanent or retryable failure, no space. SIGTERM/SIGINT (or the daemon's stop file) request a
+stop at the next step boundary (with a checkpoint).
 
 Under torch's elastic launcher (``daemon --devices 0,1`` or ``cpu:2``) every rank runs this
-module; rank 0 alone beats the heartbeat, takes the campaign's lock, records the results and
-writes the outcome file; every rank exits 0 once an outcome is decided (a crash exits non-zero,
-which makes the launcher tear the group down). Test-only hook: ``REALM_TEST_NAN_AT=RANK:STEP``
-makes that rank's loss NaN once, at that step.
+module; rank 0 alone advances the counter, takes the campaign's lock and writes the outcome
+file; every rank exits 0 once an outcome is decided (a crash exits non-zero, which makes the
+launcher tear the group down).
+
+Test-only hooks (environment): ``REALM_TEST_NAN_AT=RANK:STEP`` makes that rank's loss NaN once,
+at that step; ``REALM_TEST_HANG=setup|step`` hangs rank 0 after its model is loaded, or after
+its first optimizer step, without a sign of life; ``REALM_TEST_ENOSPC=STEP`` raises ENOSPC after
+that optimizer step.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import fcntl
 import os
+import shutil
 import signal
 import sys
-import threading
 import time
 import traceback
 from pathlib import Path
@@ -31,6 +39,7 @@ import structlog
 from core import exitcodes
 from core.errors import InputError
 from core.job import Job
+from core.job_protocol import CODE_OF_KIND, Alive, JobFiles, Outcome
 from core.logsetup import configure
 from core.paths import RealmPaths, resolve_base
 
@@ -50,82 +59,52 @@ class _StopFlag:
 
 
 def build_spec(paths: RealmPaths, job: Job, cli=None):
-    from core.supervisor import JobFiles
     from guild.campaigns import find_campaign
     from guild.heroes import load_hero
     from trainer.config.realm_config import resolve_for
     from trainer.engine import JobSpec
 
+    if not job.dataset_sha256:
+        raise InputError(f"job {job.id}: its sidecar records no dataset_sha256, so realm cannot "
+                         "check that it trains the bytes it adopted; add the dataset again with "
+                         "`realm queue add`.")
     resolved = resolve_for(paths, job=job, cli=cli)
     if resolved.campaign is None:
         raise InputError("no campaign for this job: create one with `realm campaign create NAME "
                          "--hero HERO` (it becomes active), or set campaign_id in the sidecar.")
     campaign = find_campaign(paths, resolved.campaign)
     return JobSpec(job_id=job.id, dataset=paths.base / job.dataset_path,
-                   dataset_sha256=job.dataset_sha256 or "", config=resolved.config,
+                   dataset_sha256=job.dataset_sha256, config=resolved.config,
                    locked=resolved.locked, hero=load_hero(paths, resolved.hero_id),
                    checkpoint_root=campaign.path.parent / "checkpoints",
                    cache_root=paths.base / "cache" / "tokens", config_hash=resolved.config_hash,
                    status_path=JobFiles.of(paths.status, job.id).progress), resolved
 
 
-def _record(paths: RealmPaths, job: Job, result=None, stopped=None, error: str | None = None,
-            resolved=None, governor: dict | None = None):
-    from core.training_queue import TrainingQueue
-    from guild.campaigns import code_version
+def _results(job: Job, result=None, resolved=None, governor: dict | None = None) -> dict:
+    """The job fields this attempt reports (``core.job_protocol.RESULT_FIELDS``)."""
+    out: dict = {}
+    if resolved is not None:
+        from guild.campaigns import code_version
 
-    def apply(j: Job) -> None:
-        if resolved is not None:
-            j.config_hash, j.git_commit = resolved.config_hash, code_version()
-        if result is not None:
-            j.start_step, j.final_step = result.start_step, result.final_step
-            j.final_loss, j.final_val_loss = result.final_loss, result.final_val_loss
-            j.tokens_per_sec_avg = round(result.tokens_per_sec_avg, 1)
-            j.governor = result.governor or None
-            j.metadata = {**j.metadata, "data": result.data, "resumed_from": result.resumed_from,
-                          "checkpoint": str(result.checkpoint.path) if result.checkpoint else None}
-        if stopped is not None:
-            j.resume = {"checkpoint": paths.relative(stopped.path), "step": stopped.step}
-        if error is not None:
-            j.last_error = error
-        if governor is not None:
-            j.governor = governor
-
-    try:
-        TrainingQueue(paths.base).rewrite(job, apply)
-    except Exception as exc:  # the sidecar moved (e.g. the daemon reaped it): say so, keep going
-        print(f"warning: could not record results in the sidecar: {exc}", file=sys.stderr)
-
-
-class Heartbeat:
-    """Touches ``status/jobs/<job>.heartbeat`` after every step, and from a thread during setup
-    (tokenizing a large file can take minutes without a step)."""
-
-    def __init__(self, path: Path, every: float = 5.0):
-        self.path = path
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self.path.touch()
-        self._setup_done = threading.Event()
-        self._thread = threading.Thread(target=self._during_setup, args=(every,), daemon=True)
-        self._thread.start()
-
-    def _during_setup(self, every: float) -> None:
-        while not self._setup_done.wait(every):
-            self.path.touch()
-
-    def __call__(self) -> None:
-        self._setup_done.set()
-        self.path.touch()
-
-    def close(self) -> None:
-        self._setup_done.set()
-        self._thread.join()
+        out.update(config_hash=resolved.config_hash, git_commit=code_version())
+    if result is not None:
+        out.update(start_step=result.start_step, final_step=result.final_step,
+                   final_loss=result.final_loss, final_val_loss=result.final_val_loss,
+                   tokens_per_sec_avg=round(result.tokens_per_sec_avg, 1),
+                   governor=result.governor or None,
+                   metadata={**job.metadata, "data": result.data,
+                             "resumed_from": result.resumed_from,
+                             "checkpoint": str(result.checkpoint.path) if result.checkpoint
+                             else None})
+    if governor is not None:
+        out["governor"] = governor
+    return out
 
 
 def run(paths: RealmPaths, sidecar: Path, cli=None, stop: _StopFlag | None = None,
         group=None) -> int:
     from core.queue_scan import read_sidecar_json
-    from core.supervisor import JobFiles
     from trainer.distributed import Group
 
     group = group or Group()
@@ -134,16 +113,16 @@ def run(paths: RealmPaths, sidecar: Path, cli=None, stop: _StopFlag | None = Non
     stop = stop or _StopFlag()
     if group.active:  # a group stops by file (a single child gets SIGTERM): no stat per step else
         stop.stop_file = files.stop
-    # alive from here on, setup included (rank 0 speaks for the group)
-    beat = Heartbeat(files.heartbeat, every=1.0) if group.main else None
-    try:
-        code = _run(paths, job, beat or (lambda: None), cli, stop, group)
-        if group.active and group.main:  # the launcher folds exit codes into 0 or 1
-            files.write_outcome(code)
-        return code
-    finally:
-        if beat is not None:
-            beat.close()
+    alive = Alive(files.alive) if group.main else None  # rank 0 speaks for the group
+    if alive is not None:
+        alive.advance("started")
+    outcome = _run(paths, job, alive, cli, stop, group)
+    if group.main:
+        try:
+            files.write_outcome(outcome)
+        except OSError as exc:  # e.g. ENOSPC: the exit code still says what happened
+            print(f"warning: could not write the outcome file: {exc}", file=sys.stderr)
+    return outcome.code
 
 
 class StoppedWaiting(Exception):
@@ -151,12 +130,13 @@ class StoppedWaiting(Exception):
 
 
 @contextlib.contextmanager
-def campaign_turn(checkpoint_root: Path, stop: "_StopFlag", poll: float = 0.2, group=None):
+def campaign_turn(checkpoint_root: Path, stop: "_StopFlag", poll: float = 0.2, group=None,
+                  alive: Alive | None = None):
     """One job per campaign at a time, whichever daemon runs it: an ``flock`` on
-    ``<campaign>/.training.lock``, held by rank 0 for the group. Waiting keeps heartbeating (the
-    setup thread still runs) and gives up on a stop request; the other ranks wait in short
-    all-reduces, never in one long collective. Without it two daemons could both continue from
-    the same checkpoint and fork the campaign's lineage."""
+    ``<campaign>/.training.lock``, held by rank 0 for the group. Waiting advances the liveness
+    counter on each poll (a wait is a sign of life, not a hang) and gives up on a stop request;
+    the other ranks wait in short all-reduces, never in one long collective. Without it two
+    daemons could both continue from the same checkpoint and fork the campaign's lineage."""
     from trainer.distributed import Group
 
     group = group or Group()
@@ -180,7 +160,11 @@ def campaign_turn(checkpoint_root: Path, stop: "_StopFlag", poll: float = 0.2, g
                 break
             if stopping:
                 raise StoppedWaiting()
+            if alive is not None:
+                alive.advance("campaign_wait")
             time.sleep(poll)
+        if alive is not None:
+            alive.advance("campaign")
         yield
     finally:
         if fd is not None:
@@ -204,6 +188,76 @@ def _test_nan_hook(group):
     return hook
 
 
+def _test_fault_hooks(alive: Alive | None):
+    """The liveness callback, wrapped by ``REALM_TEST_HANG`` / ``REALM_TEST_ENOSPC`` when set."""
+    beat = alive.advance if alive is not None else (lambda _phase: None)
+    hang, enospc = os.environ.get("REALM_TEST_HANG"), os.environ.get("REALM_TEST_ENOSPC")
+    if alive is None or not (hang or enospc):
+        return beat
+
+    def hooked(phase: str) -> None:
+        beat(phase)
+        if (hang == "setup" and phase == "model") or (hang == "step" and phase.startswith(
+                "step")):
+            while True:  # stuck, silent: only the daemon's timeout (SIGKILL) ends this
+                time.sleep(3600)
+        if enospc and phase == f"step:{enospc}":
+            raise OSError(errno.ENOSPC, "No space left on device (REALM_TEST_ENOSPC)")
+
+    return hooked
+
+
+def _no_space(exc: BaseException | None) -> bool:
+    """ENOSPC anywhere in the chain (torch and safetensors wrap the OSError of a full disk)."""
+    seen = 0
+    while exc is not None and seen < 20:
+        if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+            return True
+        if "No space left on device" in str(exc):
+            return True
+        exc, seen = exc.__cause__ or exc.__context__, seen + 1
+    return False
+
+
+def classify(exc: BaseException) -> tuple[str, str]:
+    """(outcome kind, reason) of a failure: permanent kinds never retry (core.job_protocol)."""
+    from trainer.checkpoint import UnsafeCheckpoint
+    from trainer.data.reader import DataError
+    from trainer.engine import PERMANENT_FAILURES
+    from trainer.governor import GovernorGaveUp
+    from trainer.guard import NonFiniteLoss
+
+    if _no_space(exc):
+        return "no_space", f"no space left on device: {exc}"
+    if isinstance(exc, UnsafeCheckpoint):
+        return "unsafe_checkpoint", str(exc)
+    if isinstance(exc, DataError):
+        return "data", str(exc)
+    if isinstance(exc, (GovernorGaveUp, NonFiniteLoss)):
+        return "governor", str(exc)
+    if isinstance(exc, PERMANENT_FAILURES):  # bad config or input
+        return "config", str(exc)
+    if isinstance(exc, MemoryError):
+        return "oom", f"out of memory: {exc}"
+    if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
+        return "oom", f"CUDA out of memory: {exc}"
+    return "crash", f"crashed: {type(exc).__name__}: {exc}"
+
+
+def _own_resume_point(paths: RealmPaths, spec, job: Job) -> dict | None:
+    """This job's newest unfinished checkpoint: where a requeued attempt will continue."""
+    from trainer.checkpoint import complete_checkpoints
+
+    if spec is None:
+        return None
+    try:
+        mine = [c for c in complete_checkpoints(spec.checkpoint_root)
+                if c.lineage() == (job.id, False)]
+    except OSError:
+        return None
+    return {"checkpoint": paths.relative(mine[-1].path), "step": mine[-1].step} if mine else None
+
+
 def _rank_log(paths: RealmPaths, job: Job, group):
     """Rank 0 logs to the job log (the launcher's stdout); rank N>0 to ``<job>.rank<N>.log``
     beside it, so JSON lines from several processes never interleave."""
@@ -214,43 +268,49 @@ def _rank_log(paths: RealmPaths, job: Job, group):
     return open(path, "a", buffering=1)
 
 
-def _run(paths: RealmPaths, job: Job, beat, cli, stop, group) -> int:
-    from trainer.engine import PERMANENT_FAILURES, StopRequested, Trainer
+def _train(paths: RealmPaths, job: Job, alive: Alive | None, cli, stop, group, box: dict):
+    from trainer.engine import Trainer
 
-    resolved = None
-    record = _record if group.main else (lambda *a, **k: None)  # rank 0 writes the record
+    beat = _test_fault_hooks(alive)
+    spec, resolved = build_spec(paths, job, cli)
+    box.update(spec=spec, resolved=resolved)
+    configure(resolved.config.logging.level, _rank_log(paths, job, group))
+    if group.active:
+        structlog.contextvars.bind_contextvars(rank=group.rank)
+    beat("config")
+    with campaign_turn(spec.checkpoint_root, stop, group=group, alive=alive):
+        trainer = Trainer(spec, stop_requested=stop, group=group)
+        trainer.heartbeat = beat
+        trainer.data_tick = (lambda: alive.tick("data")) if alive is not None else trainer.data_tick
+        trainer.loss_hook = _test_nan_hook(group)
+        return trainer.train()
+
+
+def _run(paths: RealmPaths, job: Job, alive: Alive | None, cli, stop, group) -> Outcome:
+    from trainer.engine import StopRequested
+
+    box: dict = {}
     try:
-        spec, resolved = build_spec(paths, job, cli)
-        configure(resolved.config.logging.level, _rank_log(paths, job, group))
-        if group.active:
-            structlog.contextvars.bind_contextvars(rank=group.rank)
-        with campaign_turn(spec.checkpoint_root, stop, group=group):
-            trainer = Trainer(spec, stop_requested=stop, group=group)
-            trainer.heartbeat = beat
-            trainer.loss_hook = _test_nan_hook(group)
-            result = trainer.train()
+        result = _train(paths, job, alive, cli, stop, group, box)
     except StoppedWaiting:
-        return exitcodes.STOPPED
+        return Outcome(exitcodes.STOPPED, "stopped", "stopped while waiting for its campaign")
     except StopRequested as stopped:
-        if stopped.checkpoint is not None:
-            record(paths, job, stopped=stopped.checkpoint, resolved=resolved)
-        return exitcodes.STOPPED
-    except PERMANENT_FAILURES as exc:  # bad data or config, the governor: retrying cannot help
-        record(paths, job, error=str(exc), governor=getattr(exc, "counts", None))
-        print(f"error: {exc}", file=sys.stderr)
-        return exitcodes.PERMANENT
-    except MemoryError as exc:
-        record(paths, job, error=f"out of memory: {exc}")
-        return exitcodes.RETRYABLE
-    except Exception as exc:
-        if type(exc).__name__ == "OutOfMemoryError":  # torch.cuda.OutOfMemoryError
-            record(paths, job, error=f"CUDA out of memory: {exc}")
-            return exitcodes.RETRYABLE
-        traceback.print_exc()
-        record(paths, job, error=f"crashed: {type(exc).__name__}: {exc}")
-        return exitcodes.CRASHED
-    record(paths, job, result=result, resolved=resolved)
-    return exitcodes.COMPLETED
+        ckpt = stopped.checkpoint
+        resume = {"checkpoint": paths.relative(ckpt.path), "step": ckpt.step} if ckpt else None
+        return Outcome(exitcodes.STOPPED, "stopped", str(stopped), resume=resume,
+                       results=_results(job, resolved=box.get("resolved")))
+    except Exception as exc:  # noqa: BLE001 - every failure becomes a typed outcome
+        kind, reason = classify(exc)
+        if kind == "crash":
+            traceback.print_exc()
+        else:
+            print(f"error: {reason}", file=sys.stderr)
+        free = shutil.disk_usage(paths.base).free if kind == "no_space" else None
+        resume = _own_resume_point(paths, box.get("spec"), job) if kind == "no_space" else None
+        return Outcome(CODE_OF_KIND[kind], kind, reason, resume=resume, free_bytes=free,
+                       results=_results(job, governor=getattr(exc, "counts", None)))
+    return Outcome(exitcodes.COMPLETED, "completed",
+                   results=_results(job, result=result, resolved=box.get("resolved")))
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,7 @@ import time
 import psutil
 import pytest
 
-from trainer.data.cache import load_or_build
+from trainer.data.cache import hash_file, load_or_build
 from trainer.data.reader import DataError
 from trainer.data.synthetic import write_dataset
 from tests.trainer.conftest import data_cfg
@@ -38,7 +38,7 @@ def test_fail_names_file_line_and_reason(tmp_path, tokenizer, case):
     bad, reason = BAD_CASES[case]
     path = _file(tmp_path, bad)
     with pytest.raises(DataError) as info:
-        load_or_build(path, "sha-" + case, tokenizer, data_cfg(), tmp_path / "cache")
+        load_or_build(path, hash_file(path), tokenizer, data_cfg(), tmp_path / "cache")
     assert f"{path}:2: " in str(info.value) and reason in str(info.value)
     assert "data.on_bad_line: skip" in str(info.value)
     assert not list((tmp_path / "cache").glob("*/COMPLETE")), "nothing cached from a failed build"
@@ -47,7 +47,7 @@ def test_fail_names_file_line_and_reason(tmp_path, tokenizer, case):
 @pytest.mark.parametrize("case", sorted(BAD_CASES))
 def test_skip_counts_bad_lines(tmp_path, tokenizer, case):
     path = _file(tmp_path, BAD_CASES[case][0], good_lines=199)
-    store, _ = load_or_build(path, "sha-" + case, tokenizer,
+    store, _ = load_or_build(path, hash_file(path), tokenizer,
                              data_cfg(on_bad_line="skip", max_bad_fraction=0.05), tmp_path / "c")
     assert store.meta["bad_lines"] == 1 and len(store) == 200
     assert f"{path}:2" in store.meta["bad_line_samples"][0]
@@ -56,22 +56,24 @@ def test_skip_counts_bad_lines(tmp_path, tokenizer, case):
 def test_skip_fails_above_max_bad_fraction(tmp_path, tokenizer):
     path = _file(tmp_path, BAD_CASES["wrong_keys"][0] * 5, good_lines=5)
     with pytest.raises(DataError, match=r"5 of 11 lines are bad \(45.5%, above data.max_bad_"):
-        load_or_build(path, "sha", tokenizer, data_cfg(on_bad_line="skip"), tmp_path / "c")
+        load_or_build(path, hash_file(path), tokenizer, data_cfg(on_bad_line="skip"), tmp_path / "c")
 
 
 def test_empty_file(tmp_path, tokenizer):
     path = tmp_path / "empty.jsonl"
     path.write_text("\n\n")
     with pytest.raises(DataError, match="no examples"):
-        load_or_build(path, "sha", tokenizer, data_cfg(), tmp_path / "c")
+        load_or_build(path, hash_file(path), tokenizer, data_cfg(), tmp_path / "c")
 
 
 def test_cache_is_reused_and_keyed_by_settings(tmp_path, tokenizer):
     path = write_dataset(tmp_path / "d.jsonl", 60)
-    a, reused_a = load_or_build(path, "sha1", tokenizer, data_cfg(), tmp_path / "c")
-    b, reused_b = load_or_build(path, "sha1", tokenizer, data_cfg(), tmp_path / "c")
-    c, reused_c = load_or_build(path, "sha1", tokenizer, data_cfg(max_length=64), tmp_path / "c")
-    d, reused_d = load_or_build(path, "sha2", tokenizer, data_cfg(), tmp_path / "c")
+    other = write_dataset(tmp_path / "e.jsonl", 60, 1)
+    sha = hash_file(path)
+    a, reused_a = load_or_build(path, sha, tokenizer, data_cfg(), tmp_path / "c")
+    b, reused_b = load_or_build(path, sha, tokenizer, data_cfg(), tmp_path / "c")
+    c, reused_c = load_or_build(path, sha, tokenizer, data_cfg(max_length=64), tmp_path / "c")
+    d, reused_d = load_or_build(other, hash_file(other), tokenizer, data_cfg(), tmp_path / "c")
     assert (reused_a, reused_b, reused_c, reused_d) == (False, True, False, False)
     assert a.root == b.root and len({a.root, c.root, d.root}) == 3
     assert (a.ids == b.ids).all() and c.meta["truncated_examples"] > 0
@@ -99,7 +101,7 @@ def test_memory_does_not_grow_with_the_dataset(tmp_path, tokenizer):
     watcher = threading.Thread(target=watch)
     watcher.start()
     try:
-        store, _ = load_or_build(path, "big", tokenizer, data_cfg(), tmp_path / "c")
+        store, _ = load_or_build(path, hash_file(path), tokenizer, data_cfg(), tmp_path / "c")
     finally:
         done.set()
         watcher.join()

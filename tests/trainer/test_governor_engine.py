@@ -27,6 +27,7 @@ from trainer.engine import Trainer, token_loss_sum
 from trainer.governor import GovernorGaveUp, GovernorGuard
 from trainer.run_job import _StopFlag, build_spec, run
 from tests.trainer.test_training import FAST, ckpt_root, claim, make_realm
+from tests.trainer.test_training import record as training_record
 
 LN_V = math.log(512)
 
@@ -135,7 +136,7 @@ def test_a_short_job_at_learning_rate_50_fails_and_leaves_the_campaign_as_it_was
     sidecar = add_job(paths, "hot.jsonl", training={"learning_rate": 50.0,
                                                     "max_steps": max_steps})
     assert run(paths, sidecar) == exitcodes.PERMANENT
-    record = json.loads(sidecar.read_text())
+    record = training_record(paths, sidecar)
     assert record["last_error"].startswith("governor approved no state of this job")
     assert "Lower training.learning_rate (it was 50)" in record["last_error"]
     assert record["governor"]["final"]["approved"] is False

@@ -15,6 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from core import exitcodes
+from core.job_protocol import JobFiles
 from core.paths import RealmPaths, init_layout
 from core.training_queue import TrainingQueue
 from guild.campaigns import create_campaign
@@ -44,6 +45,18 @@ def claim(paths: RealmPaths, n: int = 120, seed: int = 0, name: str = "d.jsonl")
     return paths.base / (job.dataset_path + ".job.json")
 
 
+def record(paths: RealmPaths, sidecar: Path) -> dict:
+    """What the child reported (it never writes the sidecar): the sidecar with the outcome's
+    results, reason and resume point applied, as the daemon records them."""
+    job = json.loads(sidecar.read_text())
+    out = JobFiles.of(paths.status, job["id"]).read_outcome()
+    assert out is not None, "the child wrote no outcome"
+    assert job.get("final_step") is None and job.get("last_error") is None, \
+        "the child wrote into the sidecar"
+    return {**job, **out.results, "last_error": out.reason, "resume": out.resume,
+            "kind": out.kind}
+
+
 def ckpt_root(paths: RealmPaths) -> Path:
     return paths.campaigns / "tiny-qwen3" / "c1" / "checkpoints"
 
@@ -57,7 +70,7 @@ def test_job_trains_records_results_and_next_job_continues(tmp_path):
     paths = make_realm(tmp_path / "r")
     sidecar = claim(paths)
     assert run(paths, sidecar) == exitcodes.COMPLETED
-    job = json.loads(sidecar.read_text())
+    job = record(paths, sidecar)
     assert (job["start_step"], job["final_step"]) == (0, 12)
     assert job["final_loss"] < 5.5 and job["tokens_per_sec_avg"] > 0
     assert job["config_hash"].startswith("sha256:")
@@ -67,7 +80,7 @@ def test_job_trains_records_results_and_next_job_continues(tmp_path):
     TrainingQueue(paths.base).complete(TrainingQueue(paths.base).find(job["id"]))
     second = claim(paths, seed=1, name="e.jsonl")
     assert run(paths, second) == exitcodes.COMPLETED
-    job2 = json.loads(second.read_text())
+    job2 = record(paths, second)
     assert (job2["start_step"], job2["final_step"]) == (12, 24), "job N+1 starts where N ended"
 
 
@@ -88,7 +101,7 @@ def test_stop_request_checkpoints_and_resume_matches_uninterrupted(tmp_path):
             return self.calls >= 5
 
     assert run(stopped, sidecar, stop=StopAtStepFive()) == exitcodes.STOPPED
-    resume = json.loads(sidecar.read_text())["resume"]
+    resume = record(stopped, sidecar)["resume"]
     assert resume["step"] == 5 and resume["checkpoint"].endswith("checkpoints/step-5")
     assert run(stopped, sidecar) == exitcodes.COMPLETED
     a, b = final_weights(straight), final_weights(stopped)
@@ -134,7 +147,7 @@ def test_a_retry_after_the_final_checkpoint_does_not_train_the_dataset_again(tmp
     before = sorted(p.name for p in ckpt_root(paths).iterdir())
     weights = final_weights(paths)
     assert run(paths, sidecar) == exitcodes.COMPLETED  # the retry
-    job = json.loads(sidecar.read_text())
+    job = record(paths, sidecar)
     assert sorted(p.name for p in ckpt_root(paths).iterdir()) == before
     assert (job["start_step"], job["final_step"]) == (0, 12)
     assert job["metadata"]["data"]["already_trained"] is True and job["final_loss"] is not None
@@ -151,7 +164,7 @@ def test_bad_data_is_a_permanent_failure_with_the_line(tmp_path):
     job = q.claim_next()
     sidecar = paths.base / (job.dataset_path + ".job.json")
     assert run(paths, sidecar) == exitcodes.PERMANENT
-    error = json.loads(sidecar.read_text())["last_error"]
+    error = record(paths, sidecar)["last_error"]
     assert "bad.jsonl:2: none of 'text'" in error
 
 
@@ -163,7 +176,7 @@ def test_mismatching_locked_checkpoint_is_refused_with_a_diff(tmp_path):
     (ckpt / "locked.json").write_text(json.dumps({**locked, "vocab_size": 1024}))
     sidecar = claim(paths, name="again.jsonl")
     assert run(paths, sidecar) == exitcodes.PERMANENT
-    error = json.loads(sidecar.read_text())["last_error"]
+    error = record(paths, sidecar)["last_error"]
     assert "vocab_size: checkpoint has 1024, campaign has 512" in error
 
 
@@ -173,4 +186,4 @@ def test_no_campaign_is_a_clear_permanent_error(tmp_path):
     init_layout(paths)
     sidecar = claim(paths)
     assert run(paths, sidecar) == exitcodes.PERMANENT
-    assert "realm campaign create" in json.loads(sidecar.read_text())["last_error"]
+    assert "realm campaign create" in record(paths, sidecar)["last_error"]

@@ -5,6 +5,12 @@
 the dataset's sha256, the tokenizer fingerprint and the data settings that change tokens, so a
 changed dataset, tokenizer or setting never reuses stale tokens. A build writes into a temp folder
 and renames it into place; memory does not grow with the file (one line and one chunk at a time).
+
+The bytes trained are the bytes recorded: a build hashes the file in the same pass that
+tokenizes it and is kept only when that hash is the sha256 recorded at adoption, so the key
+always names the bytes actually read (a file replaced after adoption never lands in the cache
+under the genuine file's key). A cache hit still reads the file once to hash it. A mismatch is a
+``DataError`` (permanent).
 """
 
 from __future__ import annotations
@@ -15,12 +21,13 @@ import os
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
 from core.fsutil import fsync_dir, rename_noreplace, write_json_atomic
-from trainer.data.reader import (BadLine, BadLineCounter, DataError, check_bad_fraction,
-                                 iter_examples, reject)
+from trainer.data.reader import (READ_CHUNK, BadLine, BadLineCounter, DataError,
+                                 check_bad_fraction, iter_examples, reject)
 from trainer.data.tokenize import tokenize, tokenizer_fingerprint
 
 CACHE_VERSION = 1
@@ -64,18 +71,42 @@ def open_store(root: Path) -> TokenStore:
     return TokenStore(root, ids, trained, np.load(root / "starts.npy"), meta)
 
 
+def check_read(dataset: Path, recorded: str, read: str) -> None:
+    """DataError unless the bytes read hash to the sha256 recorded at adoption."""
+    if read != recorded:
+        raise DataError(f"{dataset}: dataset changed after adoption: recorded sha256 "
+                        f"{recorded[:16]}..., read {read[:16]}...; nothing was trained on it. "
+                        "Add it again with `realm queue add` (a new job records the new bytes).")
+
+
+def hash_file(dataset: Path, tick: Callable[[], None] | None = None) -> str:
+    hasher = hashlib.sha256()
+    with open(dataset, "rb") as fh:
+        while chunk := fh.read(READ_CHUNK):
+            hasher.update(chunk)
+            if tick is not None:
+                tick()
+    return hasher.hexdigest()
+
+
 def load_or_build(dataset: Path, dataset_sha256: str, tokenizer, data_cfg,
-                  cache_root: Path) -> tuple[TokenStore, bool]:
-    """(store, reused): the cached tokens for this dataset and settings, building them if needed."""
+                  cache_root: Path, tick: Callable[[], None] | None = None
+                  ) -> tuple[TokenStore, bool]:
+    """(store, reused): the cached tokens for this dataset and settings, building them if needed.
+    ``tick`` is called per line or chunk read (a sign of life for the daemon)."""
+    if not dataset_sha256:
+        raise DataError(f"{dataset}: no recorded sha256 for this dataset; add it again with "
+                        "`realm queue add`.")
     root = cache_root / cache_key(dataset_sha256, tokenizer, data_cfg)
     if (root / "COMPLETE").exists():
+        check_read(dataset, dataset_sha256, hash_file(dataset, tick))
         return open_store(root), True
     cache_root.mkdir(parents=True, exist_ok=True)
     tmp = cache_root / f".{root.name}.{os.getpid()}.tmp"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir()
     try:
-        _build(dataset, tokenizer, data_cfg, tmp)
+        _build(dataset, tokenizer, data_cfg, tmp, dataset_sha256, tick)
         try:
             rename_noreplace(tmp, root)
         except FileExistsError:
@@ -116,13 +147,18 @@ class _Writer:
             fh.close()
 
 
-def _build(dataset: Path, tokenizer, data_cfg, root: Path) -> None:
+def _build(dataset: Path, tokenizer, data_cfg, root: Path, recorded_sha256: str,
+           tick: Callable[[], None] | None = None) -> None:
     counter = BadLineCounter()
     writer = _Writer(root)
     stats = {"truncated": 0, "trained_tokens": 0, "dropped": 0}
+    hasher = hashlib.sha256()
     try:
         for example in iter_examples(dataset, forced=data_cfg.format,
-                                     on_bad_line=data_cfg.on_bad_line, counter=counter):
+                                     on_bad_line=data_cfg.on_bad_line, counter=counter,
+                                     hasher=hasher, tick=tick):
+            if tick is not None:
+                tick()
             try:
                 tok = tokenize(tokenizer, example, max_length=data_cfg.max_length,
                                train_on_inputs=data_cfg.train_on_inputs)
@@ -137,6 +173,7 @@ def _build(dataset: Path, tokenizer, data_cfg, root: Path) -> None:
             writer.add(tok.ids, tok.trained)
     finally:
         writer.close()
+    check_read(dataset, recorded_sha256, hasher.hexdigest())
     check_bad_fraction(dataset, counter, data_cfg.max_bad_fraction)
     if len(writer.starts) == 1:
         raise DataError(f"{dataset}: every example lost all its trained tokens to truncation at "

@@ -2,9 +2,12 @@
 
 Formats, detected per line unless ``data.format`` forces one: ``{"text"}``,
 ``{"prompt", "completion"}``, ``{"messages": [{"role", "content"}, ...]}``. Memory holds one line
-at a time. Under ``on_bad_line: fail`` the first bad line raises ``DataError``; under ``skip`` bad
-lines are counted (``BadLineCounter``) and the job fails when more than ``max_bad_fraction`` of
-the lines are bad.
+at a time, and never more than ``MAX_LINE_BYTES`` of it: a longer line is a bad line (it is
+skipped through without being held). A line nested deeper than ``MAX_DEPTH`` is a bad line too
+(never a RecursionError). Under ``on_bad_line: fail`` the first bad line raises ``DataError``;
+under ``skip`` bad lines are counted (``BadLineCounter``) and the job fails when more than
+``max_bad_fraction`` of the lines are bad. ``hasher`` (a hashlib object) sees every byte read,
+so one pass both trains and proves which bytes were trained.
 """
 
 from __future__ import annotations
@@ -12,11 +15,15 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from core.errors import InputError
+from core.validate import MAX_DEPTH, nesting_depth
 
 ROLES = ("system", "user", "assistant", "tool")
+MAX_LINE_BYTES = 16 << 20
+"""Longest dataset line accepted (16 MiB); memory never holds more of one line than this."""
+READ_CHUNK = 1 << 20
 
 
 class DataError(InputError):
@@ -80,10 +87,16 @@ def parse_line(raw: bytes, forced: str = "auto") -> tuple[str, dict]:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BadLine(f"not UTF-8 (byte {exc.start}: {exc.reason})") from None
+    # counting brackets is C-fast; the exact (Python) depth scan runs only on bracket-rich lines
+    if text.count("[") + text.count("{") > MAX_DEPTH and nesting_depth(text) > MAX_DEPTH:
+        raise BadLine(f"JSON nested {nesting_depth(text)} deep; at most {MAX_DEPTH} levels are "
+                      "accepted")
     try:
         obj = json.loads(text)
     except json.JSONDecodeError as exc:
         raise BadLine(f"invalid JSON at column {exc.colno}: {exc.msg}") from None
+    except RecursionError:
+        raise BadLine("JSON nested too deep to parse") from None
     if not isinstance(obj, dict):
         raise BadLine(f"a line must be a JSON object, got {type(obj).__name__}")
     kind = _kind(obj, forced)
@@ -99,12 +112,60 @@ def parse_line(raw: bytes, forced: str = "auto") -> tuple[str, dict]:
     return kind, obj
 
 
+class _TooLong:
+    """Stands for a line over ``MAX_LINE_BYTES`` (its bytes were hashed, not kept)."""
+
+    def __init__(self, size: int):
+        self.size = size
+
+
+def iter_lines(fh, *, hasher=None, max_bytes: int = MAX_LINE_BYTES,
+               tick: Callable[[], None] | None = None) -> Iterator[bytes | _TooLong]:
+    """Lines of a binary file (without the newline), each at most ``max_bytes``: a longer one
+    comes out as ``_TooLong`` after it has been read through. Every byte goes to ``hasher``."""
+    part, dropped = bytearray(), 0
+    while True:
+        chunk = fh.read(READ_CHUNK)
+        if tick is not None:
+            tick()
+        if not chunk:
+            break
+        if hasher is not None:
+            hasher.update(chunk)
+        start = 0
+        while True:
+            end = chunk.find(b"\n", start)
+            piece = chunk[start:] if end < 0 else chunk[start:end]
+            if dropped or len(part) + len(piece) > max_bytes:
+                dropped += len(part) + len(piece)
+                part.clear()
+            else:
+                part += piece
+            if end < 0:
+                break
+            yield _TooLong(dropped) if dropped else bytes(part)
+            part.clear()
+            dropped, start = 0, end + 1
+    if dropped:
+        yield _TooLong(dropped)
+    elif part:
+        yield bytes(part)
+
+
 def iter_examples(path: Path, *, forced: str = "auto", on_bad_line: str = "fail",
-                  counter: BadLineCounter | None = None) -> Iterator[Example]:
-    """Yield examples one line at a time; blank lines are ignored."""
+                  counter: BadLineCounter | None = None, hasher=None,
+                  tick: Callable[[], None] | None = None) -> Iterator[Example]:
+    """Yield examples one line at a time; blank lines are ignored. With ``hasher``, the whole
+    file is read (and hashed) even past the last example."""
     counter = counter if counter is not None else BadLineCounter()
     with open(path, "rb") as fh:
-        for number, raw in enumerate(fh, 1):
+        for number, raw in enumerate(iter_lines(fh, hasher=hasher, tick=tick), 1):
+            if isinstance(raw, _TooLong):
+                counter.total += 1
+                reject(path, number, f"the line is {raw.size:,} bytes, over the limit of "
+                       f"{MAX_LINE_BYTES:,} (MAX_LINE_BYTES); split it into smaller examples",
+                       on_bad_line, counter)
+                continue
             if not raw.strip():
                 continue
             counter.total += 1
