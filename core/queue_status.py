@@ -11,7 +11,7 @@ from datetime import datetime, timezone
 from typing import Any
 
 from core.job import Job
-from core.paths import PRIORITIES, STATE_FOLDERS
+from core.paths import PRIORITIES, STATE_FOLDERS, layout_problems
 from core.training_queue import TrainingQueue, claim_order
 
 STATUS_SCHEMA = 1
@@ -50,7 +50,8 @@ def _counts(queue: TrainingQueue, problems: list) -> tuple[dict, dict, int]:
 
 
 def build_status(queue: TrainingQueue, recent: int = 5) -> dict[str, Any]:
-    problems: list[dict] = []
+    problems: list[dict] = [{"path": p.split(" ", 1)[0], "problem": p}
+                            for p in layout_problems(queue.paths)]
     counts, by_priority, waiting = _counts(queue, problems)
     in_progress = []
     for job in queue.jobs_in("processing", problems):

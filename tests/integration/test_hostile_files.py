@@ -100,6 +100,8 @@ def test_a_symlinked_queue_folder_is_a_layout_problem(realm, tmp_path, folder):
     realm.state_dir(folder).symlink_to(outside)
     problems = layout_problems(realm)
     assert len(problems) == 1 and f"queue/{folder} is a symlink" in problems[0]
+    assert f"queue/{folder} is a symlink" in problems_of(TrainingQueue(realm.base))[
+        f"queue/{folder}"]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="mounting a tmpfs needs root")
