@@ -35,7 +35,7 @@ def add_common_flags(parser) -> None:
 
 
 MAX_SET_CHARS = 10_000
-"""Longest ``--set KEY=VALUE`` item accepted (a config value is a number, a word or a short list)."""
+"""Longest ``--set KEY=VALUE`` item accepted (a value is a number, a word or a short list)."""
 
 
 def parse_sets_checked(items: list[str] | None) -> dict:

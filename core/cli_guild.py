@@ -59,7 +59,8 @@ def cmd_campaign_create(args) -> int:
     from guild.campaigns import create_campaign
 
     campaign = create_campaign(realm_paths(args), args.name, args.hero,
-                               overrides=parse_sets_checked(args.set), description=args.description or "",
+                               overrides=parse_sets_checked(args.set),
+                               description=args.description or "",
                                activate_it=not args.no_activate)
     state = "active" if not args.no_activate else "not activated"
     print(f"created campaign {campaign.ref} ({state}); config {campaign.config_hash[:19]}, "

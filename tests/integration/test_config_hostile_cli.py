@@ -104,7 +104,8 @@ def test_plan_reports_config_problems_and_exits_0(hrealm):
     assert out.returncode == 0, out.stderr
     text = out.stdout
     assert "problem: config: 2 config problems" in text, text
-    assert "daemon.poll_interval: must be between 0.05 and 604800.0, got 0.0 (set by the realm" in text
+    assert "daemon.poll_interval: must be between 0.05 and 604800.0, got 0.0 (set by the " \
+           "realm layer" in text
     assert "training.seed: expected an integer, got 1e+29 (from the cli layer, --set)" in text
     assert "queue/high/b.jsonl.job.json: campaign_id" in text and "at most 64" in text
     assert tree(hrealm.base) == before

@@ -48,7 +48,7 @@ def job_layer(paths: RealmPaths, job: Job) -> Layer:
     return Layer("job", _rel(paths, sidecar), job.overrides)
 
 
-def _check_job_names(paths: RealmPaths, job: Job) -> None:
+def _check_job_names(job: Job) -> None:
     """A sidecar's hero_id / campaign_id must be safe names before they become paths: a
     300-character one is refused naming the sidecar, never an ENAMETOOLONG from the OS."""
     for field_name in ("hero_id", "campaign_id"):
@@ -69,7 +69,7 @@ def _check_job_names(paths: RealmPaths, job: Job) -> None:
 def _choose(paths: RealmPaths, hero_id: str | None, campaign: Campaign | str | None,
             job: Job | None) -> tuple[HeroProfile, Campaign | None]:
     if job is not None:
-        _check_job_names(paths, job)
+        _check_job_names(job)
     if job is not None and job.campaign_id:
         ref = job.campaign_id if "/" in job.campaign_id or not job.hero_id else \
             f"{job.hero_id}/{job.campaign_id}"
@@ -95,7 +95,7 @@ class CampaignOf:
 
     def __init__(self, paths: RealmPaths):
         self.paths = paths
-        self._memo: dict[tuple[str | None, str | None], str | None] = {}
+        self._memo: dict[tuple[str, str], str | None] = {}
 
     def __call__(self, job: Job) -> str | None:
         key = (repr(job.campaign_id)[:200], repr(job.hero_id)[:200])
