@@ -12,7 +12,7 @@ import pytest
 
 from core.paths import RealmPaths
 from guild.heroes import install_shipped
-from tests.conftest import drop, tree
+from tests.conftest import drop, tree, write_dataset
 
 
 def realm_cmd(base, *args):
@@ -27,8 +27,11 @@ def hrealm(realm: RealmPaths) -> RealmPaths:
     return realm
 
 
-def test_daemon_refuses_bad_cli_layer_before_claiming(hrealm):
-    drop(hrealm, "normal", "a.jsonl")
+def test_daemon_refuses_bad_cli_layer_before_claiming(hrealm, tmp_path):
+    from core.training_queue import TrainingQueue
+
+    job = TrainingQueue(hrealm.base).add(write_dataset(tmp_path / "q.jsonl"))  # adopted, queued
+    drop(hrealm, "normal", "a.jsonl")  # not adopted yet
     before = tree(hrealm.queue)
     for args, message in [
         (["--set", "training.x=1"], "unknown key 'training.x'"),
@@ -43,6 +46,7 @@ def test_daemon_refuses_bad_cli_layer_before_claiming(hrealm):
         assert message in out.stderr and "Traceback" not in out.stderr, (args, out.stderr)
     assert tree(hrealm.queue) == before, "nothing adopted, claimed or moved"
     assert (hrealm.state_dir("normal") / "a.jsonl").is_file()
+    assert (hrealm.base / job.dataset_path).is_file() and job.dataset_path.startswith("queue/normal/")
 
 
 def test_daemon_poll_refused_at_parse_time(hrealm):
