@@ -18,6 +18,8 @@ missing layout folders are recreated at the top of every round. Never imports to
 
 from __future__ import annotations
 
+import contextlib
+import errno
 import json
 import os
 import signal
@@ -176,6 +178,8 @@ class Daemon:
         self._round_failed = False
         self._space_wanted: tuple[float, str] | None = None
         """After a job met ENOSPC: (free GB to wait for, why), until the disk has it."""
+        self._unrecorded: list[tuple[Job, ChildEnd, Outcome]] = []
+        """Outcomes whose recording failed (a damaged sidecar...): tried again every round."""
         self.keep_last = keep_last
         self.progress = ProgressView()
 
@@ -235,6 +239,7 @@ class Daemon:
         created = init_layout(self.paths)
         if created:
             log.warning("daemon.layout_recreated", folders=[str(p) for p in created])
+        self._record_again()
         self.reap_dead_leases()
         if not self.resources_ok():
             return False
@@ -369,16 +374,22 @@ class Daemon:
         sidecar = sidecar_path(self.paths.base / job.dataset_path)
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": self.device_set.visible}
         ranks = self.device_set.ranks
-        child = Child(child_command(self.paths.base, sidecar, self.extra_args, ranks),
-                      self.paths.logs / "jobs" / f"{job.id}.log",
-                      JobFiles.of(self.paths.status, job.id), env, group=ranks > 1)
+        try:
+            child = Child(child_command(self.paths.base, sidecar, self.extra_args, ranks),
+                          self.paths.logs / "jobs" / f"{job.id}.log",
+                          JobFiles.of(self.paths.status, job.id), env, group=ranks > 1)
+        except OSError as exc:  # e.g. ENOSPC on the job log: the job goes back, visibly
+            why = f"could not start the training child: {exc}"
+            kind = "no_space" if exc.errno == errno.ENOSPC else "crash"
+            return self._record(job, ChildEnd(None, None, why), Outcome(
+                exitcodes.CRASHED, kind, why, resume=job.resume))
         log.info("job.started", job_id=job.id, child_pid=child.pid)
         self._write_status("training", job_id=job.id, child_pid=child.pid)
         try:
             self._supervise(job, child)
-        finally:
-            if child.proc.poll() is None and self.stop_requests == 0:
-                child.kill("the daemon failed while supervising it")
+        except Exception as exc:  # noqa: BLE001 - never leave a child unwatched
+            log.error("job.supervise_failed", job_id=job.id, traceback=traceback.format_exc())
+            child.kill(f"the daemon failed while supervising it: {type(exc).__name__}: {exc}")
         end = child.end()
         self.progress.close()
         outcome = child.outcome(end)
@@ -463,10 +474,23 @@ class Daemon:
             log.error("job.record_failed", job_id=job.id, outcome=outcome.to_dict(),
                       error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
             self.say(f"  could not record {job.id} ({outcome.kind}: {outcome.reason}): "
-                     f"{type(exc).__name__}: {exc}")
+                     f"{type(exc).__name__}: {exc}; trying again every round")
+            self._unrecorded.append((job, end, outcome))
             moved = job
-        JobFiles.of(self.paths.status, job.id).remove()  # alive, stop, outcome, progress
+        with contextlib.suppress(OSError):
+            JobFiles.of(self.paths.status, job.id).remove()  # alive, stop, outcome, progress
         return moved
+
+    def _record_again(self) -> None:
+        """Outcomes that could not be recorded: try again (the sidecar may be fixed or
+        restored now); a job that is no longer ours is dropped by ``_move_by_outcome``."""
+        pending, self._unrecorded = self._unrecorded, []
+        for job, end, outcome in pending:
+            try:
+                self.say(_describe(self._move_by_outcome(job, end, outcome), outcome))
+            except Exception as exc:  # noqa: BLE001 - still blocked: keep it, quietly
+                log.debug("job.record_still_failing", job_id=job.id, error=str(exc))
+                self._unrecorded.append((job, end, outcome))
 
     def _move_by_outcome(self, job: Job, end: ChildEnd, outcome: Outcome) -> Job:
         if not self._still_ours(job):  # fenced: never move a job another daemon holds now

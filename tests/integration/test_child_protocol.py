@@ -187,15 +187,23 @@ def test_faults_in_the_middle_of_a_job_leave_the_daemon_running(tmp_path):
     paths = realm_with_job(tmp_path)
     set_daemon(paths, max_attempts=1)
     daemon = subprocess.Popen([sys.executable, "-m", "core.cli", "--base-dir", str(paths.base),
-                               "daemon", "--poll", "0.3", "--max-steps", "4"], stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True, env=daemon_env())
+                               "daemon", "--poll", "0.3", "--max-steps", "4"],
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=daemon_env())
     try:
         sidecar = paths.state_dir("processing") / "job.jsonl.job.json"
         wait_for(lambda: any("step:" in f.read_text() for f in
                              (paths.status / "jobs").glob("*.alive")), what="a training step")
+        genuine = sidecar.read_text()
         sidecar.write_text("{not json")  # a person (or a script) overwrote the record
         wait_for(lambda: not list((paths.status / "jobs").glob("*.alive")), what="job end")
         assert daemon.poll() is None, "the daemon survived a garbage sidecar"
+        if sidecar.exists() and sidecar.read_text() == "{not json":
+            sidecar.write_text(genuine)  # fixed in place: the daemon records it next round
+        wait_for(lambda: (paths.state_dir("completed") / "job.jsonl.job.json").exists(),
+                 what="the first job recorded as completed")
+        done = json.loads((paths.state_dir("completed") / "job.jsonl.job.json").read_text())
+        assert done["final_step"] == 4 and done["final_loss"] is not None
         shutil.rmtree(paths.state_dir("processing"))  # queue/processing removed
         (paths.state_dir("normal") / "next.jsonl.job.json").write_text('{"campaign_id": "nope"}')
         write_dataset(paths.state_dir("normal") / "next.jsonl", 4)

@@ -109,3 +109,30 @@ def test_retention_during_a_job_touches_only_that_jobs_resume_points(tmp_path, t
         save(tmp_path, step, tiny_model, tokenizer, job="b")
     apply_retention(tmp_path, keep_last=1, job_id="b")
     assert [c.step for c in complete_checkpoints(tmp_path)] == [1, 4]
+
+
+class _Evil:
+    def __reduce__(self):
+        import os
+
+        return (os.system, ("touch PWNED",))
+
+
+def test_a_malicious_pickle_is_a_permanent_refusal_naming_the_folder(tmp_path, tiny_model,
+                                                                     tokenizer, monkeypatch):
+    import pickle
+
+    from core.errors import InputError
+    from trainer.checkpoint import UnsafeCheckpoint
+
+    monkeypatch.chdir(tmp_path)
+    root = tmp_path / "campaigns" / "h" / "c" / "checkpoints"
+    ckpt = save(root, 3, tiny_model, tokenizer)
+    (ckpt.path / "trainer_state.pt").write_bytes(pickle.dumps({"optimizer": _Evil()}))
+    with pytest.raises(UnsafeCheckpoint) as info:
+        ckpt.torch_state()
+    message = str(info.value)
+    assert isinstance(info.value, InputError), "permanent: never retried as a crash"
+    assert f"move the folder step-3 out of {root}" in message
+    assert "weights_only" not in message
+    assert not (tmp_path / "PWNED").exists()

@@ -25,6 +25,7 @@ from trainer.config.loader import cli_layer
 from trainer.data.packing import collate
 from trainer.engine import Trainer, token_loss_sum
 from trainer.governor import GovernorGaveUp, GovernorGuard
+from core.job_protocol import JobFiles
 from trainer.run_job import _StopFlag, build_spec, run
 from tests.trainer.test_training import FAST, ckpt_root, claim, make_realm
 from tests.trainer.test_training import record as training_record
@@ -106,7 +107,9 @@ def head_job(paths) -> None:
     """A first completed job: the campaign's head that later jobs continue from."""
     assert run(paths, claim(paths)) == exitcodes.COMPLETED
     queue = TrainingQueue(paths.base)
-    queue.complete(queue.jobs_in("processing")[0])
+    job = queue.jobs_in("processing")[0]
+    # record it as the daemon does: the child reports its results in its outcome file
+    queue.complete(job, **JobFiles.of(paths.status, job.id).read_outcome().results)
 
 
 def add_job(paths, name: str, n: int = 300, kinds=("messages",), priority="normal", **sets):

@@ -47,3 +47,19 @@ def test_loaded_config_must_match_the_locked_block(tmp_path, hero, tiny_model, t
     with pytest.raises(ConfigError, match="vocab_size 512 != locked 1024"):
         load_model(pretrained_hero(hero, tmp_path / "m"),
                    {**LOCKED, "vocab_size": 1024})
+
+
+def test_a_model_folder_that_needs_custom_code_is_refused_clearly(tmp_path, hero, tiny_model,
+                                                                  tokenizer):
+    import json
+
+    folder = tmp_path / "m"
+    tiny_model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    config = json.loads((folder / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForCausalLM": "modeling_evil.EvilForCausalLM"}
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "modeling_evil.py").write_text("raise SystemExit('custom code ran')\n")
+    with pytest.raises(InputError, match=r"needs custom code \(config.json has auto_map.*never "
+                                         r"runs code from a model folder"):
+        load_model(pretrained_hero(hero, folder), LOCKED)
