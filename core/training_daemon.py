@@ -52,7 +52,8 @@ class DrainSummary:
     failed: list[Job] = field(default_factory=list)
     requeued: list[Job] = field(default_factory=list)
     left_queued: int = 0
-    """--once: jobs still queued when the disk/memory guard stopped the drain."""
+    """--once: jobs still queued (or settling in an inbox) when the disk/memory guard stopped
+    the drain."""
     guard: str | None = None
     """--once: why the guard claimed nothing (None when it did not stop the drain)."""
 
@@ -208,7 +209,7 @@ class Daemon:
                     wakeups.wait(self._wait_seconds())
             if self.once and self._guard_said:
                 self.summary.guard = self._guard_said
-                self.summary.left_queued = len(self.queue.queued())
+                self.summary.left_queued = self._guarded(self._left_queued, 0)
         finally:
             wakeups.close()
             last = {"reason": f"not claiming: {self._guard_said}"} if self._guard_said else {}
@@ -272,6 +273,11 @@ class Daemon:
         """Files still settling, or queued jobs (another daemon may have adopted them between
         our scan and our claim)."""
         return self._settling() or bool(self.queue.queued())
+
+    def _left_queued(self) -> int:
+        """Queued jobs and files still settling in an inbox."""
+        settling = sum(why == "waiting" for p in PRIORITIES for _, why in self.queue.waiting(p))
+        return len(self.queue.queued()) + settling
 
     def _settling(self) -> bool:
         return any(why == "waiting" for p in PRIORITIES for _, why in self.queue.waiting(p))
