@@ -30,7 +30,8 @@ def test_reduced_soak_loses_nothing_duplicates_nothing_and_saves_only_loadable_f
             result["file_faults_wrong"]) == (0, 0, 0, 0, 0), result
     assert result["completed"] + result["failed"] == result["dropped"] == 4, result
     assert result["checkpoints_checked"] >= result["completed"] and result["retries"] >= 1, result
-    assert result["kills"] == {"daemon-kill": 1, "daemon-term": 1, "child-kill": 1}, result
+    # a child kill finding no child within 10 s hits its daemon instead; the warm stop stays
+    assert sum(result["kills"].values()) == 3 and result["kills"].get("daemon-term") == 1, result
     faults = result["file_faults"]
     assert faults["delete"] == faults["replace"] == faults["corrupt"] == 1, result
     outcomes = result["file_fault_outcomes"]
