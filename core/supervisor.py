@@ -40,7 +40,7 @@ _PR_SET_PDEATHSIG = 1
 STARTUP_GRACE = 120.0
 """Seconds a child may stay in setup (imports, model load, tokenizing between two signs of life)
 before its first optimizer step, whatever job_timeout says. ``REALM_TEST_STARTUP_GRACE``
-(test-only) shortens it."""
+(test-only) replaces it, and wins over ``daemon.setup_timeout``."""
 
 
 def setup_limit(daemon_cfg) -> tuple[float, str]:
@@ -48,9 +48,10 @@ def setup_limit(daemon_cfg) -> tuple[float, str]:
     optimizer step: ``daemon.setup_timeout`` where the schema has it, else
     max(daemon.job_timeout, startup grace)."""
     explicit = getattr(daemon_cfg, "setup_timeout", None)
-    if explicit:
+    test_grace = os.environ.get("REALM_TEST_STARTUP_GRACE")
+    if explicit and not test_grace:
         return float(explicit), f"daemon.setup_timeout {explicit:g} s"
-    grace = float(os.environ.get("REALM_TEST_STARTUP_GRACE", STARTUP_GRACE))
+    grace = float(test_grace or STARTUP_GRACE)
     limit = max(daemon_cfg.job_timeout, grace)
     return limit, (f"setup limit {limit:g} s = max(daemon.job_timeout {daemon_cfg.job_timeout:g}"
                    f" s, startup grace {grace:g} s)")
