@@ -14,7 +14,7 @@ from typing import Any
 from core.errors import RealmError
 from core.job import Job
 from core.paths import PRIORITIES, RealmPaths
-from core.queue_scan import read_sidecar_json
+from core.queue_scan import digest_file, open_regular, read_sidecar_json
 from core.training_queue import TrainingQueue, claim_order
 
 PLAN_SCHEMA = 1
@@ -44,22 +44,24 @@ def _pseudo_job(paths: RealmPaths, path: Path) -> Job:
     sidecar = path.with_name(path.name + ".job.json")
     user = read_sidecar_json(sidecar) if sidecar.exists() else {}
     user = user if isinstance(user, dict) else {}
-    with open(path, "rb") as fh:
-        examples = sum(1 for line in fh if line.strip())
+    digest = digest_file(path)  # block by block: no FIFO wait, no 200 MB line in memory
     return Job(id="(not adopted yet)", dataset_path=paths.relative(path), dataset_name=path.name,
                hero_id=user.get("hero_id"), campaign_id=user.get("campaign_id"),
-               overrides=user.get("overrides") or {}, num_bytes=path.stat().st_size,
-               num_examples=examples)
+               overrides=user.get("overrides") or {}, num_bytes=digest.num_bytes,
+               num_examples=digest.num_examples)
 
 
 def _first_line_problems(path: Path) -> list[str]:
-    from trainer.data.reader import BadLine, parse_line
+    from trainer.data.reader import BadLine, iter_lines, parse_line
 
     problems = []
-    with open(path, "rb") as fh:
-        numbered = ((n, raw) for n, raw in enumerate(fh, 1) if raw.strip())
+    with open_regular(path) as fh:
+        numbered = ((n, raw) for n, raw in enumerate(iter_lines(fh), 1)
+                    if not isinstance(raw, bytes) or raw.strip())
         for number, raw in itertools.islice(numbered, CHECK_LINES):
             try:
+                if not isinstance(raw, bytes):
+                    raise BadLine(f"the line is {raw.size:,} bytes, over the line limit")
                 parse_line(raw)
             except BadLine as bad:
                 problems.append(f"{path}:{number}: {bad}")
@@ -75,12 +77,14 @@ def _plan_row(paths: RealmPaths, priority: str, path: Path, job: Job | None, cli
               throughput: float | None, ranks: int = 1) -> dict[str, Any]:
     from trainer.config.realm_config import resolve_for
 
-    record = job or _pseudo_job(paths, path)
-    tokens = record.estimated_tokens or math.ceil((record.num_bytes or 0) / 4)
-    row: dict[str, Any] = {"priority": priority, "file": paths.relative(path), "job_id": record.id,
-                           "examples": record.num_examples, "estimated_tokens": tokens,
-                           "problems": _first_line_problems(path)}
-    try:
+    row: dict[str, Any] = {"priority": priority, "file": paths.relative(path),
+                           "job_id": job.id if job else None, "examples": None,
+                           "estimated_tokens": None, "problems": []}
+    try:  # a file replaced by a FIFO or removed since the listing is a problem, not a crash
+        record = job or _pseudo_job(paths, path)
+        tokens = record.estimated_tokens or math.ceil((record.num_bytes or 0) / 4)
+        row.update(job_id=record.id, examples=record.num_examples, estimated_tokens=tokens,
+                   problems=_first_line_problems(path))
         resolved = resolve_for(paths, job=record, cli=cli)
     except _REPORTED as exc:
         row["problems"].append(str(exc))
@@ -129,7 +133,7 @@ def render_plan(plan: dict[str, Any]) -> str:
     for i, r in enumerate(plan["jobs"], 1):
         eta = f", eta {r['eta_seconds']} s" if r.get("eta_seconds") else ""
         lines.append(f"{i:>3}. [{r['priority']}] {r['file']}: {r['examples'] or '?'} examples, "
-                     f"~{r['estimated_tokens']:,} tokens, ~{r.get('estimated_steps', '?')} steps"
+                     f"~{r['estimated_tokens'] or 0:,} tokens, ~{r.get('estimated_steps', '?')} steps"
                      f" of {r.get('global_batch', '?')} rows"
                      f"{eta}; {r.get('hero', '?')} / {r.get('campaign') or '(no campaign)'}")
         for key, s in (r.get("settings") or {}).items():

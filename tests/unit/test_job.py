@@ -11,7 +11,7 @@ from core.errors import IllegalTransition, SidecarError
 from core.job import ALLOWED, TERMINAL, Job, JobState, check_user_sidecar, transition
 
 EXPECTED_ALLOWED = {
-    ("queued", "processing"), ("queued", "skipped"), ("queued", "cancelled"),
+    ("queued", "processing"), ("queued", "skipped"), ("queued", "cancelled"), ("queued", "failed"),
     ("processing", "completed"), ("processing", "failed"), ("processing", "skipped"),
     ("processing", "queued"), ("processing", "cancelled"),
     ("failed", "queued"), ("skipped", "queued"), ("cancelled", "queued"),
