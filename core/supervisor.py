@@ -45,9 +45,9 @@ before its first optimizer step, whatever job_timeout says. ``REALM_TEST_STARTUP
 
 def setup_limit(daemon_cfg) -> tuple[float, str]:
     """(seconds, how it was chosen) a child may go without a sign of life before its first
-    optimizer step: ``daemon.setup_timeout`` where the schema has it, else
-    max(daemon.job_timeout, startup grace)."""
-    explicit = getattr(daemon_cfg, "setup_timeout", None)
+    optimizer step: ``daemon.setup_timeout`` when set, else max(daemon.job_timeout, startup
+    grace)."""
+    explicit = daemon_cfg.setup_timeout
     test_grace = os.environ.get("REALM_TEST_STARTUP_GRACE")
     if explicit and not test_grace:
         return float(explicit), f"daemon.setup_timeout {explicit:g} s"

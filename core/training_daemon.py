@@ -323,15 +323,21 @@ class Daemon:
     # --- resource guard -------------------------------------------------------------------
 
     def disk_floor_gb(self) -> tuple[float, str]:
-        """max(daemon.min_free_disk_gb, newest checkpoint size x (keep_last + 1))."""
+        """max(daemon.min_free_disk_gb, room for the checkpoints still to be written): the
+        newest checkpoint's size x the checkpoints its campaign may still add before retention
+        removes any (keep_last + 1 minus those already there, at least one). Those already on
+        disk are paid for: counting them again would stop a daemon with plenty of room."""
         floor, why = self.cfg.min_free_disk_gb, "daemon.min_free_disk_gb"
         newest = max(self.paths.campaigns.glob("*/*/checkpoints/step-*/COMPLETE"),
                      key=lambda p: p.stat().st_mtime, default=None)
         if newest is not None:
             size = sum(f.stat().st_size for f in newest.parent.iterdir() if f.is_file()) / 2**30
-            needed = size * (self.keep_last + 1)
+            there = sum(1 for _ in newest.parent.parent.glob("step-*/COMPLETE"))
+            to_come = max(1, self.keep_last + 1 - there)
+            needed = size * to_come
             if needed > floor:
-                floor, why = needed, f"checkpoint size {size:.2f} GB x (keep_last + 1)"
+                floor, why = needed, (f"checkpoint size {size:.2f} GB x {to_come} still to be "
+                                      f"written (keep_last + 1 - {there} on disk)")
         return floor, why
 
     def no_space_seen(self, outcome: Outcome) -> None:

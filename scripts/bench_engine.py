@@ -31,7 +31,7 @@ import torch  # noqa: E402
 
 from guild.heroes import load_hero_file, shipped_dir  # noqa: E402
 from trainer.config.loader import resolve, Layer  # noqa: E402
-from trainer.data.cache import load_or_build  # noqa: E402
+from trainer.data.cache import hash_file, load_or_build  # noqa: E402
 from trainer.data.packing import IGNORE, collate, pack_rows  # noqa: E402
 from trainer.engine import JobSpec, Trainer, pick_device, token_loss_sum  # noqa: E402
 from trainer.guard import FiniteGuard  # noqa: E402
@@ -135,7 +135,7 @@ def rate(steps: list[tuple[int, float]]) -> float:
 
 
 def bench_realm(args, tmp: Path, dataset: Path, hero, resolved, governor: bool = True) -> float:
-    spec = JobSpec("bench", dataset, "bench-sha", resolved.config, resolved.locked, hero,
+    spec = JobSpec("bench", dataset, hash_file(dataset), resolved.config, resolved.locked, hero,
                    tmp / "ckpt", tmp / "cache")
     cfg = resolved.config.governor
     inner = GovernorGuard(cfg, resolved.locked["vocab_size"]) if governor else FiniteGuard()
@@ -235,7 +235,7 @@ def main() -> None:
         tmp = Path(name)
         dataset = make_dataset(tmp / "bench.jsonl", args.examples)
         hero, resolved = resolved_config(args)
-        store, _ = load_or_build(dataset, "bench-sha", build_byte_tokenizer(), resolved.config.data,
+        store, _ = load_or_build(dataset, hash_file(dataset), build_byte_tokenizer(), resolved.config.data,
                                  tmp / "cache")
         runs: dict[str, list[float]] = {"a": [], "a0": [], "b": [], "c": []}
         for round_ in range(args.rounds):  # interleaved, so machine noise hits all alike

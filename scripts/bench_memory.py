@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import psutil  # noqa: E402
 
 from trainer.config.schema import DataConfig  # noqa: E402
-from trainer.data.cache import load_or_build  # noqa: E402
+from trainer.data.cache import hash_file, load_or_build  # noqa: E402
 from trainer.model import build_byte_tokenizer  # noqa: E402
 
 
@@ -49,7 +49,7 @@ def main() -> None:
         watcher = threading.Thread(target=watch, daemon=True)
         watcher.start()
         start = time.perf_counter()
-        store, _ = load_or_build(path, "bench", tokenizer, DataConfig(max_length=2048),
+        store, _ = load_or_build(path, hash_file(path), tokenizer, DataConfig(max_length=2048),
                                  Path(name) / "cache")
         seconds = time.perf_counter() - start
         done.set()

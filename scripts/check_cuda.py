@@ -24,6 +24,7 @@ from guild.heroes import load_hero_file, shipped_dir  # noqa: E402
 from trainer.config.loader import Layer, resolve  # noqa: E402
 from trainer.data.packing import Batch  # noqa: E402
 from trainer.data.synthetic import write_dataset  # noqa: E402
+from trainer.data.cache import hash_file  # noqa: E402
 from trainer.engine import EpochRunner, JobSpec, Trainer  # noqa: E402
 
 failures = []
@@ -57,7 +58,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as name:
         tmp = Path(name)
         data = write_dataset(tmp / "d.jsonl", 1500)
-        spec = JobSpec("cuda-check", data, "sha", resolved.config, resolved.locked, hero,
+        spec = JobSpec("cuda-check", data, hash_file(data), resolved.config, resolved.locked, hero,
                        tmp / "ckpt", tmp / "cache")
         trainer = Trainer(spec)
         losses = []

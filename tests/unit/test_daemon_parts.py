@@ -47,7 +47,31 @@ def test_disk_floor_grows_with_the_checkpoint_size(realm):
     (ckpt / "COMPLETE").write_text("ok")
     daemon = Daemon(realm, DaemonConfig(min_free_disk_gb=0.001), keep_last=3)
     floor, why = daemon.disk_floor_gb()
-    assert abs(floor - 4 * 3 / 1024) < 1e-4 and "keep_last + 1" in why
+    assert abs(floor - 3 * 3 / 1024) < 1e-4 and "keep_last + 1 - 1 on disk" in why
+
+
+def test_disk_floor_counts_checkpoints_already_on_disk_once(realm):
+    """keep_last 1000 with 5 checkpoints written must not ask for 996 more at once... but with
+    the checkpoints already there, never for less than one more."""
+    for step in range(1, 6):
+        ckpt = realm.campaigns / "tiny-qwen3" / "c1" / "checkpoints" / f"step-{step}"
+        ckpt.mkdir(parents=True)
+        (ckpt / "model.safetensors").write_bytes(b"\0" * (1 << 20))
+        (ckpt / "COMPLETE").write_text("ok")
+    few = Daemon(realm, DaemonConfig(min_free_disk_gb=0.0001), keep_last=2)
+    assert abs(few.disk_floor_gb()[0] - 1 / 1024) < 1e-4  # all paid for: room for one more
+    many = Daemon(realm, DaemonConfig(min_free_disk_gb=0.0001), keep_last=7)
+    assert abs(many.disk_floor_gb()[0] - 3 / 1024) < 1e-4  # 8 - 5 still to come
+
+
+def test_setup_limit_is_the_setup_timeout_when_set(monkeypatch):
+    from core.supervisor import setup_limit
+
+    monkeypatch.delenv("REALM_TEST_STARTUP_GRACE", raising=False)
+    assert setup_limit(DaemonConfig(job_timeout=10, setup_timeout=30))[0] == 30
+    limit, why = setup_limit(DaemonConfig(job_timeout=10))
+    assert limit == 120 and "startup grace" in why
+    assert setup_limit(DaemonConfig(job_timeout=300))[0] == 300
 
 
 class FakeClock:

@@ -122,7 +122,11 @@ class DaemonConfig:
     lease_seconds: float = 60.0
     """A lease not renewed for this long is reaped by another daemon."""
     job_timeout: float = 600.0
-    """Kill a child that sends no heartbeat for this many seconds."""
+    """Kill a training child whose liveness counter has not moved for this many seconds, once it
+    has taken its first optimizer step."""
+    setup_timeout: Optional[float] = None
+    """Before its first optimizer step (imports, model load, tokenizing: each phase advances the
+    counter), the limit instead; None means max(job_timeout, 120 s)."""
     devices: str = "cpu"
     """Device set the daemon serves: cpu, cpu:N (N gloo ranks on CPU), or CUDA ids such as 0 or
     0,1 (one rank per id, NCCL). More than one rank runs each job through torch.distributed.run."""
@@ -181,6 +185,7 @@ BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "daemon.settle_seconds": (0, MAX_SECONDS), "daemon.poll_interval": (0.05, MAX_SECONDS),
     "daemon.max_attempts": (1, None), "daemon.heartbeat_seconds": (0.05, MAX_SECONDS),
     "daemon.lease_seconds": (0.1, MAX_SECONDS), "daemon.job_timeout": (1, MAX_SECONDS),
+    "daemon.setup_timeout": (1, MAX_SECONDS),
     "daemon.stop_grace_seconds": (0, MAX_SECONDS), "daemon.min_free_disk_gb": (0, None),
     "daemon.min_free_memory_gb": (0, None),
     "logging.log_every_steps": (1, None), "logging.status_every_seconds": (0, MAX_SECONDS),
