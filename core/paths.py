@@ -128,7 +128,7 @@ def layout_problems(paths: RealmPaths) -> list[str]:
         if path.is_symlink():
             problems.append(f"queue/{folder} is a symlink to {os.readlink(path)}; realm serves "
                             "only folders inside the realm. Replace it with a real folder "
-                            "(`rm queue/{folder} && realm init`).".replace("{folder}", folder))
+                            f"(`rm queue/{folder} && realm init`).")
             continue
         try:
             st = os.stat(path)
