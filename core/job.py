@@ -243,14 +243,21 @@ def check_user_sidecar(data: Any, source: str) -> dict[str, Any]:
             f"written before adoption may hold only {', '.join(sorted(USER_FIELDS - {'schema'}))}."
         )
     for name in ("hero_id", "campaign_id"):
-        value = values.get(name)
-        if value is None:
-            continue
-        # a campaign may be named HERO/NAME; each part must be a safe name
-        parts = value.split("/", 1) if name == "campaign_id" else [value]
-        try:
-            for part in parts:
-                check_name(part, f"field {name!r}")
-        except UsageError as exc:
-            raise SidecarError(f"{source}: {exc}") from None
+        if (problem := name_problem(name, values.get(name), f"field {name!r}")):
+            raise SidecarError(f"{source}: {problem}")
     return values
+
+
+def name_problem(field_name: str, value: Any, what: str | None = None) -> str | None:
+    """Why a record's ``hero_id`` / ``campaign_id`` cannot become a path (None when it can):
+    each part of a ``HERO/NAME`` campaign ref must be a safe name of at most 64 characters."""
+    if value is None:
+        return None
+    parts = value.split("/", 1) if isinstance(value, str) and field_name == "campaign_id" \
+        else [value]
+    try:
+        for part in parts:
+            check_name(part, what or field_name)
+    except UsageError as exc:
+        return str(exc)
+    return None

@@ -14,7 +14,8 @@ from typing import Any
 from core.errors import RealmError
 from core.job import Job
 from core.paths import PRIORITIES, RealmPaths
-from core.queue_scan import digest_file, open_regular, read_sidecar_json
+from core.queue_scan import digest_file, read_sidecar_json
+from core.validate import open_regular
 from core.training_queue import TrainingQueue, claim_order
 
 PLAN_SCHEMA = 1
@@ -55,7 +56,7 @@ def _first_line_problems(path: Path) -> list[str]:
     from trainer.data.reader import BadLine, iter_lines, parse_line
 
     problems = []
-    with open_regular(path) as fh:
+    with open_regular(path, "the dataset") as fh:
         numbered = ((n, raw) for n, raw in enumerate(iter_lines(fh), 1)
                     if not isinstance(raw, bytes) or raw.strip())
         for number, raw in itertools.islice(numbered, CHECK_LINES):

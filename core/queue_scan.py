@@ -10,15 +10,14 @@ from __future__ import annotations
 
 import hashlib
 import os
-import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from core.errors import InputError, SidecarError
+from core.errors import SidecarError
 from core.job import Job, JobState, check_user_sidecar
 from core.paths import DATASET_SUFFIX, PRIORITIES, SIDECAR_SUFFIX, RealmPaths
 from core.sidecar import SEAL_FIELD, RealmKey, read_sidecar_json
-from core.validate import check_file_name, kind_of
+from core.validate import check_file_name, open_regular
 
 IGNORED_SUFFIXES = (".tmp", ".part", ".partial", ".swp")
 SYMLINK_REFUSAL = (
@@ -143,7 +142,7 @@ def digest_file(path: Path) -> Digest:
     sha = hashlib.sha256()
     size = lines = 0
     open_line_has_text = False  # the line that runs on past the current block
-    with open_regular(path) as fh:
+    with open_regular(path, "the dataset") as fh:
         while block := fh.read(1 << 20):
             sha.update(block)
             size += len(block)
@@ -153,18 +152,3 @@ def digest_file(path: Path) -> Digest:
             open_line_has_text = bool(rest.strip()) or (not ended and open_line_has_text)
     return Digest(sha.hexdigest(), size, lines + open_line_has_text)
 
-
-def open_regular(path: Path):
-    """Open a dataset for reading: no symlink, no FIFO or device (InputError), no blocking."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError as exc:
-        if isinstance(exc, FileNotFoundError):
-            raise
-        raise InputError(f"{path}: cannot open the dataset ({exc.strerror}); it must be a "
-                         "regular file, not a symlink.") from None
-    st = os.fstat(fd)
-    if not stat.S_ISREG(st.st_mode):
-        os.close(fd)
-        raise InputError(f"{path}: the dataset is {kind_of(st.st_mode)}, not a regular file.")
-    return os.fdopen(fd, "rb")

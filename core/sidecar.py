@@ -44,8 +44,6 @@ def read_sidecar_json(path: Path) -> Any:
         raise
     except InputError as exc:
         raise SidecarError(str(exc)) from None
-    except IsADirectoryError:
-        raise SidecarError(f"{path}: sidecar is a directory; remove it.") from None
 
 
 class RealmKey:

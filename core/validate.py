@@ -31,9 +31,9 @@ MAX_INT = 2**53
 """Largest integer accepted in a config value (beyond it JSON readers lose precision)."""
 
 
-def read_regular(path: Path, max_bytes: int, what: str) -> bytes:
-    """Read a small regular file: never follows a symlink, never blocks on a FIFO or device,
-    refuses anything larger than ``max_bytes``. FileNotFoundError passes through."""
+def open_regular(path: Path, what: str):
+    """Open a user's file for binary reading: never follows a symlink, never blocks on a FIFO or
+    device (InputError for anything but a regular file). FileNotFoundError passes through."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
@@ -43,25 +43,25 @@ def read_regular(path: Path, max_bytes: int, what: str) -> bytes:
             raise InputError(f"{path}: {what} is a symlink; realm reads only regular files it "
                              "can own. Replace it with a copy of the file.") from None
         raise InputError(f"{path}: cannot open {what} ({exc.strerror}).") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise InputError(f"{path}: {what} is {kind_of(st.st_mode)}, not a regular file; "
-                             "remove it and write a regular file.")
-        if st.st_size > max_bytes:
-            raise InputError(f"{path}: {what} is {st.st_size:,} bytes, over the limit of "
-                             f"{max_bytes:,}; a {what} holds a few fields, not data.")
-        data = os.read(fd, max_bytes + 1)
-        while len(data) <= max_bytes:
-            more = os.read(fd, max_bytes + 1 - len(data))
-            if not more:
-                break
-            data += more
-        if len(data) > max_bytes:
-            raise InputError(f"{path}: {what} grew past {max_bytes:,} bytes while read.")
-        return data
-    finally:
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode):
         os.close(fd)
+        raise InputError(f"{path}: {what} is {kind_of(st.st_mode)}, not a regular file; "
+                         "remove it and write a regular file.")
+    return os.fdopen(fd, "rb")
+
+
+def read_regular(path: Path, max_bytes: int, what: str) -> bytes:
+    """Read a small regular file (see ``open_regular``), refusing more than ``max_bytes``."""
+    with open_regular(path, what) as fh:
+        size = os.fstat(fh.fileno()).st_size
+        if size > max_bytes:
+            raise InputError(f"{path}: {what} is {size:,} bytes, over the limit of "
+                             f"{max_bytes:,}; a {what} holds a few fields, not data.")
+        data = fh.read(max_bytes + 1)
+    if len(data) > max_bytes:
+        raise InputError(f"{path}: {what} grew past {max_bytes:,} bytes while read.")
+    return data
 
 
 def kind_of(mode: int) -> str:

@@ -11,8 +11,8 @@ import os
 from pathlib import Path
 
 from core.errors import ConfigError, RealmError, UsageError
-from core.job import Job
-from core.paths import RealmPaths, check_name
+from core.job import Job, name_problem
+from core.paths import RealmPaths
 from guild.campaigns import Campaign, active_ref, find_campaign
 from guild.heroes import DEFAULT_HERO, HeroProfile, load_hero
 from trainer.config.loader import Layer, Resolved, check_layer, resolve
@@ -52,18 +52,9 @@ def _check_job_names(job: Job) -> None:
     """A sidecar's hero_id / campaign_id must be safe names before they become paths: a
     300-character one is refused naming the sidecar, never an ENAMETOOLONG from the OS."""
     for field_name in ("hero_id", "campaign_id"):
-        value = getattr(job, field_name)
-        if value is None:
-            continue
-        parts = value.split("/", 1) if isinstance(value, str) and field_name == "campaign_id" \
-            else [value]
-        try:
-            for part in parts:
-                check_name(part, field_name)
-        except UsageError as exc:
-            sidecar = f"{job.dataset_path}.job.json"
-            raise ConfigError(f"{sidecar}: {exc} Fix {field_name} in the sidecar (or remove it "
-                              "to use the active campaign).") from None
+        if (problem := name_problem(field_name, getattr(job, field_name))):
+            raise ConfigError(f"{job.dataset_path}.job.json: {problem} Fix {field_name} in the "
+                              "sidecar (or remove it to use the active campaign).")
 
 
 def _choose(paths: RealmPaths, hero_id: str | None, campaign: Campaign | str | None,

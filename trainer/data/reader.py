@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterator
 
 from core.errors import InputError
-from core.validate import MAX_DEPTH, nesting_depth
+from core.validate import MAX_DEPTH, nesting_depth, open_regular
 
 ROLES = ("system", "user", "assistant", "tool")
 MAX_LINE_BYTES = 16 << 20
@@ -158,7 +158,7 @@ def iter_examples(path: Path, *, forced: str = "auto", on_bad_line: str = "fail"
     """Yield examples one line at a time; blank lines are ignored. With ``hasher``, the whole
     file is read (and hashed) even past the last example."""
     counter = counter if counter is not None else BadLineCounter()
-    with open(path, "rb") as fh:
+    with open_regular(path, "the dataset") as fh:  # no FIFO wait, no symlink followed
         for number, raw in enumerate(iter_lines(fh, hasher=hasher, tick=tick), 1):
             if isinstance(raw, _TooLong):
                 counter.total += 1
