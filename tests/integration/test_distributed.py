@@ -16,7 +16,7 @@ import torch
 from core.job import Job
 from core.training_queue import TrainingQueue
 from tests.integration.test_daemon import FAST_DAEMON, realm_cmd, start_daemon, wait_for
-from tests.trainer.test_training import make_realm
+from tests.trainer.test_training import ckpt_root, make_realm
 from trainer.data.synthetic import write_dataset
 
 pytestmark = pytest.mark.slow
@@ -113,6 +113,8 @@ def test_killing_one_rank_tears_the_group_down_and_the_retry_resumes(tmp_path):
     ranks = {}
 
     def kill_rank_one():
+        # a checkpoint is committed once the next step's loss approves it: wait for the marker
+        wait_for(lambda: list(ckpt_root(paths).glob("step-*/COMPLETE")), what="a checkpoint")
         ranks.update(wait_for(lambda: ranks_of(psutil.Process(daemon.pid)), what="ranks"))
         assert set(ranks) == {0, 1}
         ranks[1].send_signal(signal.SIGKILL)
