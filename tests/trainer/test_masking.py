@@ -29,7 +29,7 @@ def test_prompt_completion_trains_completion_only(tokenizer):
     tok = tokenize(tokenizer, ex, max_length=512, train_on_inputs=False)
     assert trained_text(tokenizer, tok) == "4, ünï<|endoftext|>"
     everything = tokenize(tokenizer, ex, max_length=512, train_on_inputs=True)
-    assert all(everything.trained) and everything.ids == tok.ids
+    assert all(everything.trained) and everything.ids.tolist() == tok.ids.tolist()
 
 
 def test_multi_turn_messages_train_assistant_turns_only(tokenizer):
@@ -39,7 +39,7 @@ def test_multi_turn_messages_train_assistant_turns_only(tokenizer):
     assert 0.3 < 1 - sum(tok.trained) / len(tok.trained) < 0.9  # a real masked fraction
 
 
-def test_template_without_generation_marks_uses_prefix_rendering(tokenizer):
+def test_template_without_generation_marks_locates_turns_by_header(tokenizer):
     plain = tokenizer.chat_template.replace("{% generation %}", "").replace(
         "{% endgeneration %}", "")
     other = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer,
@@ -47,9 +47,8 @@ def test_template_without_generation_marks_uses_prefix_rendering(tokenizer):
     other.chat_template = plain
     tok = tokenize(other, Example(1, "messages", {"messages": CHAT}), max_length=1024,
                    train_on_inputs=False)
-    # the assistant span runs to the start of the next turn, so the newline after <|im_end|>
-    # is trained too: the same rule the prefix-rendering fallback documents
-    assert trained_text(other, tok) == "2 + 2 = 4.<|im_end|>\n3 + 5 = 8 — ünïcode.<|im_end|>\n"
+    # a turn runs from the end of its assistant header through its end-of-turn token
+    assert trained_text(other, tok) == "2 + 2 = 4.<|im_end|>3 + 5 = 8 — ünïcode.<|im_end|>"
 
 
 def test_truncation_is_flagged(tokenizer):

@@ -26,7 +26,7 @@ from core.errors import ConfigError
 from core.validate import MAX_DEPTH
 from trainer.config.locked import LOCKED_FIELDS, build_locked_config
 from trainer.config.schema import BOUNDS, SECTIONS, FieldSpec, RealmConfig, field_specs, \
-    from_flat, to_nested
+    from_flat, string_problem, to_nested
 from trainer.config.sources import number_problem
 
 LAYERS = ("schema", "hero", "campaign", "realm", "job", "cli")
@@ -177,6 +177,9 @@ def check_layer(layer: Layer) -> tuple[dict[str, Any], list[str]]:
             bad_number = number_problem(value, key) or (ok and number_problem(result, key))
             if bad_number:
                 problems.append(f"{bad_number} (from the {layer.name} layer, "
+                                f"{layer.where(key)}).")
+            elif ok and string_problem(key, result):
+                problems.append(f"{string_problem(key, result)} (from the {layer.name} layer, "
                                 f"{layer.where(key)}).")
             elif ok:
                 typed[key] = result

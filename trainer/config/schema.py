@@ -45,6 +45,20 @@ class TrainingConfig:
     """auto: bf16 autocast on CUDA when supported, fp32 on CPU."""
     compile: bool = False
     """Wrap the model in torch.compile."""
+    no_decay: str = "bias,norm,embedding"
+    """Parameter kinds trained without weight decay: a comma-separated subset of bias, norm,
+    embedding ("none": weight decay applies to every parameter)."""
+    schedule_scope: Literal["job", "campaign"] = "campaign"
+    """job: warmup and decay inside every job; campaign: one warmup for the whole campaign, then
+    constant, or a decay over training.campaign_tokens (warmup-stable-decay)."""
+    campaign_tokens: Optional[int] = None
+    """Campaign scope: the campaign's trained-token budget; the learning rate decays over its
+    last training.decay_fraction (None: constant after the campaign's warmup)."""
+    decay_fraction: float = 0.2
+    """Campaign scope with a token budget: the fraction of the budget the final decay spans."""
+    carry_optimizer: bool = True
+    """Continue a campaign's AdamW moments from the checkpoint the job starts from (false: every
+    job starts with fresh moments)."""
 
 
 @dataclass
@@ -56,7 +70,14 @@ class DataConfig:
     packing: bool = True
     """Pack several examples per row with attention isolated per example."""
     train_on_inputs: bool = False
-    """Also compute loss on prompt / non-assistant tokens."""
+    """Compute loss on every token (prompts, system and user turns, template text)."""
+    train_on: str = "all_assistant"
+    """messages: which turns carry loss: all_assistant, last_assistant, or a comma-separated
+    list of roles (for example assistant,tool)."""
+    truncation: Literal["auto", "drop", "keep_start", "keep_end"] = "auto"
+    """An example longer than max_length: drop it, keep its first or its last max_length tokens;
+    auto: messages drop their oldest turns (never the system prompt or the last trained reply),
+    prompt/completion keep the end (the completion), text keeps the start."""
     on_bad_line: Literal["fail", "skip"] = "fail"
     """fail: stop at the first bad line naming file:line; skip: count and log bad lines."""
     max_bad_fraction: float = 0.01
@@ -139,6 +160,18 @@ class DaemonConfig:
 
 
 @dataclass
+class EvalConfig:
+    every_steps: Optional[int] = None
+    """Evaluate on the validation split (data.val_fraction) every N optimizer steps (None: only
+    at the end of the job)."""
+    sample_prompts: Optional[str] = None
+    """A file of prompts, one per line (plain text, or JSON strings): at every evaluation the
+    model's greedy continuation of each is written to the job log."""
+    sample_max_new_tokens: int = 32
+    """Tokens generated per sample prompt."""
+
+
+@dataclass
 class LoggingConfig:
     level: Literal["debug", "info", "warning", "error"] = "info"
     """Minimum level written to logs/daemon.jsonl and the console."""
@@ -155,6 +188,7 @@ class RealmConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     governor: GovernorConfig = field(default_factory=GovernorConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
 
@@ -173,6 +207,8 @@ BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "training.warmup_steps": (0, None), "training.min_lr_ratio": (0, 1),
     "training.epochs": (1, None), "training.max_steps": (1, None),
     "training.max_grad_norm": (0, None), "training.seed": (0, MAX_SEED),
+    "training.campaign_tokens": (1, None), "training.decay_fraction": (0, 1),
+    "eval.every_steps": (1, None), "eval.sample_max_new_tokens": (1, 4096),
     "data.max_length": (8, None), "data.max_bad_fraction": (0, 1), "data.val_fraction": (0, 0.5),
     "checkpoint.save_steps": (1, None), "checkpoint.keep_last": (1, None),
     "governor.window": (2, None), "governor.min_history": (2, None), "governor.sigma_k": (0, None),
@@ -190,6 +226,29 @@ BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "daemon.min_free_memory_gb": (0, None),
     "logging.log_every_steps": (1, None), "logging.status_every_seconds": (0, MAX_SECONDS),
 }
+
+
+NO_DECAY_KINDS = ("bias", "norm", "embedding")
+
+
+def string_problem(key: str, value: Any) -> str | None:
+    """Why a free-form string key's value is not accepted (None: it is)."""
+    if key == "data.train_on":
+        from trainer.data.reader import ROLES
+
+        if value in ("all_assistant", "last_assistant"):
+            return None
+        roles = [r.strip() for r in str(value).split(",")]
+        bad = [r for r in roles if r not in ROLES]
+        if bad or not roles:
+            return (f"data.train_on: {value!r} is not all_assistant, last_assistant or a "
+                    f"comma-separated list of roles ({', '.join(ROLES)})")
+    if key == "training.no_decay" and value != "none":
+        bad = [k for k in str(value).split(",") if k.strip() not in NO_DECAY_KINDS]
+        if bad:
+            return (f"training.no_decay: {value!r} is not 'none' or a comma-separated subset of "
+                    f"{', '.join(NO_DECAY_KINDS)}")
+    return None
 
 
 @dataclass(frozen=True)

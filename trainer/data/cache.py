@@ -28,10 +28,13 @@ import numpy as np
 from core.fsutil import fsync_dir, rename_noreplace, write_json_atomic
 from trainer.data.reader import (READ_CHUNK, BadLine, BadLineCounter, DataError,
                                  check_bad_fraction, iter_examples, reject)
-from trainer.data.tokenize import tokenize, tokenizer_fingerprint
+from trainer.data.tokenize import ExampleEncoder, Settings, tokenizer_fingerprint
 
-CACHE_VERSION = 1
-_FLUSH_TOKENS = 1 << 20
+CACHE_VERSION = 2
+_FLUSH_TOKENS = 1 << 22
+_BATCH_EXAMPLES = 512
+_BATCH_BYTES = 4 << 20
+"""Examples are encoded in batches of at most this many examples or characters."""
 
 
 @dataclass
@@ -58,7 +61,8 @@ class TokenStore:
 def cache_key(dataset_sha256: str, tokenizer, data_cfg) -> str:
     parts = {"v": CACHE_VERSION, "sha": dataset_sha256, "tok": tokenizer_fingerprint(tokenizer),
              "format": data_cfg.format, "max_length": data_cfg.max_length,
-             "train_on_inputs": data_cfg.train_on_inputs, "on_bad_line": data_cfg.on_bad_line}
+             "train_on_inputs": data_cfg.train_on_inputs, "on_bad_line": data_cfg.on_bad_line,
+             "train_on": data_cfg.train_on, "truncation": data_cfg.truncation}
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
@@ -118,26 +122,29 @@ def load_or_build(dataset: Path, dataset_sha256: str, tokenizer, data_cfg,
 
 
 class _Writer:
-    """Appends token chunks to the cache files, flushing every ~1 M tokens."""
+    """Appends examples to the cache files, flushing every ~4 M tokens."""
 
     def __init__(self, root: Path):
         self.ids_fh = open(root / "ids.bin", "wb")
         self.trained_fh = open(root / "trained.bin", "wb")
-        self.ids: list[int] = []
-        self.trained: list[bool] = []
+        self.ids: list[np.ndarray] = []
+        self.trained: list[np.ndarray] = []
+        self.pending = 0
         self.starts = [0]
 
-    def add(self, ids: list[int], trained: list[bool]) -> None:
-        self.ids += ids
-        self.trained += trained
+    def add(self, ids: np.ndarray, trained: np.ndarray) -> None:
+        self.ids.append(ids)
+        self.trained.append(trained)
+        self.pending += len(ids)
         self.starts.append(self.starts[-1] + len(ids))
-        if len(self.ids) >= _FLUSH_TOKENS:
+        if self.pending >= _FLUSH_TOKENS:
             self.flush()
 
     def flush(self) -> None:
-        np.asarray(self.ids, dtype=np.int32).tofile(self.ids_fh)
-        np.asarray(self.trained, dtype=np.uint8).tofile(self.trained_fh)
-        self.ids, self.trained = [], []
+        if self.ids:
+            np.concatenate(self.ids).astype(np.int32, copy=False).tofile(self.ids_fh)
+            np.concatenate(self.trained).astype(np.uint8).tofile(self.trained_fh)
+        self.ids, self.trained, self.pending = [], [], 0
 
     def close(self) -> None:
         self.flush()
@@ -151,26 +158,37 @@ def _build(dataset: Path, tokenizer, data_cfg, root: Path, recorded_sha256: str,
            tick: Callable[[], None] | None = None) -> None:
     counter = BadLineCounter()
     writer = _Writer(root)
-    stats = {"truncated": 0, "trained_tokens": 0, "dropped": 0}
+    stats = {"truncated": 0, "trained_tokens": 0, "dropped": 0, "turns_dropped": 0}
     hasher = hashlib.sha256()
-    try:
-        for example in iter_examples(dataset, forced=data_cfg.format,
-                                     on_bad_line=data_cfg.on_bad_line, counter=counter,
-                                     hasher=hasher, tick=tick):
-            if tick is not None:
-                tick()
-            try:
-                tok = tokenize(tokenizer, example, max_length=data_cfg.max_length,
-                               train_on_inputs=data_cfg.train_on_inputs)
-            except BadLine as bad:
-                reject(dataset, example.line, str(bad), data_cfg.on_bad_line, counter)
+    encoder = ExampleEncoder(tokenizer, Settings.of(data_cfg))
+
+    def flush(batch: list) -> None:
+        for example, tok in zip(batch, encoder.encode(batch)):
+            if isinstance(tok, BadLine):
+                reject(dataset, example.line, str(tok), data_cfg.on_bad_line, counter)
                 continue
             stats["truncated"] += tok.truncated
+            stats["turns_dropped"] += tok.turns_dropped
             if tok.empty:
                 stats["dropped"] += 1
                 continue
-            stats["trained_tokens"] += sum(tok.trained[1:])
+            stats["trained_tokens"] += tok.trained_count
             writer.add(tok.ids, tok.trained)
+        batch.clear()
+
+    try:
+        batch, size = [], 0
+        for example in iter_examples(dataset, forced=data_cfg.format,
+                                     on_bad_line=data_cfg.on_bad_line, counter=counter,
+                                     hasher=hasher, tick=tick):
+            batch.append(example)
+            size += example.size
+            if len(batch) >= _BATCH_EXAMPLES or size >= _BATCH_BYTES:
+                flush(batch)
+                size = 0
+                if tick is not None:
+                    tick()
+        flush(batch)
     finally:
         writer.close()
     check_read(dataset, recorded_sha256, hasher.hexdigest())
@@ -184,7 +202,8 @@ def _build(dataset: Path, tokenizer, data_cfg, root: Path, recorded_sha256: str,
         "version": CACHE_VERSION, "dataset": str(dataset), "num_examples": len(writer.starts) - 1,
         "num_tokens": num_tokens, "trained_tokens": stats["trained_tokens"],
         "masked_fraction": 1 - stats["trained_tokens"] / max(1, num_tokens),
-        "truncated_examples": stats["truncated"],
+        "truncated_examples": stats["truncated"], "turns_dropped": stats["turns_dropped"],
+        "truncation": data_cfg.truncation,
         "dropped_examples": stats["dropped"], "lines": counter.total,
         "bad_lines": counter.bad, "bad_line_samples": counter.samples})
     (root / "COMPLETE").write_text("ok\n")

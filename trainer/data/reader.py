@@ -40,6 +40,8 @@ class Example:
     kind: str
     """text | prompt_completion | messages"""
     data: dict
+    size: int = 0
+    """Bytes of the line (batches are sized by it)."""
 
 
 @dataclass
@@ -71,14 +73,29 @@ def _kind(obj: dict, forced: str) -> str:
     return present[0]
 
 
-def _check_messages(messages: Any) -> None:
+def _check_messages(messages: Any, tools: Any) -> None:
     if not isinstance(messages, list) or not messages:
         raise BadLine("'messages' must be a non-empty list of {role, content} objects")
     for i, m in enumerate(messages):
-        if not isinstance(m, dict) or not isinstance(m.get("content"), str):
+        if not isinstance(m, dict):
             raise BadLine(f"messages[{i}] must be an object with a string 'content'")
         if m.get("role") not in ROLES:
             raise BadLine(f"messages[{i}].role is {m.get('role')!r}; use one of {', '.join(ROLES)}")
+        calls = m.get("tool_calls")
+        if calls is not None and (m["role"] != "assistant" or not isinstance(calls, list)
+                                  or not all(isinstance(c, dict) for c in calls)):
+            raise BadLine(f"messages[{i}].tool_calls must be a list of objects on an assistant "
+                          "message")
+        content = m.get("content")
+        if not isinstance(content, str) and not (content is None and calls):
+            raise BadLine(f"messages[{i}] must be an object with a string 'content' (null only "
+                          "on an assistant message with tool_calls)")
+        reasoning = m.get("reasoning_content")
+        if reasoning is not None and not isinstance(reasoning, str):
+            raise BadLine(f"messages[{i}].reasoning_content must be a string")
+    if tools is not None and (not isinstance(tools, list)
+                              or not all(isinstance(t, dict) for t in tools)):
+        raise BadLine("'tools' must be a list of tool (function schema) objects")
 
 
 def parse_line(raw: bytes, forced: str = "auto") -> tuple[str, dict]:
@@ -101,7 +118,7 @@ def parse_line(raw: bytes, forced: str = "auto") -> tuple[str, dict]:
         raise BadLine(f"a line must be a JSON object, got {type(obj).__name__}")
     kind = _kind(obj, forced)
     if kind == "messages":
-        _check_messages(obj["messages"])
+        _check_messages(obj["messages"], obj.get("tools"))
     else:
         keys = ("text",) if kind == "text" else ("prompt", "completion")
         for key in keys:
@@ -174,7 +191,7 @@ def iter_examples(path: Path, *, forced: str = "auto", on_bad_line: str = "fail"
             except BadLine as bad:
                 reject(path, number, str(bad), on_bad_line, counter)
                 continue
-            yield Example(number, kind, obj)
+            yield Example(number, kind, obj, len(raw))
 
 
 def reject(path: Path, line: int, reason: str, on_bad_line: str, counter: BadLineCounter) -> None:

@@ -1,93 +1,376 @@
-"""Turn one example into token ids and a per-token "trained" mask.
+"""Examples to token ids and a per-token "trained" mask, many at a time.
 
-Masks come from the tokenizer itself, never from searching rendered text for template strings:
-- text: every token is trained, plus the end-of-sequence token;
-- prompt/completion: character offsets of the tokens of ``prompt + completion``; tokens that
-  start inside the completion are trained, plus end-of-sequence;
-- messages: the chat template's ``{% generation %}`` marks (``return_assistant_tokens_mask``);
-  for templates without them, the assistant spans found by rendering growing prefixes of the
-  conversation, mapped to tokens through character offsets.
-With ``train_on_inputs`` every token is trained.
+Every example becomes text segments, each trained or not (``trainer.data.chat`` finds the trained
+turns of a conversation in any chat template): text is one trained segment; prompt/completion is
+the prompt (not trained) and the completion (trained); a conversation is its rendering cut at the
+spans of its trained turns. Segments of a whole batch of examples are encoded in one call of the
+fast tokenizer (Rust, every core), then joined per example.
+
+**Boundaries.** A segment boundary is a token boundary: the prompt and the completion are
+encoded separately. That is the tokenization the model meets at inference, where the prompt is
+encoded alone and the model generates from its last token: with the prompt ``"The capital of
+France is "`` and the completion ``"Paris."`` the model learns to produce ``Paris`` after the
+prompt's own space token, and decoding the trained tokens gives exactly the completion. This
+needs a tokenizer whose segments concatenate (``decode(a + b) == text_a + text_b``), which holds
+for byte-level BPE (GPT-2, Qwen, Llama 3); for one that does not (a SentencePiece tokenizer that
+adds a prefix space to every piece) the whole text is encoded once and a token is trained when
+any of its characters lies in a trained span (offsets computed in Rust).
+
+**Special tokens.** BOS (and any other token) the tokenizer's post-processor adds goes around text
+and prompt/completion examples, as at inference; a chat template writes its own (rendered text
+is encoded without adding any). An EOS is trained after text and completions, and after a
+conversation whose template writes no end of turn. Content that holds a special token's text is a
+bad line.
+
+**Truncation** (``data.truncation``): ``drop`` drops an example longer than ``max_length``;
+``keep_start`` / ``keep_end`` keep its first / last tokens (``keep_end`` keeps the BOS); ``auto``
+drops a conversation's oldest turns (never the system prompt, never the last trained reply), then
+keeps the end; prompt/completion keep the end (the completion), text the start. An example left
+without a trained token is dropped. Every cut and drop is counted.
+
+realm's own byte tokenizer (one token per byte) is encoded by a lookup table in NumPy: the Rust
+path costs about a microsecond per token on these machines, so the byte tokenizer would otherwise
+be the slowest of all. The table is built from the tokenizer itself and checked against it on a
+probe text with every byte and special token at construction; a tokenizer that is not exactly that
+byte tokenizer never takes this path.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import hashlib
+import re
+from dataclasses import dataclass, field
 
+import numpy as np
+
+from trainer.data.chat import ChatLayout, trained_indices
 from trainer.data.reader import BadLine, Example
+
+TRUNCATIONS = ("auto", "drop", "keep_start", "keep_end")
 
 
 @dataclass
 class Tokenized:
-    ids: list[int]
-    trained: list[bool]
+    ids: np.ndarray
+    """int32 token ids."""
+    trained: np.ndarray
+    """bool, one per token: the token is a loss target."""
     truncated: bool = False
     empty: bool = False
-    """Truncation to max_length cut away every trained token: the example is dropped."""
+    """Truncation left no trained token: the example is dropped."""
+    turns_dropped: int = 0
+
+    @property
+    def trained_count(self) -> int:
+        return int(self.trained[1:].sum())
 
 
-def tokenize(tokenizer, example: Example, *, max_length: int, train_on_inputs: bool) -> Tokenized:
-    if example.kind == "text":
-        ids, trained = _text(tokenizer, example.data["text"])
-    elif example.kind == "prompt_completion":
-        ids, trained = _prompt_completion(tokenizer, example.data["prompt"],
-                                          example.data["completion"])
-    else:
-        ids, trained = _messages(tokenizer, example.data["messages"])
-    if train_on_inputs:
-        trained = [True] * len(ids)
-    if not any(trained[1:]):  # the first token of a row is never a prediction target
-        raise BadLine("no trainable tokens (nothing to learn after masking)")
-    truncated = len(ids) > max_length
-    ids, trained = ids[:max_length], trained[:max_length]
-    return Tokenized(ids, trained, truncated, empty=not any(trained[1:]))
+@dataclass
+class Settings:
+    max_length: int
+    train_on_inputs: bool = False
+    train_on: str = "all_assistant"
+    truncation: str = "auto"
+
+    @classmethod
+    def of(cls, data_cfg) -> "Settings":
+        return cls(data_cfg.max_length, data_cfg.train_on_inputs,
+                   getattr(data_cfg, "train_on", "all_assistant"),
+                   getattr(data_cfg, "truncation", "auto"))
 
 
-def _text(tokenizer, text: str) -> tuple[list[int], list[bool]]:
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
-    return ids, [True] * len(ids)
+@dataclass
+class _Plan:
+    """One example as segments before encoding."""
+
+    segments: list[tuple[str, bool]]
+    prefix: list[int] = field(default_factory=list)
+    suffix: list[int] = field(default_factory=list)
+    """Ids around the segments (post-processor specials, an EOS), trained as ``suffix_trained``."""
+    suffix_trained: bool = True
 
 
-def _prompt_completion(tokenizer, prompt: str, completion: str) -> tuple[list[int], list[bool]]:
-    enc = tokenizer(prompt + completion, add_special_tokens=False, return_offsets_mapping=True)
-    boundary = len(prompt)
-    trained = [start >= boundary for start, _ in enc["offset_mapping"]]
-    return enc["input_ids"] + [tokenizer.eos_token_id], trained + [True]
+class ByteTable:
+    """realm's byte tokenizer as a lookup table (exact; see the module docstring)."""
+
+    def __init__(self, lut: np.ndarray, specials: dict[str, int]):
+        self.lut = lut
+        self.specials = specials
+        self.split = re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len,
+                                                                     reverse=True))) + ")") \
+            if specials else None
+
+    @classmethod
+    def of(cls, tokenizer) -> "ByteTable | None":
+        try:
+            from tokenizers import models
+
+            backend = tokenizer.backend_tokenizer
+            if not isinstance(backend.model, models.BPE) or backend.normalizer is not None:
+                return None
+            vocab = backend.get_vocab(with_added_tokens=False)
+            alphabet = _bytes_to_unicode()
+            if len(vocab) != 256 or set(vocab) != set(alphabet.values()):
+                return None
+            lut = np.array([vocab[alphabet[b]] for b in range(256)], dtype=np.int32)
+            specials = {str(t): i for t, i in tokenizer.added_tokens_encoder.items()}
+            table = cls(lut, specials)
+        except Exception:  # noqa: BLE001 - any surprise: not the byte tokenizer, use Rust
+            return None
+        probe = "".join(map(chr, range(1, 600))) + "héllo 世界 🙂\n\t" + "".join(specials) + " x"
+        expected = backend.encode(probe, add_special_tokens=False).ids
+        return table if table.encode([probe])[0].tolist() == expected else None
+
+    def encode(self, texts: list[str]) -> list[np.ndarray]:
+        out = []
+        for text in texts:
+            if self.split is None or not self.split.search(text):
+                out.append(self.lut[np.frombuffer(text.encode("utf-8"), dtype=np.uint8)])
+                continue
+            parts = []
+            for i, piece in enumerate(self.split.split(text)):
+                if i % 2:
+                    parts.append(np.array([self.specials[piece]], dtype=np.int32))
+                elif piece:
+                    parts.append(self.lut[np.frombuffer(piece.encode("utf-8"), dtype=np.uint8)])
+            out.append(np.concatenate(parts) if parts else np.zeros(0, np.int32))
+        return out
 
 
-def _messages(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
-    if not any(m["role"] == "assistant" for m in messages):
-        raise BadLine("'messages' has no assistant turn to learn from (set "
-                      "data.train_on_inputs: true to train on every token)")
-    if "{% generation %}" in (tokenizer.chat_template or ""):
-        out = tokenizer.apply_chat_template(messages, tokenize=True, return_dict=True,
-                                            return_assistant_tokens_mask=True)
-        return list(out["input_ids"]), [bool(m) for m in out["assistant_masks"]]
-    return _messages_by_prefix(tokenizer, messages)
+def _bytes_to_unicode() -> dict[int, str]:
+    """GPT-2's byte -> printable character table (what ``pre_tokenizers.ByteLevel`` uses)."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1)) + \
+        list(range(ord("®"), ord("ÿ") + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return chars
 
 
-def _messages_by_prefix(tokenizer, messages: list[dict]) -> tuple[list[int], list[bool]]:
-    render = lambda msgs, gen=False: tokenizer.apply_chat_template(  # noqa: E731
-        msgs, tokenize=False, add_generation_prompt=gen)
-    full = render(messages)
-    spans = []
-    for i, message in enumerate(messages):
-        if message["role"] != "assistant":
-            continue
-        before, after = render(messages[:i], True), render(messages[:i + 1])
-        if not (full.startswith(after) and after.startswith(before)):
-            raise BadLine("the tokenizer's chat template renders turns inconsistently, so "
-                          "assistant tokens cannot be located; set data.train_on_inputs: true")
-        spans.append((len(before), len(after)))
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    trained = [any(a <= start < b for a, b in spans) for start, _ in enc["offset_mapping"]]
-    return enc["input_ids"], trained
+class ExampleEncoder:
+    """Encodes examples for one tokenizer and one set of data settings."""
+
+    def __init__(self, tokenizer, settings: Settings):
+        self.tokenizer, self.settings = tokenizer, settings
+        self.backend = tokenizer.backend_tokenizer
+        self.layout = ChatLayout(tokenizer)
+        self.eos = tokenizer.eos_token_id
+        self.prefix, self.suffix = self._post_processor_ids()
+        self.closing = self.suffix if self.eos in self.suffix else self.suffix + [self.eos]
+        """What ends a text or a completion: the post-processor's suffix, else an EOS."""
+        self.bytes = ByteTable.of(tokenizer)
+        self.concatenates = self.bytes is not None or self._segments_concatenate()
+
+    # --- tokenizer facts ------------------------------------------------------------------
+
+    def _post_processor_ids(self) -> tuple[list[int], list[int]]:
+        """Ids the tokenizer's post-processor puts before and after a text (BOS, EOS)."""
+        plain = self.backend.encode("a", add_special_tokens=False).ids
+        full = self.backend.encode("a", add_special_tokens=True).ids
+        at = next((i for i in range(len(full)) if full[i:i + len(plain)] == plain), 0)
+        return full[:at], full[at + len(plain):]
+
+    def _segments_concatenate(self) -> bool:
+        pieces = ["Hello world", " again", "\n", "Paris.", " 3 + 5 ünï", "end"]
+        ids = [i for p in pieces for i in self.backend.encode(p, add_special_tokens=False).ids]
+        return self.tokenizer.decode(ids) == "".join(pieces)
+
+    # --- examples -------------------------------------------------------------------------
+
+    def encode(self, examples: list[Example]) -> list[Tokenized | BadLine]:
+        """One result per example, in order: its tokens, or the BadLine that rejects it."""
+        plans: list[_Plan | BadLine] = []
+        for example in examples:
+            try:
+                plans.append(self._plan(example))
+            except BadLine as bad:
+                plans.append(bad)
+        encoded = self._encode_plans([p for p in plans if isinstance(p, _Plan)])
+        results: list[Tokenized | BadLine] = []
+        for example, plan in zip(examples, plans):
+            if isinstance(plan, BadLine):
+                results.append(plan)
+                continue
+            ids, trained = next(encoded)
+            try:
+                results.append(self._finish(example, ids, trained))
+            except BadLine as bad:
+                results.append(bad)
+        return results
+
+    def _plan(self, example: Example, messages: list[dict] | None = None) -> _Plan:
+        s = self.settings
+        data = example.data
+        if example.kind == "text":
+            return _Plan([(data["text"], True)], list(self.prefix), self.closing)
+        if example.kind == "prompt_completion":
+            return _Plan([(data["prompt"], s.train_on_inputs), (data["completion"], True)],
+                         list(self.prefix), self.closing)
+        messages = messages if messages is not None else data["messages"]
+        chosen = trained_indices(messages, s.train_on)
+        if not chosen and not s.train_on_inputs:
+            what = "no assistant turn" if s.train_on in ("all_assistant", "last_assistant") \
+                else f"no message with a role in data.train_on ({s.train_on})"
+            raise BadLine(f"'messages' has {what} to learn from (set data.train_on_inputs: true "
+                          "to train on every token)")
+        rendered = self.layout.spans(messages, [] if s.train_on_inputs else chosen,
+                                     tools=data.get("tools"))
+        if s.train_on_inputs:
+            return _Plan([(rendered.text, True)])
+        segments, at = [], 0
+        for start, end in rendered.spans:
+            if start > at:
+                segments.append((rendered.text[at:start], False))
+            segments.append((rendered.text[start:end], True))
+            at = end
+        if at < len(rendered.text):
+            segments.append((rendered.text[at:], False))
+        return _Plan(segments, suffix=[self.eos] if rendered.append_eos else [])
+
+    def _encode_plans(self, plans: list[_Plan]):
+        """(ids, trained) per plan, from one batched encode of every segment."""
+        if self.concatenates:
+            parts = self._encode_texts([text for p in plans for text, _ in p.segments])
+            chunks, flags, lengths, at = [], [], [], 0
+            for p in plans:
+                chunks.append(np.asarray(p.prefix, np.int32))
+                flags.append(False)
+                for _, trained in p.segments:
+                    chunks.append(parts[at])
+                    flags.append(trained)
+                    at += 1
+                chunks.append(np.asarray(p.suffix, np.int32))
+                flags.append(p.suffix_trained)
+            lengths = np.fromiter(map(len, chunks), np.int64, len(chunks))
+            ids = np.concatenate(chunks) if chunks else np.zeros(0, np.int32)
+            mask = np.repeat(np.asarray(flags, bool), lengths)
+            ends = np.cumsum(lengths)
+            first = 0
+            for p in plans:
+                last = first + len(p.segments) + 1  # prefix, segments, suffix
+                a, b = (ends[first - 1] if first else 0), ends[last]
+                yield ids[a:b], mask[a:b]
+                first = last + 1
+            return
+        encodings = self.backend.encode_batch(["".join(t for t, _ in p.segments) for p in plans],
+                                              add_special_tokens=False)
+        for p, enc in zip(plans, encodings):
+            bounds, at = [], 0
+            for text, trained in p.segments:
+                if trained:
+                    bounds.append((at, at + len(text)))
+                at += len(text)
+            offsets = np.asarray(enc.offsets, dtype=np.int64).reshape(-1, 2)
+            mask = np.zeros(len(offsets), bool)
+            for a, b in bounds:  # any character of the token inside the span
+                mask |= (offsets[:, 0] < b) & (offsets[:, 1] > a)
+            ids = np.concatenate([np.asarray(p.prefix, np.int32), np.asarray(enc.ids, np.int32),
+                                  np.asarray(p.suffix, np.int32)])
+            yield ids, np.concatenate([np.zeros(len(p.prefix), bool), mask,
+                                       np.full(len(p.suffix), p.suffix_trained)])
+
+    def _encode_texts(self, texts: list[str]) -> list[np.ndarray]:
+        if self.bytes is not None:
+            return self.bytes.encode(texts)
+        return [np.asarray(e.ids, dtype=np.int32) for e in
+                self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+    # --- length ---------------------------------------------------------------------------
+
+    def _head(self, example: Example, ids: np.ndarray) -> int:
+        """Leading ids that keep_end keeps: the post-processor's prefix, or a template's BOS."""
+        if example.kind != "messages":
+            return len(self.prefix)
+        bos = self.tokenizer.bos_token_id
+        return 1 if bos is not None and len(ids) and ids[0] == bos else 0
+
+    def _finish(self, example: Example, ids: np.ndarray, trained: np.ndarray) -> Tokenized:
+        s = self.settings
+        if s.train_on_inputs:
+            trained = np.ones(len(ids), bool)
+        if not trained[1:].any():  # the first token of a row is never a prediction target
+            raise BadLine("no trainable tokens (nothing to learn after masking)")
+        if len(ids) <= s.max_length:
+            return Tokenized(ids, trained)
+        policy = s.truncation
+        if policy == "auto":
+            if example.kind == "messages":
+                return self._drop_turns(example, len(ids))
+            policy = "keep_end" if example.kind == "prompt_completion" else "keep_start"
+        return _cut(ids, trained, policy, s.max_length, self._head(example, ids))
+
+    def _drop_turns(self, example: Example, length: int) -> Tokenized:
+        """Drop the oldest turns (a turn: a user message and what answers it) until the rest
+        fits, keeping system messages and the last trained reply; then keep the end."""
+        messages = example.data["messages"]
+        system = messages[:1] if messages[0]["role"] == "system" else []
+        rest = messages[len(system):]
+        chosen = trained_indices(messages, self.settings.train_on) or [len(messages) - 1]
+        last = chosen[-1] - len(system)
+        turn_starts = [i for i, m in enumerate(rest) if m["role"] == "user" and 0 < i <= last]
+        dropped, best = 0, None
+        for cut in turn_starts:
+            kept = system + rest[cut:]
+            if not trained_indices(kept, self.settings.train_on) and \
+                    not self.settings.train_on_inputs:
+                break
+            try:
+                ids, trained = next(self._encode_plans([self._plan(example, kept)]))
+            except BadLine:
+                continue  # e.g. a template that needs the conversation to start otherwise
+            best, dropped = (ids, trained), sum(1 for m in rest[:cut] if m["role"] == "user")
+            if len(ids) <= self.settings.max_length:
+                return Tokenized(ids, trained, truncated=True, turns_dropped=dropped)
+        if best is None:
+            ids, trained = next(self._encode_plans([self._plan(example)]))
+        else:
+            ids, trained = best
+        out = _cut(ids, trained, "keep_end", self.settings.max_length, self._head(example, ids))
+        out.turns_dropped = dropped
+        return out
+
+
+def _cut(ids: np.ndarray, trained: np.ndarray, policy: str, max_length: int,
+         keep_head: int) -> Tokenized:
+    if policy == "drop":
+        return Tokenized(ids[:0], trained[:0], truncated=True, empty=True)
+    if policy == "keep_start":
+        ids, trained = ids[:max_length], trained[:max_length]
+    else:  # keep_end, keeping the first keep_head ids (the post-processor's BOS)
+        tail = max_length - keep_head
+        ids = np.concatenate([ids[:keep_head], ids[len(ids) - tail:]])
+        trained = np.concatenate([trained[:keep_head], trained[len(trained) - tail:]])
+    return Tokenized(ids, trained, truncated=True, empty=not trained[1:].any())
+
+
+def tokenize(tokenizer, example: Example, *, max_length: int, train_on_inputs: bool = False,
+             train_on: str = "all_assistant", truncation: str = "auto") -> Tokenized:
+    """One example (raises its BadLine): for tests and one-off use; builds use ExampleEncoder."""
+    encoder = ExampleEncoder(tokenizer, Settings(max_length, train_on_inputs, train_on,
+                                                 truncation))
+    result = encoder.encode([example])[0]
+    if isinstance(result, BadLine):
+        raise result
+    return result
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """EOS and the chat template's end-of-turn token: where generation must stop."""
+    ids = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    eot = ChatLayout(tokenizer).end_of_turn
+    if eot is not None:
+        eot_id = tokenizer.convert_tokens_to_ids(eot)
+        if isinstance(eot_id, int) and eot_id not in ids and eot_id != tokenizer.unk_token_id:
+            ids.append(eot_id)
+    return ids
 
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """Identifies a tokenizer (vocabulary, normalisation, chat template) for the data cache."""
-    import hashlib
-
     blob = tokenizer.backend_tokenizer.to_str() + (tokenizer.chat_template or "") + \
         str(tokenizer.eos_token_id)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
