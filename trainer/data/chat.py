@@ -24,6 +24,7 @@ conversation is rendered once; ``ChatLayout`` then finds the character spans tha
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass
 from functools import lru_cache
@@ -79,8 +80,13 @@ class ChatLayout:
         try:
             bare = self.render(user)
             with_prompt = self.render(user, add_generation_prompt=True)
-            if with_prompt.startswith(bare):
-                self.generation_prompt = with_prompt[len(bare):]
+            # the common prefix, not ``bare``: a template may close a conversation that does not
+            # end in a generation prompt (Phi-3 appends <|endoftext|>)
+            cut = len(os.path.commonprefix([bare, with_prompt]))
+            for token in self._special_re.finditer(with_prompt) if self._special_re else ():
+                if token.start() < cut < token.end():  # never start inside a special token
+                    cut = token.start()
+            self.generation_prompt = with_prompt[cut:]
             reply = self.render(user + [{"role": "assistant", "content": _PH.format(0)}])
         except BadLine:
             return
@@ -170,6 +176,10 @@ class ChatLayout:
         literals.append(rendered[at:])
         pattern = "(.*?)".join(map(re.escape, literals))
         match = re.fullmatch(pattern, text, re.DOTALL)
+        if match is not None and any(  # a template may trim a content, not rewrite it
+                match.group(k + 1).strip() != messages[i]["content"].strip()
+                for k, i in enumerate(marked)):
+            match = None
         if match is None:
             raise BadLine("the chat template renders this conversation differently once the "
                           "trained contents are known (a content-dependent branch), so the "
