@@ -147,7 +147,57 @@ def load_model(hero, locked: dict, *, checkpoint: Path | None = None, seed: int 
     check_against_locked(model.config, locked, source=str(checkpoint or hero.source))
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
+    template = hero_chat_template(hero)
+    if template is not None:
+        tokenizer.chat_template = template
+    set_generation_tokens(model, tokenizer)
     return model, tokenizer
+
+
+def hero_chat_template(hero) -> str | None:
+    """The template the hero's ``chat.template`` names (None: keep the tokenizer's own)."""
+    from core.validate import read_regular
+    from guild.heroes import MAX_TEMPLATE_BYTES, chat_template_path
+
+    choice = (hero.chat or {}).get("template", "tokenizer")
+    if choice == "tokenizer":
+        return None
+    if choice == "builtin":
+        return BYTE_CHAT_TEMPLATE
+    path = chat_template_path(hero.source, choice)
+    try:
+        text = read_regular(path, MAX_TEMPLATE_BYTES, "chat template").decode("utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{hero.source}: chat.template {path} does not exist; write the "
+                         "template there or fix the path in the hero profile.") from None
+    except UnicodeDecodeError as exc:
+        raise InputError(f"{path}: the chat template is not UTF-8 (byte {exc.start}).") from None
+    from jinja2 import TemplateError
+
+    try:
+        from transformers.utils.chat_template_utils import _compile_jinja_template
+
+        _compile_jinja_template(text)
+    except TemplateError as exc:
+        raise InputError(f"{path}:{getattr(exc, 'lineno', '?')}: the chat template does not "
+                         f"compile: {exc}; fix the Jinja syntax.") from None
+    return text
+
+
+def set_generation_tokens(model, tokenizer) -> None:
+    """EOS, end of turn, BOS and padding into the model's config and generation config, so every
+    checkpoint saved from it stops ``generate()`` and ``pipeline("text-generation")`` at the end
+    of its turn."""
+    from trainer.data.tokenize import stop_token_ids
+
+    stops = stop_token_ids(tokenizer)
+    if not stops:
+        return
+    for config in (model.config, model.generation_config):
+        config.eos_token_id = stops if config is model.generation_config else stops[0]
+        config.pad_token_id = tokenizer.pad_token_id
+        config.bos_token_id = tokenizer.bos_token_id
+    model.generation_config._from_model_config = False  # ours, not derived from config.json
 
 
 def check_against_locked(config, locked: dict, *, source: str) -> None:

@@ -33,6 +33,17 @@ _REQUIRED = ("id", "model", "model.architecture", "model.vocab_size", "model.con
 _CHOICES = {"model.init": ("pretrained", "random"), "tokenizer.kind": ("pretrained", "byte")}
 
 
+CHAT_TEMPLATES = ("tokenizer", "builtin")
+"""chat.template: the tokenizer's own, realm's ChatML (``builtin``), or a path to a .jinja file."""
+MAX_TEMPLATE_BYTES = 1 << 20
+
+
+def chat_template_path(source: Path, value: str) -> Path:
+    """A ``chat.template`` file path, relative paths taken from the hero file's folder."""
+    path = Path(value).expanduser()
+    return path if path.is_absolute() else Path(source).parent / path
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     architecture: str
@@ -124,6 +135,18 @@ def _validate(data: Any, path: Path, lines: dict) -> list[str]:
             model.get("path") or model.get("hf_name")):
         problems.append(f"{path}: 'model' needs 'path' (a local model folder), 'hf_name', or "
                         "'init: random' with a 'config'.")
+    chat = data.get("chat") if isinstance(data.get("chat"), dict) else {}
+    template = chat.get("template")
+    if isinstance(template, str) and template not in CHAT_TEMPLATES:
+        file = chat_template_path(path, template)
+        if not template.endswith(".jinja"):
+            problems.append(f"{where(path, lines, 'chat.template')}: 'chat.template' is "
+                            f"{template!r}; use tokenizer (the tokenizer's own), builtin (realm's "
+                            "ChatML) or the path of a .jinja file.")
+        elif not file.is_file():
+            problems.append(f"{where(path, lines, 'chat.template')}: 'chat.template' file "
+                            f"{file} does not exist; write the template there or fix the path (relative "
+                            "paths start at the hero file's folder).")
     if isinstance(data.get("id"), str) and data["id"] != path.stem:
         problems.append(f"{where(path, lines, 'id')}: id '{data['id']}' must match the file name "
                         f"'{path.stem}'.")
