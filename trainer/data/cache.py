@@ -17,17 +17,21 @@ from __future__ import annotations
 
 import hashlib
 import json
+import multiprocessing
 import os
 import shutil
+from collections import deque
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from core.fsutil import fsync_dir, rename_noreplace, write_json_atomic
-from trainer.data.reader import (READ_CHUNK, BadLine, BadLineCounter, DataError,
-                                 check_bad_fraction, iter_examples, reject)
+from core.validate import open_regular
+from trainer.data.reader import (READ_CHUNK, BadLine, BadLineCounter, DataError, _TooLong,
+                                 check_bad_fraction, iter_lines, read_line, reject)
 from trainer.data.tokenize import ExampleEncoder, Settings, tokenizer_fingerprint
 
 CACHE_VERSION = 2
@@ -35,6 +39,8 @@ _FLUSH_TOKENS = 1 << 22
 _BATCH_EXAMPLES = 512
 _BATCH_BYTES = 4 << 20
 """Examples are encoded in batches of at most this many examples or characters."""
+PARALLEL_MIN_BYTES = 16 << 20
+"""Files at least this big are encoded by forked worker processes (one per core)."""
 
 
 @dataclass
@@ -132,18 +138,19 @@ class _Writer:
         self.pending = 0
         self.starts = [0]
 
-    def add(self, ids: np.ndarray, trained: np.ndarray) -> None:
+    def add_many(self, ids: np.ndarray, trained: np.ndarray, lengths: list[int]) -> None:
+        """Examples back to back in ``ids``/``trained``, ``lengths`` tokens each."""
         self.ids.append(ids)
         self.trained.append(trained)
         self.pending += len(ids)
-        self.starts.append(self.starts[-1] + len(ids))
+        self.starts.extend((self.starts[-1] + np.cumsum(lengths, dtype=np.int64)).tolist())
         if self.pending >= _FLUSH_TOKENS:
             self.flush()
 
     def flush(self) -> None:
         if self.ids:
             np.concatenate(self.ids).astype(np.int32, copy=False).tofile(self.ids_fh)
-            np.concatenate(self.trained).astype(np.uint8).tofile(self.trained_fh)
+            np.concatenate(self.trained).astype(np.uint8, copy=False).tofile(self.trained_fh)
         self.ids, self.trained, self.pending = [], [], 0
 
     def close(self) -> None:
@@ -154,42 +161,112 @@ class _Writer:
             fh.close()
 
 
+@dataclass
+class _Batch:
+    """What encoding one batch of lines gave, in line order."""
+
+    lines: list[tuple[int, str | None, bool, int, bool, int]]
+    """Per non-blank line: (number, bad-line reason or None, truncated, turns dropped, dropped,
+    trained tokens)."""
+    ids: np.ndarray
+    trained: np.ndarray
+    lengths: list[int]
+    """Token count of each kept example (the arrays hold them back to back)."""
+
+
+_ENCODER: tuple[ExampleEncoder, str] | None = None
+"""The encoder and line format of the build in progress (inherited by forked workers)."""
+
+
+def _encode_lines(lines: list[tuple[int, Any]]) -> _Batch:
+    encoder, forced = _ENCODER
+    items = [(number, read_line(number, raw, forced)) for number, raw in lines]
+    items = [(number, item) for number, item in items if item is not None]
+    examples = [item for _, item in items if not isinstance(item, BadLine)]
+    results = iter(encoder.encode(examples))
+    out, ids, trained, lengths = [], [], [], []
+    for number, item in items:
+        tok = item if isinstance(item, BadLine) else next(results)
+        if isinstance(tok, BadLine):
+            out.append((number, str(tok), False, 0, False, 0))
+            continue
+        out.append((number, None, tok.truncated, tok.turns_dropped, tok.empty,
+                    0 if tok.empty else tok.trained_count))
+        if not tok.empty:
+            ids.append(tok.ids)
+            trained.append(tok.trained)
+            lengths.append(len(tok.ids))
+    join = lambda parts, kind: np.concatenate(parts).astype(kind, copy=False) if parts \
+        else np.zeros(0, kind)  # noqa: E731
+    return _Batch(out, join(ids, np.int32), join(trained, np.uint8), lengths)
+
+
+def _line_batches(fh, hasher, tick) -> Iterator[list[tuple[int, Any]]]:
+    batch, size = [], 0
+    for number, raw in enumerate(iter_lines(fh, hasher=hasher, tick=tick), 1):
+        batch.append((number, raw))
+        size += raw.size if isinstance(raw, _TooLong) else len(raw)
+        if len(batch) >= _BATCH_EXAMPLES or size >= _BATCH_BYTES:
+            yield batch
+            batch, size = [], 0
+    if batch:
+        yield batch
+
+
+def _encoded(batches: Iterator[list], workers: int) -> Iterator[_Batch]:
+    """Encoded batches in file order: in this process, or in ``workers`` forked processes with
+    a bounded number of batches in flight (memory stays flat)."""
+    if workers <= 1:
+        yield from map(_encode_lines, batches)
+        return
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    try:
+        window: deque = deque()
+        for batch in batches:
+            window.append(pool.submit(_encode_lines, batch))
+            if len(window) >= 2 * workers:
+                yield window.popleft().result()
+        while window:
+            yield window.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _workers(dataset: Path) -> int:
+    """Forked encoder processes for a build: one per core (at most 4) for big files."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    try:
+        big = dataset.stat().st_size >= PARALLEL_MIN_BYTES
+    except OSError:
+        big = False
+    return min(4, cores or 1) if big else 1
+
+
 def _build(dataset: Path, tokenizer, data_cfg, root: Path, recorded_sha256: str,
            tick: Callable[[], None] | None = None) -> None:
+    global _ENCODER
     counter = BadLineCounter()
     writer = _Writer(root)
     stats = {"truncated": 0, "trained_tokens": 0, "dropped": 0, "turns_dropped": 0}
     hasher = hashlib.sha256()
-    encoder = ExampleEncoder(tokenizer, Settings.of(data_cfg))
-
-    def flush(batch: list) -> None:
-        for example, tok in zip(batch, encoder.encode(batch)):
-            if isinstance(tok, BadLine):
-                reject(dataset, example.line, str(tok), data_cfg.on_bad_line, counter)
-                continue
-            stats["truncated"] += tok.truncated
-            stats["turns_dropped"] += tok.turns_dropped
-            if tok.empty:
-                stats["dropped"] += 1
-                continue
-            stats["trained_tokens"] += tok.trained_count
-            writer.add(tok.ids, tok.trained)
-        batch.clear()
-
+    _ENCODER = (ExampleEncoder(tokenizer, Settings.of(data_cfg)), data_cfg.format)
     try:
-        batch, size = [], 0
-        for example in iter_examples(dataset, forced=data_cfg.format,
-                                     on_bad_line=data_cfg.on_bad_line, counter=counter,
-                                     hasher=hasher, tick=tick):
-            batch.append(example)
-            size += example.size
-            if len(batch) >= _BATCH_EXAMPLES or size >= _BATCH_BYTES:
-                flush(batch)
-                size = 0
+        with open_regular(dataset, "the dataset") as fh:  # no FIFO wait, no symlink followed
+            for batch in _encoded(_line_batches(fh, hasher, tick), _workers(dataset)):
+                for number, reason, truncated, turns, dropped, trained in batch.lines:
+                    counter.total += 1
+                    if reason is not None:
+                        reject(dataset, number, reason, data_cfg.on_bad_line, counter)
+                        continue
+                    stats["truncated"] += truncated
+                    stats["turns_dropped"] += turns
+                    stats["dropped"] += dropped
+                    stats["trained_tokens"] += trained
+                writer.add_many(batch.ids, batch.trained, batch.lengths)
                 if tick is not None:
                     tick()
-        flush(batch)
     finally:
+        _ENCODER = None
         writer.close()
     check_read(dataset, recorded_sha256, hasher.hexdigest())
     check_bad_fraction(dataset, counter, data_cfg.max_bad_fraction)

@@ -31,6 +31,7 @@ from functools import lru_cache
 
 from trainer.data.reader import BadLine
 
+_GENERATION_TAG = re.compile(r"\{%\s*(?:end)?generation\s*%\}")
 _PH = "\U000f0100{}\U000f0101"
 """Placeholder for message i: private-use characters no real text holds."""
 
@@ -62,6 +63,7 @@ class ChatLayout:
 
     def __init__(self, tokenizer):
         self.template: str | None = tokenizer.chat_template
+        self.source_template = self.template
         self.kwargs = _conversation_kwargs(tokenizer)
         self.specials = sorted({t for t in tokenizer.all_special_tokens} |
                                {str(t) for t in tokenizer.added_tokens_encoder}, key=len,
@@ -71,9 +73,28 @@ class ChatLayout:
         self.generation_prompt = ""
         self.end_of_turn: str | None = None
         if self.template:
+            self._drop_generation_tags()
             self._probe()
         self.header_search = bool(self.generation_prompt) and self.end_of_turn is not None and \
             self._special_re is not None and bool(self._special_re.search(self.generation_prompt))
+
+    def _drop_generation_tags(self) -> None:
+        """``{% generation %}`` marks only matter to transformers' assistant-mask tracker, and
+        cost a macro call per turn: rendered without them when the output is the same."""
+        plain = _GENERATION_TAG.sub("", self.template)
+        if plain == self.template:
+            return
+        probe = [{"role": "system", "content": "s"}, {"role": "user", "content": "u"},
+                 {"role": "assistant", "content": " a\n"}, {"role": "user", "content": "v"},
+                 {"role": "assistant", "content": "b"}]
+        try:
+            same = all(_compiled(plain).render(messages=probe, add_generation_prompt=g,
+                                               tools=None, documents=None, **self.kwargs) ==
+                       self.render(probe, add_generation_prompt=g) for g in (False, True))
+        except Exception:  # noqa: BLE001 - keep the template as written
+            same = False
+        if same:
+            self.template = plain
 
     def _probe(self) -> None:
         user = [{"role": "user", "content": "Hi"}]

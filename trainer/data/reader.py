@@ -169,6 +169,21 @@ def iter_lines(fh, *, hasher=None, max_bytes: int = MAX_LINE_BYTES,
         yield bytes(part)
 
 
+def read_line(number: int, raw: "bytes | _TooLong", forced: str = "auto"
+              ) -> "Example | BadLine | None":
+    """One raw line as an Example, the BadLine that rejects it, or None for a blank line."""
+    if isinstance(raw, _TooLong):
+        return BadLine(f"the line is {raw.size:,} bytes, over the limit of {MAX_LINE_BYTES:,} "
+                       "(MAX_LINE_BYTES); split it into smaller examples")
+    if not raw.strip():
+        return None
+    try:
+        kind, obj = parse_line(raw, forced)
+    except BadLine as bad:
+        return bad
+    return Example(number, kind, obj, len(raw))
+
+
 def iter_examples(path: Path, *, forced: str = "auto", on_bad_line: str = "fail",
                   counter: BadLineCounter | None = None, hasher=None,
                   tick: Callable[[], None] | None = None) -> Iterator[Example]:
@@ -177,21 +192,14 @@ def iter_examples(path: Path, *, forced: str = "auto", on_bad_line: str = "fail"
     counter = counter if counter is not None else BadLineCounter()
     with open_regular(path, "the dataset") as fh:  # no FIFO wait, no symlink followed
         for number, raw in enumerate(iter_lines(fh, hasher=hasher, tick=tick), 1):
-            if isinstance(raw, _TooLong):
-                counter.total += 1
-                reject(path, number, f"the line is {raw.size:,} bytes, over the limit of "
-                       f"{MAX_LINE_BYTES:,} (MAX_LINE_BYTES); split it into smaller examples",
-                       on_bad_line, counter)
-                continue
-            if not raw.strip():
+            item = read_line(number, raw, forced)
+            if item is None:
                 continue
             counter.total += 1
-            try:
-                kind, obj = parse_line(raw, forced)
-            except BadLine as bad:
-                reject(path, number, str(bad), on_bad_line, counter)
+            if isinstance(item, BadLine):
+                reject(path, number, str(item), on_bad_line, counter)
                 continue
-            yield Example(number, kind, obj, len(raw))
+            yield item
 
 
 def reject(path: Path, line: int, reason: str, on_bad_line: str, counter: BadLineCounter) -> None:

@@ -96,9 +96,9 @@ class ByteTable:
     def __init__(self, lut: np.ndarray, specials: dict[str, int]):
         self.lut = lut
         self.specials = specials
-        self.split = re.compile("(" + "|".join(map(re.escape, sorted(specials, key=len,
-                                                                     reverse=True))) + ")") \
-            if specials else None
+        longest_first = sorted(specials, key=len, reverse=True)
+        self.bytes_split = re.compile(b"|".join(re.escape(s.encode("utf-8"))
+                                                for s in longest_first)) if specials else None
 
     @classmethod
     def of(cls, tokenizer) -> "ByteTable | None":
@@ -122,19 +122,28 @@ class ByteTable:
         return table if table.encode([probe])[0].tolist() == expected else None
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
-        out = []
-        for text in texts:
-            if self.split is None or not self.split.search(text):
-                out.append(self.lut[np.frombuffer(text.encode("utf-8"), dtype=np.uint8)])
-                continue
-            parts = []
-            for i, piece in enumerate(self.split.split(text)):
-                if i % 2:
-                    parts.append(np.array([self.specials[piece]], dtype=np.int32))
-                elif piece:
-                    parts.append(self.lut[np.frombuffer(piece.encode("utf-8"), dtype=np.uint8)])
-            out.append(np.concatenate(parts) if parts else np.zeros(0, np.int32))
-        return out
+        """Ids per text, all texts at once: one lookup over their joined bytes, then each
+        special token found inside one text collapsed to its id."""
+        if not texts:
+            return []
+        raw = [t.encode("utf-8") for t in texts]
+        ends = np.cumsum(np.fromiter(map(len, raw), np.int64, len(raw)))
+        joined = b"".join(raw)
+        ids = self.lut[np.frombuffer(joined, dtype=np.uint8)]
+        found = list(self.bytes_split.finditer(joined)) if self.bytes_split is not None else []
+        if found:
+            starts = np.fromiter((m.start() for m in found), np.int64, len(found))
+            stops = np.fromiter((m.end() for m in found), np.int64, len(found))
+            inside = np.searchsorted(ends, starts, "right") == np.searchsorted(ends, stops - 1,
+                                                                              "right")
+            keep = np.ones(len(ids), bool)
+            for m, ok in zip(found, inside):
+                if ok:  # a match across two texts is no token of either
+                    ids[m.start()] = self.specials[m.group(0).decode("utf-8")]
+                    keep[m.start() + 1:m.end()] = False
+            removed = np.concatenate([[0], np.cumsum(~keep)])[ends]
+            ids, ends = ids[keep], ends - removed
+        return np.split(ids, ends[:-1])
 
 
 def _bytes_to_unicode() -> dict[int, str]:
