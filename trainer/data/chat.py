@@ -230,6 +230,9 @@ def _alias_reasoning(messages: list[dict]) -> list[dict]:
     """Templates read reasoning as ``reasoning_content`` (Qwen3) or ``thinking`` (gpt-oss)."""
     out = []
     for m in messages:
+        if "reasoning_content" not in m and "thinking" not in m and "reasoning" not in m:
+            out.append(m)
+            continue
         reasoning = next((m[k] for k in ("reasoning_content", "thinking", "reasoning")
                           if isinstance(m.get(k), str)), None)
         out.append(m if reasoning is None else {"thinking": reasoning, **m,

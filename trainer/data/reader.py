@@ -57,8 +57,9 @@ class BadLineCounter:
 
 
 def _kind(obj: dict, forced: str) -> str:
-    present = [k for k, keys in (("text", ("text",)), ("prompt_completion", ("prompt", "completion")),
-                                 ("messages", ("messages",))) if all(x in obj for x in keys)]
+    present = [k for k, here in (("text", "text" in obj),
+                                 ("prompt_completion", "prompt" in obj and "completion" in obj),
+                                 ("messages", "messages" in obj)) if here]
     if forced != "auto":
         if forced not in present:
             want = {"text": "'text'", "prompt_completion": "'prompt' and 'completion'",

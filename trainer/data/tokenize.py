@@ -96,6 +96,7 @@ class ByteTable:
     def __init__(self, lut: np.ndarray, specials: dict[str, int]):
         self.lut = lut
         self.specials = specials
+        self.byte_specials = {k.encode("utf-8"): v for k, v in specials.items()}
         longest_first = sorted(specials, key=len, reverse=True)
         self.bytes_split = re.compile(b"|".join(re.escape(s.encode("utf-8"))
                                                 for s in longest_first)) if specials else None
@@ -134,13 +135,17 @@ class ByteTable:
         if found:
             starts = np.fromiter((m.start() for m in found), np.int64, len(found))
             stops = np.fromiter((m.end() for m in found), np.int64, len(found))
+            token = np.fromiter((self.byte_specials[m.group(0)] for m in found), np.int32,
+                                len(found))
+            # a match across two texts is no token of either
             inside = np.searchsorted(ends, starts, "right") == np.searchsorted(ends, stops - 1,
                                                                               "right")
-            keep = np.ones(len(ids), bool)
-            for m, ok in zip(found, inside):
-                if ok:  # a match across two texts is no token of either
-                    ids[m.start()] = self.specials[m.group(0).decode("utf-8")]
-                    keep[m.start() + 1:m.end()] = False
+            starts, stops = starts[inside], stops[inside]
+            ids[starts] = token[inside]
+            cover = np.zeros(len(ids) + 1, np.int64)
+            np.add.at(cover, starts + 1, 1)
+            np.add.at(cover, stops, -1)
+            keep = np.cumsum(cover[:-1]) == 0
             removed = np.concatenate([[0], np.cumsum(~keep)])[ends]
             ids, ends = ids[keep], ends - removed
         return np.split(ids, ends[:-1])
