@@ -87,3 +87,27 @@ def test_a_sidecar_without_a_recorded_hash_is_refused(tmp_path):
               dataset_name="d.jsonl", dataset_sha256=None)
     with pytest.raises(InputError, match="records no dataset_sha256.*realm queue add"):
         build_spec(RealmPaths(tmp_path), job)
+
+
+@pytest.mark.parametrize("line", [
+    '{"text": "broken \\ud800 surrogate"}',
+    '{"prompt": "q", "completion": "\\udfff"}',
+    '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "\\ud83d"}]}',
+    '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": 7}]}',
+    '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": null}]}',
+    '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "x", '
+    '"tool_calls": "get_weather"}]}',
+    '{"messages": [{"role": "assistant", "content": "x", "reasoning_content": ["no"]}]}',
+    '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], '
+    '"tools": "all of them"}',
+])
+def test_odd_lines_are_counted_bad_lines_never_a_crash(tmp_path, tokenizer, line):
+    path = tmp_path / "d.jsonl"
+    good = json.dumps({"text": "ok \ud83d\ude00 fine"}) + "\n"  # a valid surrogate pair
+    path.write_text(good * 9 + line + "\n")
+    store, _ = load_or_build(path, hash_file(path), tokenizer,
+                             data_cfg(on_bad_line="skip", max_bad_fraction=0.5), tmp_path / "c")
+    assert (store.meta["num_examples"], store.meta["bad_lines"]) == (9, 1)
+    with pytest.raises(DataError, match=r"d\.jsonl:10: "):
+        load_or_build(path, hash_file(path), tokenizer, data_cfg(max_length=64),
+                      tmp_path / "c2")

@@ -13,6 +13,7 @@ so one pass both trains and proves which bytes were trained.
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
@@ -99,6 +100,26 @@ def _check_messages(messages: Any, tools: Any) -> None:
         raise BadLine("'tools' must be a list of tool (function schema) objects")
 
 
+_SURROGATE = re.compile(rb"\\u[dD][89a-fA-F]")
+"""A JSON escape of a UTF-16 surrogate: a lone one decodes to a str no encoder accepts."""
+
+
+def _check_encodable(value: Any, where: str) -> None:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError as exc:
+            raise BadLine(f"{where} holds a lone UTF-16 surrogate \\u{ord(value[exc.start]):04x}"
+                          " (invalid Unicode): fix the escape or drop the character") from None
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            _check_encodable(key, where)
+            _check_encodable(item, f"{where}: '{key}'" if where == "the line" else where)
+    elif isinstance(value, list):
+        for item in value:
+            _check_encodable(item, where)
+
+
 def parse_line(raw: bytes, forced: str = "auto") -> tuple[str, dict]:
     """(kind, object) for one raw line, or BadLine."""
     try:
@@ -117,6 +138,8 @@ def parse_line(raw: bytes, forced: str = "auto") -> tuple[str, dict]:
         raise BadLine("JSON nested too deep to parse") from None
     if not isinstance(obj, dict):
         raise BadLine(f"a line must be a JSON object, got {type(obj).__name__}")
+    if _SURROGATE.search(raw):
+        _check_encodable(obj, "the line")
     kind = _kind(obj, forced)
     if kind == "messages":
         _check_messages(obj["messages"], obj.get("tools"))
