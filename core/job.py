@@ -99,6 +99,9 @@ class Job:
     final_loss: Optional[float] = None
     final_val_loss: Optional[float] = None
     tokens_per_sec_avg: Optional[float] = None
+    """Processed (non-pad input) tokens per second of step time."""
+    trained_tokens_per_sec_avg: Optional[float] = None
+    """Loss-bearing tokens per second of step time (None: recorded before realm counted them)."""
     last_error: Optional[str] = None
     config_hash: Optional[str] = None
     git_commit: Optional[str] = None

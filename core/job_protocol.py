@@ -49,8 +49,8 @@ attempt; the daemon then waits for free space)."""
 KINDS = PERMANENT_KINDS | RETRYABLE_KINDS | OTHER_KINDS
 
 RESULT_FIELDS = frozenset({"start_step", "final_step", "final_loss", "final_val_loss",
-                           "tokens_per_sec_avg", "governor", "metadata", "config_hash",
-                           "git_commit"})
+                           "tokens_per_sec_avg", "trained_tokens_per_sec_avg", "governor",
+                           "metadata", "config_hash", "git_commit"})
 """Job fields a child may report; anything else in an outcome is ignored."""
 
 CODE_OF_KIND = {"completed": exitcodes.COMPLETED, "stopped": exitcodes.STOPPED,

@@ -12,6 +12,12 @@ approval. The job's final state (and a stopped job's last one) is judged by one 
 a fixed batch before it is written; when it fails, the job saves its last approved state
 instead, or fails when that is the state it started from. One cooperative stop check per step.
 
+Across jobs (``trainer.optim``): the learning-rate schedule runs per job or over the whole
+campaign (one warmup, then constant or a decay over a token budget, driven by the campaign step
+and the campaign's trained tokens carried in ``TrainState``); a job that continues from another
+job's checkpoint takes its AdamW moments when they fit. Every ``eval.every_steps`` rank 0
+measures the validation loss (and samples ``eval.sample_prompts``) outside the step's timing.
+
 Lineage (``trainer.checkpoint``): a new job continues from the campaign's newest *finished*
 checkpoint; it resumes its own unfinished one only when job id and config hash match and no
 other job finished since; anything else above the head is a dead branch and is removed. A job
@@ -27,6 +33,7 @@ governor panic) is agreed by all-reduce so the ranks never part ways.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -45,13 +52,15 @@ from trainer.data.reader import DataError
 from trainer.distributed import Group, weights_digest
 from trainer.governor import GovernorGaveUp, GovernorGuard
 from trainer.guard import Action, Decision, FiniteGuard, NonFiniteLoss
-from trainer.metrics import RunningStats, StatusWriter, StepMetrics, get_logger, \
+from trainer.metrics import STEP_METRICS, RunningStats, StatusWriter, StepMetrics, get_logger, \
     progress_line, status_payload
 from trainer.attention import NAME as ATTENTION, use_packed_attention
 from trainer.model import load_model
-from trainer.state import TrainState
+from trainer.optim import Schedule, load_moments, moments_problem, param_groups
+from trainer.state import TrainState, campaign_tokens_of
 
-from core.errors import ConfigError, RealmError
+from core.errors import ConfigError, InputError, RealmError
+from core.validate import read_regular
 
 
 class StopRequested(Exception):
@@ -81,6 +90,8 @@ class JobSpec:
     cache_root: Path
     config_hash: str = ""
     status_path: Path | None = None
+    base_dir: Path | None = None
+    """The realm folder: a relative ``eval.sample_prompts`` path is read from it."""
 
 
 @dataclass
@@ -90,10 +101,13 @@ class TrainResult:
     final_loss: float | None
     final_val_loss: float | None
     tokens_per_sec_avg: float
+    """Processed (non-pad input) tokens per second of step time."""
     checkpoint: Checkpoint | None
     data: dict = field(default_factory=dict)
     resumed_from: int | None = None
     governor: dict = field(default_factory=dict)
+    trained_tokens_per_sec_avg: float = 0.0
+    """Loss-bearing tokens per second of step time."""
 
 
 PERMANENT_FAILURES = (RealmError, DataError, NonFiniteLoss, GovernorGaveUp)
@@ -103,11 +117,45 @@ good and removes the checkpoints it wrote."""
 
 def pick_device(precision: str, device: torch.device | None = None
                 ) -> tuple[torch.device, torch.dtype | None]:
-    """(device, autocast dtype or None): bf16 autocast on CUDA when asked or auto; fp32 on CPU."""
+    """(device, autocast dtype or None): bf16 autocast on CUDA that supports it when asked or
+    auto; fp32 otherwise (the trainer warns when bf16 was asked for and is unavailable)."""
     if torch.cuda.is_available():
-        use_bf16 = precision == "bf16" or (precision == "auto" and torch.cuda.is_bf16_supported())
+        use_bf16 = precision in ("bf16", "auto") and torch.cuda.is_bf16_supported()
         return device or torch.device("cuda"), torch.bfloat16 if use_bf16 else None
     return torch.device("cpu"), None
+
+
+MAX_PROMPTS_BYTES = 1 << 20
+MAX_SAMPLE_PROMPTS = 32
+"""Generation at every evaluation is slow next to a loss pass: a few prompts show the trend."""
+
+
+def read_prompts(setting: str, base: Path | None) -> list[str]:
+    """``eval.sample_prompts``: one prompt per non-empty line (a line that parses as a JSON
+    string is that string, so a prompt may hold newlines). A relative path is read from the
+    realm folder. Anything unreadable is a ConfigError naming the key and the path."""
+    path = Path(setting).expanduser()
+    if not path.is_absolute() and base is not None:
+        path = base / path
+    try:
+        text = read_regular(path, MAX_PROMPTS_BYTES, "prompts file").decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError(f"eval.sample_prompts: {path} does not exist; write one prompt per "
+                          "line there, or unset eval.sample_prompts.") from None
+    except (OSError, InputError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"eval.sample_prompts: cannot read {path}: {exc}") from None
+    prompts = [_prompt(line) for line in text.splitlines() if line.strip()]
+    if not prompts:
+        raise ConfigError(f"eval.sample_prompts: {path} holds no prompt (one per line).")
+    return prompts
+
+
+def _prompt(line: str) -> str:
+    try:
+        value = json.loads(line)
+    except ValueError:
+        return line
+    return value if isinstance(value, str) else line
 
 
 class TokenLoss(torch.nn.Module):
@@ -142,6 +190,8 @@ class Trainer:
         if device is not None:
             self.device, self.autocast_dtype = device, None
         self.log = get_logger(job_id=spec.job_id)
+        self.precision = "bf16" if self.autocast_dtype is torch.bfloat16 else "fp32"
+        """The precision actually used (recorded on the job)."""
         self.stats = RunningStats()
         self.state = TrainState()
         self.staged: Staged | None = None
@@ -154,11 +204,17 @@ class Trainer:
         self.last_loss: float | None = None
         self.status = StatusWriter(spec.status_path if self.group.main else None,
                                    self.cfg.logging.status_every_seconds)
+        self.evals: list[tuple[int, float]] = []
+        """(campaign step, validation loss) of every evaluation of this attempt (rank 0)."""
+        self.sample_prompts: list[str] = []
+        self.lr_start: float | None = None
+        self._budget_warned = False
 
     # --- the spine ------------------------------------------------------------------------
 
     def train(self) -> TrainResult:
         try:
+            self._check_settings()
             self._setup_model()
             self.heartbeat("model")
             self._setup_data()
@@ -188,6 +244,23 @@ class Trainer:
         return self.state.global_step
 
     # --- setup ----------------------------------------------------------------------------
+
+    def _check_settings(self) -> None:
+        """What can be checked before anything loads: the precision that will really be used,
+        and the sample prompts file (read now: a bad path fails the job at once)."""
+        requested = self.cfg.training.precision
+        if requested == "bf16" and self.precision != "bf16":
+            why = ("bf16 autocast runs on CUDA only" if self.device.type == "cpu" else
+                   f"{torch.cuda.get_device_name(self.device)} does not support bf16")
+            self.log.warning("training.precision_unavailable", requested=requested,
+                             used=self.precision, reason=why)
+        path = self.cfg.eval.sample_prompts
+        if path:
+            self.sample_prompts = read_prompts(path, self.spec.base_dir)
+            if len(self.sample_prompts) > MAX_SAMPLE_PROMPTS:
+                self.log.warning("eval.sample_prompts_capped", prompts=len(self.sample_prompts),
+                                 used=MAX_SAMPLE_PROMPTS)
+                self.sample_prompts = self.sample_prompts[:MAX_SAMPLE_PROMPTS]
 
     def _setup_model(self) -> None:
         root = self.spec.checkpoint_root
@@ -291,6 +364,10 @@ class Trainer:
         self.log.info("data.ready", **self.data_stats, total_steps=self.total_steps)
         if not self.rows:
             raise DataError(f"{self.spec.dataset}: no training rows after the validation split.")
+        if self.cfg.eval.every_steps and not self.val_rows:
+            self.log.warning("eval.no_validation_split", every_steps=self.cfg.eval.every_steps,
+                             val_fraction=data.val_fraction, note="eval.every_steps has no effect:"
+                             " set data.val_fraction above 0 (and enough examples for one row)")
 
     def _split(self, n: int) -> tuple[list[int], list[int]]:
         n_val = int(n * self.cfg.data.val_fraction)
@@ -302,20 +379,46 @@ class Trainer:
     def _setup_optimizer(self) -> None:
         t = self.cfg.training
         fused = self.device.type == "cuda"
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=t.learning_rate,
+        groups, sizes = param_groups(self.model, t.weight_decay, t.no_decay)
+        self.optimizer = torch.optim.AdamW(groups, lr=t.learning_rate,
                                            betas=(t.adam_beta1, t.adam_beta2),
                                            weight_decay=t.weight_decay, fused=fused)
+        self.log.info("optimizer.param_groups", **sizes)
+        self.schedule = Schedule.of(t, self.total_steps)
+        if t.campaign_tokens is not None and t.schedule_scope == "job":
+            self.log.warning("lr.option_without_effect", key="training.campaign_tokens",
+                             note="the token budget applies to training.schedule_scope campaign")
+        elif t.campaign_tokens is not None and t.schedule == "constant":
+            self.log.warning("lr.option_without_effect", key="training.campaign_tokens",
+                             note="training.schedule constant never decays; the budget only "
+                             "reports when it is spent")
+        # stepped after each optimizer step, once the step's counters are updated
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
 
-    def _lr_factor(self, step: int) -> float:
-        t = self.cfg.training
-        if step < t.warmup_steps:
-            return (step + 1) / t.warmup_steps
-        if t.schedule == "constant":
-            return 1.0
-        span = max(1, self.total_steps - t.warmup_steps)
-        progress = min(1.0, (step - t.warmup_steps) / span)
-        return t.min_lr_ratio + (1 - t.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+    def _lr_factor(self, job_step: int) -> float:
+        """The factor for the next optimizer step (LambdaLR counts this job's steps; the
+        campaign scope reads the campaign's counters instead)."""
+        if self.schedule.scope == "job":
+            return self.schedule.job_factor(job_step)
+        tokens = self.state.campaign_tokens
+        if self.schedule.exhausted(tokens) and not self._budget_warned:
+            self._budget_warned = True
+            self.log.warning("lr.budget_exhausted", campaign_tokens=self.schedule.budget,
+                             trained=tokens, lr_ratio=self.schedule.min_lr_ratio,
+                             note="the campaign's token budget is spent: training goes on at the"
+                             " floor learning rate; raise training.campaign_tokens to decay "
+                             "over a longer campaign")
+        return self.schedule.campaign_factor(self.state.global_step, tokens)
+
+    def _apply_schedule(self) -> None:
+        """Set the next step's learning rate from the campaign's counters (they are only
+        known once the start checkpoint is read)."""
+        if self.schedule.scope != "campaign":
+            return
+        factor = self._lr_factor(self.state.job_step)
+        for group, base in zip(self.optimizer.param_groups, self.scheduler.base_lrs):
+            group["lr"] = base * factor
+        self.scheduler._last_lr = [g["lr"] for g in self.optimizer.param_groups]
 
     def _setup_guard(self) -> None:
         if self.guard is None:
@@ -328,10 +431,16 @@ class Trainer:
         self.guard.start(self)
 
     def _restore(self) -> None:
-        """Resume this job's own checkpoint exactly; a previous job's only lends its weights."""
-        ckpt = self.start_checkpoint
-        if ckpt is None:
-            return
+        """Resume this job's own checkpoint exactly; a previous job's lends its weights, the
+        campaign's counters and (``training.carry_optimizer``) its AdamW moments."""
+        if self.start_checkpoint is not None:
+            self._restore_from(self.start_checkpoint)
+        self.lr_start = self.optimizer.param_groups[0]["lr"]
+        self.log.info("lr.schedule", **self.schedule.describe(), lr=self.lr_start,
+                      campaign_step=self.state.global_step,
+                      campaign_tokens_seen=self.state.campaign_tokens)
+
+    def _restore_from(self, ckpt: Checkpoint) -> None:
         state = ckpt.state()
         if state.get("job_id") == self.spec.job_id and state.get("job_finished"):
             # An earlier attempt trained to the end and died before the job was recorded:
@@ -341,10 +450,40 @@ class Trainer:
             self.state.epoch = self.cfg.training.epochs
             self.last_loss = state.get("last_loss")
             self.log.warning("job.already_trained", checkpoint=str(ckpt.path), step=ckpt.step)
-            return
-        if state.get("job_id") != self.spec.job_id:
+        elif state.get("job_id") != self.spec.job_id:
             self.log.info("job.continues_from", checkpoint=str(ckpt.path), step=ckpt.step)
+            self.state.campaign_tokens = campaign_tokens_of(state)
+            self._carry_moments(ckpt)
+            self._apply_schedule()
+        else:
+            self._resume(ckpt, state)
+
+    def _carry_moments(self, ckpt: Checkpoint) -> None:
+        """AdamW moments of the checkpoint this job continues from, when they fit; otherwise
+        a warning and fresh moments (never a failure: the weights are what matters)."""
+        if not self.cfg.training.carry_optimizer:
+            self.log.info("optimizer.fresh_moments", reason="training.carry_optimizer is false")
             return
+        try:
+            saved = ckpt.torch_state().get("optimizer")
+        except (OSError, EOFError, RuntimeError) as exc:  # UnsafeCheckpoint still fails the job
+            saved, problem = None, f"cannot read trainer_state.pt: {exc}"
+        else:
+            problem = moments_problem(saved, self.optimizer)
+        if problem is None:
+            try:
+                load_moments(self.optimizer, saved)
+            except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+                problem = f"loading them failed: {exc}"
+        if problem is not None:
+            self.log.warning("optimizer.moments_not_carried", checkpoint=str(ckpt.path),
+                             reason=problem, note="this job starts with fresh AdamW moments")
+            return
+        self.log.info("optimizer.moments_carried", checkpoint=str(ckpt.path),
+                      params=len(saved["state"]))
+
+    def _resume(self, ckpt: Checkpoint, state: dict) -> None:
+        """This job's own checkpoint: optimizer, scheduler, RNG and counters exactly."""
         saved = ckpt.torch_state()
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
@@ -392,8 +531,12 @@ class Trainer:
         self.log.info("checkpoint.saved", step=ckpt.step, path=str(ckpt.path))
 
     def _rollback(self, decision: Decision) -> None:
+        """The guard restored weights, optimizer and scheduler. Of the counters, the loss EWMA
+        and the campaign's trained tokens go back with the weights (the discarded steps taught
+        nothing); the step counter and the data position move on."""
         restored = self.guard.rollback(decision, self.state)
         self.state.loss_ewma = self.stats.loss_ewma = restored.loss_ewma
+        self.state.campaign_tokens = restored.campaign_tokens
 
     def _judge_final(self) -> Decision:
         """One no-grad pass on a fixed batch judges the live weights; when they fail, roll back
@@ -465,17 +608,31 @@ class Trainer:
         if self.group.active:
             self.data_stats["ranks"] = self._check_replicas(counts)
         ckpt = before or self._write_final()
-        val = self.evaluate(self.val_rows) if self.val_rows and self.group.main else None
+        val = self._evaluate_and_sample() if self.group.main else None
         last = self.stats.last
         self.status.write({"state": "finished", "job_id": self.spec.job_id,
-                           "step": self.global_step}, force=True)
+                           "step": self.global_step, "eval": self.last_eval()}, force=True)
         self.data_stats["loss_curve"] = downsample(self.stats.history, 60)
+        self.data_stats.update(self._record_extras(last))
         if before is not None:
             self.data_stats["already_trained"] = True
         return TrainResult(self.state.job_start_step, self.global_step,
                            last.loss if last else self.last_loss, val,
                            self.stats.tokens_per_sec_avg, ckpt, self.data_stats,
-                           self.resumed_from, counts)
+                           self.resumed_from, counts,
+                           trained_tokens_per_sec_avg=self.stats.trained_tokens_per_sec_avg)
+
+    def _record_extras(self, last: StepMetrics | None) -> dict:
+        """What the job record keeps about precision, schedule and evaluations."""
+        extras = {"precision": self.precision,
+                  "schedule": {**self.schedule.describe(), "lr_start": self.lr_start,
+                               "lr_end": last.lr if last else None,
+                               "campaign_tokens_seen": self.state.campaign_tokens}}
+        if self.evals:
+            extras["eval"] = {"every_steps": self.cfg.eval.every_steps,
+                              "losses": [list(e) for e in thin(self.evals, MAX_EVAL_POINTS)],
+                              "last": self.last_eval()}
+        return extras
 
     def _write_final(self) -> Checkpoint | None:
         """The approved final state becomes the campaign's head; then retention over all."""
@@ -499,6 +656,62 @@ class Trainer:
         return {"world": self.group.world, "rollbacks_per_rank": rollbacks,
                 "weights_agree": True}
 
+    # --- evaluation -----------------------------------------------------------------------
+
+    def maybe_evaluate(self) -> None:
+        """Every ``eval.every_steps`` job steps, rank 0 measures the validation loss (no
+        collectives: the other ranks go on and wait in the next step's all-reduce). The last
+        step is left to the final evaluation, which judges the weights the job keeps."""
+        every = self.cfg.eval.every_steps
+        if (not every or not self.group.main or not self.val_rows or self.finished()
+                or self.state.job_step % every):
+            return
+        self._evaluate_and_sample()
+
+    def _evaluate_and_sample(self) -> float | None:
+        """Validation loss of the live weights (None without a validation split), recorded
+        and logged, then the sample prompts' greedy continuations."""
+        start = time.perf_counter()
+        loss = self.evaluate(self.val_rows) if self.val_rows else None
+        if loss is not None:
+            self.evals.append((self.global_step, round(loss, 6)))
+            self.log.info("eval.loss", step=self.global_step, job_step=self.state.job_step,
+                          eval_loss=round(loss, 6), seconds=round(time.perf_counter() - start, 3))
+        self._samples()
+        return loss
+
+    def last_eval(self) -> dict | None:
+        if not self.evals:
+            return None
+        step, loss = self.evals[-1]
+        return {"step": step, "eval_loss": loss}
+
+    @torch.no_grad()
+    def _samples(self) -> None:
+        """Greedy continuations of ``eval.sample_prompts``, one prompt at a time (no padding:
+        the span-wise attention then falls back to plain causal sdpa, which generation uses)."""
+        if not self.sample_prompts:
+            return
+        tok, new = self.tokenizer, self.cfg.eval.sample_max_new_tokens
+        self.model.eval()
+        try:
+            for prompt in self.sample_prompts:
+                ids = tok(prompt, add_special_tokens=False)["input_ids"]
+                if not ids:
+                    continue
+                ids = torch.tensor([ids], device=self.device)
+                with torch.autocast(self.device.type, dtype=self.autocast_dtype,
+                                    enabled=self.autocast_dtype is not None):
+                    # stops at the model's generation_config stop tokens (EOS, end of turn)
+                    out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
+                                              max_new_tokens=new, do_sample=False,
+                                              pad_token_id=tok.pad_token_id)
+                text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
+                self.log.info("eval.sample", step=self.global_step, prompt=prompt,
+                              completion=text)
+        finally:
+            self.model.train()
+
     @torch.no_grad()
     def evaluate(self, rows: list[list[int]]) -> float:
         self.model.eval()
@@ -510,6 +723,18 @@ class Trainer:
             count += batch.target_tokens
         self.model.train()
         return total / max(1, count)
+
+
+MAX_EVAL_POINTS = 200
+"""Evaluations the job record keeps (evenly thinned, the last one always kept)."""
+
+
+def thin(points: list, limit: int) -> list:
+    """At most ``limit`` evenly spaced items, first and last included."""
+    if len(points) <= limit:
+        return list(points)
+    last = len(points) - 1
+    return [points[round(i * last / (limit - 1))] for i in range(limit)]
 
 
 def downsample(values: list[float], points: int) -> list[float]:
@@ -553,6 +778,7 @@ class EpochRunner:
     def run(self) -> None:
         for groups in self._step_groups():
             metrics = self.train_step(groups)
+            self.t.maybe_evaluate()  # outside the step's timing
             self._update_metrics(metrics)
             self.t.after_step(metrics)
             self.t.heartbeat(f"step:{self.t.global_step}")
@@ -600,7 +826,8 @@ class EpochRunner:
         batches, wait_ms = self._prepare_microbatches([rows for rows, _ in local])
         weights = [w for _, w in local]
         local_tokens = sum(int(b.target_tokens * w) for b, w in zip(batches, weights))
-        step_tokens = int(group.sum([local_tokens])[0])
+        local_inputs = sum(int((b.example_ids >= 0).sum()) * w for b, w in zip(batches, weights))
+        step_tokens, step_inputs = (int(x) for x in group.sum([local_tokens, local_inputs]))
         loss_sum, h2d_ms = 0.0, 0.0
         for i, (batch, weight) in enumerate(zip(batches, weights)):
             device_batch, ms = self._to_device(batch)
@@ -613,6 +840,8 @@ class EpochRunner:
         t.state.rows_done += sum(len(g) for g in groups)
         t.state.micro_done += len(groups)
         t.state.global_step += 1
+        t.state.campaign_tokens += step_tokens
+        t.scheduler.step()  # after the counters: the campaign schedule reads them
         if t.loss_hook is not None:  # on this rank's loss, before the ranks combine theirs
             loss_sum = t.loss_hook(t.global_step, loss_sum / max(1, local_tokens)) * local_tokens
         stop = t.stop_requested()
@@ -620,8 +849,11 @@ class EpochRunner:
         t.stop_agreed = stops > 0
         latency = (time.perf_counter() - t0) * 1000
         loss = loss_sum / max(1, step_tokens)
-        return StepMetrics(t.global_step, loss, math.nan, grad_norm, lr, step_tokens,
-                           step_tokens / (latency / 1000), wait_ms, h2d_ms, latency)
+        seconds = latency / 1000
+        return StepMetrics(t.global_step, loss, math.nan, grad_norm, lr, tokens=step_tokens,
+                           processed_tokens=step_inputs, tokens_per_sec=step_inputs / seconds,
+                           trained_tokens_per_sec=step_tokens / seconds, input_wait_ms=wait_ms,
+                           h2d_copy_ms=h2d_ms, step_latency_ms=latency)
 
     def _prepare_microbatches(self, groups: list[list[list[int]]]) -> tuple[list[Batch], float]:
         start = time.perf_counter()
@@ -653,7 +885,6 @@ class EpochRunner:
         lr = t.optimizer.param_groups[0]["lr"]
         t.guard.before_optimizer_step()  # e.g. a snapshot copy still reading the weights
         t.optimizer.step()
-        t.scheduler.step()
         t.optimizer.zero_grad(set_to_none=True)
         return float(norm), lr
 
@@ -665,13 +896,15 @@ class EpochRunner:
         t.stats.record(m)
         job_step = t.state.job_step
         eta = (t.total_steps - job_step) * t.stats.seconds / max(1, t.stats.steps)
-        t.log.debug("train.step", **{k: getattr(m, k) for k in (
-            "step", "loss", "loss_ewma", "grad_norm", "lr", "tokens_per_sec", "input_wait_ms",
-            "h2d_copy_ms", "step_latency_ms")})
+        t.log.debug("train.step", step=m.step, **{k: getattr(m, k) for k in STEP_METRICS})
+        last_eval = t.last_eval()
         if job_step % t.cfg.logging.log_every_steps == 0 or job_step == t.total_steps:
-            t.log.info("train.progress", line=progress_line(m, job_step, t.total_steps, eta))
+            line = progress_line(m, job_step, t.total_steps, eta,
+                                 last_eval["eval_loss"] if last_eval else None)
+            t.log.info("train.progress", line=line)
         t.status.write(status_payload(t.spec.job_id, m, job_step=job_step,
-                                      total_steps=t.total_steps, stats=t.stats))
+                                      total_steps=t.total_steps, stats=t.stats,
+                                      evaluation=last_eval))
 
     def _finalize_epoch(self) -> None:
         self.t.state.new_epoch()

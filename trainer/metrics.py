@@ -1,8 +1,16 @@
 """Per-step metrics, the throttled status file, and the compact progress line.
 
-Metric names (golden-tested): loss, loss_ewma, grad_norm, lr, tokens_per_sec (useful = trained
-target tokens), input_wait_ms, h2d_copy_ms, step_latency_ms. ``status/jobs/<job>.progress.json`` is
-rewritten atomically at most every ``logging.status_every_seconds``.
+Metric names (golden-tested, ``tests/golden/step_metrics.json``): loss, loss_ewma, grad_norm,
+lr, tokens_per_sec, trained_tokens_per_sec, input_wait_ms, h2d_copy_ms, step_latency_ms.
+
+Two token counts, because packing and masking make them differ by several times on chat data:
+processed tokens are every non-pad input token that went through the model (``tokens_per_sec``:
+what the hardware did, and what the plan's dataset-size estimates divide by); trained tokens are
+the loss-bearing ones (``trained_tokens_per_sec``: what the model learned from). Step latency
+covers the step alone: evaluations and checkpoint writes happen outside it.
+
+``status/jobs/<job>.progress.json`` is rewritten atomically at most every
+``logging.status_every_seconds``; it carries the latest evaluation when there is one.
 """
 
 from __future__ import annotations
@@ -18,8 +26,8 @@ import structlog
 from core.fsutil import write_json_atomic
 from core.job import utc_now
 
-STEP_METRICS = ("loss", "loss_ewma", "grad_norm", "lr", "tokens_per_sec", "input_wait_ms",
-                "h2d_copy_ms", "step_latency_ms")
+STEP_METRICS = ("loss", "loss_ewma", "grad_norm", "lr", "tokens_per_sec",
+                "trained_tokens_per_sec", "input_wait_ms", "h2d_copy_ms", "step_latency_ms")
 
 
 @dataclass
@@ -30,8 +38,12 @@ class StepMetrics:
     grad_norm: float
     lr: float
     tokens: int
-    """Useful (loss-bearing) tokens in this optimizer step."""
+    """Trained (loss-bearing) tokens in this optimizer step, over all ranks."""
+    processed_tokens: int
+    """Non-pad input tokens the model ran on in this optimizer step, over all ranks."""
     tokens_per_sec: float
+    """Processed tokens per second of step latency."""
+    trained_tokens_per_sec: float
     input_wait_ms: float
     h2d_copy_ms: float
     step_latency_ms: float
@@ -44,6 +56,8 @@ class RunningStats:
     ewma_alpha: float = 0.1
     loss_ewma: float | None = None
     tokens: int = 0
+    """Trained (loss-bearing) tokens."""
+    processed_tokens: int = 0
     seconds: float = 0.0
     steps: int = 0
     last: StepMetrics | None = None
@@ -58,12 +72,18 @@ class RunningStats:
 
     def record(self, m: StepMetrics) -> None:
         self.tokens += m.tokens
+        self.processed_tokens += m.processed_tokens
         self.seconds += m.step_latency_ms / 1000
         self.steps += 1
         self.last = m
 
     @property
     def tokens_per_sec_avg(self) -> float:
+        """Processed tokens per second of step time."""
+        return self.processed_tokens / self.seconds if self.seconds else 0.0
+
+    @property
+    def trained_tokens_per_sec_avg(self) -> float:
         return self.tokens / self.seconds if self.seconds else 0.0
 
 
@@ -88,19 +108,27 @@ class StatusWriter:
 
 
 def status_payload(job_id: str, m: StepMetrics, *, job_step: int, total_steps: int,
-                   stats: RunningStats, state: str = "training") -> dict[str, Any]:
+                   stats: RunningStats, state: str = "training",
+                   evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
+    """``evaluation``: the latest ``{"step", "eval_loss"}``, when the job evaluated."""
     remaining = max(0, total_steps - job_step)
     sec_per_step = stats.seconds / stats.steps if stats.steps else 0.0
-    return {"state": state, "job_id": job_id, "step": m.step, "job_step": job_step,
-            "total_steps": total_steps, "eta_seconds": round(remaining * sec_per_step, 1),
-            "metrics": {k: v for k, v in asdict(m).items() if k != "step"}}
+    payload = {"state": state, "job_id": job_id, "step": m.step, "job_step": job_step,
+               "total_steps": total_steps, "eta_seconds": round(remaining * sec_per_step, 1),
+               "metrics": {k: v for k, v in asdict(m).items() if k != "step"}}
+    if evaluation is not None:
+        payload["eval"] = evaluation
+    return payload
 
 
-def progress_line(m: StepMetrics, job_step: int, total_steps: int, eta_s: float) -> str:
-    """nanochat style: one compact line every N steps."""
-    return (f"step {job_step}/{total_steps} | loss {m.loss:.4f} (ewma {m.loss_ewma:.4f}) | "
+def progress_line(m: StepMetrics, job_step: int, total_steps: int, eta_s: float,
+                  eval_loss: float | None = None) -> str:
+    """nanochat style: one compact line every N steps (tok/s: processed, of which trained)."""
+    val = f" | val {eval_loss:.4f}" if eval_loss is not None else ""
+    return (f"step {job_step}/{total_steps} | loss {m.loss:.4f} (ewma {m.loss_ewma:.4f}){val} | "
             f"lr {m.lr:.2e} | grad {m.grad_norm:.3f} | {m.step_latency_ms:.0f} ms | "
-            f"{m.tokens_per_sec:,.0f} tok/s | eta {eta_s:.0f}s")
+            f"{m.tokens_per_sec:,.0f} tok/s ({m.trained_tokens_per_sec:,.0f} trained) | "
+            f"eta {eta_s:.0f}s")
 
 
 def get_logger(**bound):

@@ -78,7 +78,8 @@ def build_spec(paths: RealmPaths, job: Job, cli=None):
                    locked=resolved.locked, hero=load_hero(paths, resolved.hero_id),
                    checkpoint_root=campaign.path.parent / "checkpoints",
                    cache_root=paths.base / "cache" / "tokens", config_hash=resolved.config_hash,
-                   status_path=JobFiles.of(paths.status, job.id).progress), resolved
+                   status_path=JobFiles.of(paths.status, job.id).progress,
+                   base_dir=paths.base), resolved
 
 
 def _results(job: Job, result=None, resolved=None, governor: dict | None = None) -> dict:
@@ -92,6 +93,7 @@ def _results(job: Job, result=None, resolved=None, governor: dict | None = None)
         out.update(start_step=result.start_step, final_step=result.final_step,
                    final_loss=result.final_loss, final_val_loss=result.final_val_loss,
                    tokens_per_sec_avg=round(result.tokens_per_sec_avg, 1),
+                   trained_tokens_per_sec_avg=round(result.trained_tokens_per_sec_avg, 1),
                    governor=result.governor or None,
                    metadata={**job.metadata, "data": result.data,
                              "resumed_from": result.resumed_from,

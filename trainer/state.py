@@ -8,6 +8,10 @@ governor's snapshots all read and write.
   (independent of batch and world size, so a resume is exact on any number of devices).
 - ``micro_done`` counts microbatches consumed by this job (the governor's skipped window).
 - ``loss_ewma`` is the smoothed training loss (shown in progress lines, restored on rollback).
+- ``campaign_tokens`` counts the loss-bearing tokens the campaign's weights were trained on,
+  across jobs (the campaign schedule's clock for ``training.campaign_tokens``). Unlike
+  ``global_step`` it rolls back with the weights: tokens of discarded steps were never learned.
+  Checkpoints written before it existed read as 0.
 """
 
 from __future__ import annotations
@@ -16,8 +20,9 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 # keys of trainer_state.json (checkpoint schema 1); "step" is the folder's step
-STEP, JOB_START_STEP, EPOCH, ROWS_DONE, MICRO_DONE, LOSS_EWMA = (
-    "step", "job_start_step", "epoch", "rows_done", "micro_done", "loss_ewma")
+STEP, JOB_START_STEP, EPOCH, ROWS_DONE, MICRO_DONE, LOSS_EWMA, CAMPAIGN_TOKENS = (
+    "step", "job_start_step", "epoch", "rows_done", "micro_done", "loss_ewma",
+    "campaign_tokens_seen")
 
 
 @dataclass
@@ -28,6 +33,7 @@ class TrainState:
     rows_done: int = 0
     micro_done: int = 0
     loss_ewma: float | None = None
+    campaign_tokens: int = 0
 
     @property
     def job_step(self) -> int:
@@ -40,12 +46,19 @@ class TrainState:
     def to_json(self) -> dict[str, Any]:
         return {STEP: self.global_step, JOB_START_STEP: self.job_start_step, EPOCH: self.epoch,
                 ROWS_DONE: self.rows_done, MICRO_DONE: self.micro_done,
-                LOSS_EWMA: self.loss_ewma}
+                LOSS_EWMA: self.loss_ewma, CAMPAIGN_TOKENS: self.campaign_tokens}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "TrainState":
         return cls(int(data[STEP]), int(data[JOB_START_STEP]), int(data[EPOCH]),
-                   int(data[ROWS_DONE]), int(data.get(MICRO_DONE, 0)), data.get(LOSS_EWMA))
+                   int(data[ROWS_DONE]), int(data.get(MICRO_DONE, 0)), data.get(LOSS_EWMA),
+                   campaign_tokens_of(data))
 
     def new_epoch(self) -> None:
         self.epoch, self.rows_done = self.epoch + 1, 0
+
+
+def campaign_tokens_of(data: dict[str, Any]) -> int:
+    """The campaign's trained tokens recorded in a trainer_state.json (0 when it predates the
+    counter)."""
+    return int(data.get(CAMPAIGN_TOKENS) or 0)

@@ -45,9 +45,9 @@ class TrainingConfig:
     """auto: bf16 autocast on CUDA when supported, fp32 on CPU."""
     compile: bool = False
     """Wrap the model in torch.compile."""
-    no_decay: str = "bias,norm,embedding"
+    no_decay: Optional[str] = "bias,norm,embedding"
     """Parameter kinds trained without weight decay: a comma-separated subset of bias, norm,
-    embedding ("none": weight decay applies to every parameter)."""
+    embedding (none/null: weight decay applies to every parameter)."""
     schedule_scope: Literal["job", "campaign"] = "campaign"
     """job: warmup and decay inside every job; campaign: one warmup for the whole campaign, then
     constant, or a decay over training.campaign_tokens (warmup-stable-decay)."""
@@ -243,10 +243,10 @@ def string_problem(key: str, value: Any) -> str | None:
         if bad or not roles:
             return (f"data.train_on: {value!r} is not all_assistant, last_assistant or a "
                     f"comma-separated list of roles ({', '.join(ROLES)})")
-    if key == "training.no_decay" and value != "none":
+    if key == "training.no_decay" and value is not None:
         bad = [k for k in str(value).split(",") if k.strip() not in NO_DECAY_KINDS]
         if bad:
-            return (f"training.no_decay: {value!r} is not 'none' or a comma-separated subset of "
+            return (f"training.no_decay: {value!r} is not none or a comma-separated subset of "
                     f"{', '.join(NO_DECAY_KINDS)}")
     return None
 
