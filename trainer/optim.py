@@ -137,8 +137,10 @@ class Schedule:
                                                                                  progress))
 
     def describe(self) -> dict[str, Any]:
+        decays = self.scope == "job" or self.budget is not None
         out: dict[str, Any] = {"scope": self.scope, "warmup_steps": self.warmup_steps,
-                               "shape": self.shape, "min_lr_ratio": self.min_lr_ratio}
+                               "shape": self.shape if decays else "constant",
+                               "min_lr_ratio": self.min_lr_ratio}
         if self.scope == "campaign":
             out.update(campaign_tokens=self.budget, decay_fraction=self.decay_fraction
                        if self.budget is not None else None)

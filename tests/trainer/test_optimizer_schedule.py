@@ -108,6 +108,19 @@ def test_a_subset_exempts_only_its_kinds(tiny_model):
     assert summary["decay_params"] + summary["no_decay_params"] == total, "each param once"
 
 
+def test_no_decay_takes_none_or_known_kinds_only(tmp_path):
+    from core.errors import ConfigError
+
+    paths = make_realm(tmp_path / "r")
+    sidecar = add_job(paths, "a.jsonl", training={"no_decay": "bias,norms"})
+    with pytest.raises(ConfigError, match="training.no_decay: 'bias,norms' is not none or a "
+                       "comma-separated subset of bias, norm, embedding"):
+        build_spec(paths, Job.from_dict(json.loads(sidecar.read_text())))
+    sidecar = add_job(paths, "b.jsonl", training={"no_decay": "none"})
+    spec, _ = build_spec(paths, Job.from_dict(json.loads(sidecar.read_text())))
+    assert spec.config.training.no_decay is None
+
+
 # --- 2. the schedule as a function --------------------------------------------------------
 
 def schedule(**kw) -> Schedule:
