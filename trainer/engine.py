@@ -359,8 +359,8 @@ class Trainer:
             "rows": len(self.rows), "val_rows": len(self.val_rows), "cache_reused": reused,
             "world_size": self.group.world,
             **{k: store.meta[k] for k in ("num_examples", "num_tokens", "trained_tokens",
-                                          "masked_fraction", "truncated_examples", "dropped_examples",
-                                          "bad_lines")}}
+                                          "masked_fraction", "truncated_examples", "turns_dropped",
+                                          "dropped_examples", "truncation", "bad_lines")}}
         self.log.info("data.ready", **self.data_stats, total_steps=self.total_steps)
         if not self.rows:
             raise DataError(f"{self.spec.dataset}: no training rows after the validation split.")

@@ -55,6 +55,7 @@ def test_qwen3_hero_trains_multi_turn_reasoning_chats(tmp_path):
     assert run(paths, sidecar) == exitcodes.COMPLETED
     stats = record(paths, sidecar)["metadata"]["data"]
     assert stats["bad_lines"] == 0 and stats["num_examples"] == 42
+    assert stats["truncation"] == "auto" and stats["turns_dropped"] == 0
     assert 0.2 < stats["masked_fraction"] < 0.9
     head = lineage_head(paths.campaigns / "qwen3-0.6b" / "c1" / "checkpoints")
     gen = json.loads((head.path / "generation_config.json").read_text())
