@@ -198,7 +198,10 @@ def _encode_lines(lines: list[tuple[int, Any]]) -> _Batch:
             lengths.append(len(tok.ids))
     join = lambda parts, kind: np.concatenate(parts).astype(kind, copy=False) if parts \
         else np.zeros(0, kind)  # noqa: E731
-    return _Batch(out, join(ids, np.int32), join(trained, np.uint8), lengths)
+    joined = join(ids, np.int32)
+    if len(joined) and 0 <= joined.min() and joined.max() < 1 << 16:
+        joined = joined.astype(np.uint16)  # half the bytes back from a worker; int32 on disk
+    return _Batch(out, joined, join(trained, np.uint8), lengths)
 
 
 def _line_batches(fh, hasher, tick) -> Iterator[list[tuple[int, Any]]]:

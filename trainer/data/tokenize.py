@@ -38,6 +38,7 @@ byte tokenizer never takes this path.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import re
 from dataclasses import dataclass, field
 
@@ -123,32 +124,36 @@ class ByteTable:
         return table if table.encode([probe])[0].tolist() == expected else None
 
     def encode(self, texts: list[str]) -> list[np.ndarray]:
-        """Ids per text, all texts at once: one lookup over their joined bytes, then each
-        special token found inside one text collapsed to its id."""
+        ids, ends = self.encode_joined(texts)
+        return np.split(ids, ends[:-1]) if texts else []
+
+    def encode_joined(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """The ids of all texts back to back and where each text's ids end: one lookup over
+        their joined bytes, then each special token found inside one text collapsed to its id."""
         if not texts:
-            return []
+            return np.zeros(0, np.int32), np.zeros(0, np.int64)
         raw = [t.encode("utf-8") for t in texts]
         ends = np.cumsum(np.fromiter(map(len, raw), np.int64, len(raw)))
         joined = b"".join(raw)
         ids = self.lut[np.frombuffer(joined, dtype=np.uint8)]
-        found = list(self.bytes_split.finditer(joined)) if self.bytes_split is not None else []
+        found = [(m.start(), m.end(), m.group()) for m in self.bytes_split.finditer(joined)] \
+            if self.bytes_split is not None else []
         if found:
-            starts = np.fromiter((m.start() for m in found), np.int64, len(found))
-            stops = np.fromiter((m.end() for m in found), np.int64, len(found))
-            token = np.fromiter((self.byte_specials[m.group(0)] for m in found), np.int32,
-                                len(found))
+            starts, stops = np.array([f[0] for f in found]), np.array([f[1] for f in found])
+            token = np.array([self.byte_specials[f[2]] for f in found], np.int32)
             # a match across two texts is no token of either
             inside = np.searchsorted(ends, starts, "right") == np.searchsorted(ends, stops - 1,
                                                                               "right")
             starts, stops = starts[inside], stops[inside]
             ids[starts] = token[inside]
-            cover = np.zeros(len(ids) + 1, np.int64)
-            np.add.at(cover, starts + 1, 1)
-            np.add.at(cover, stops, -1)
-            keep = np.cumsum(cover[:-1]) == 0
-            removed = np.concatenate([[0], np.cumsum(~keep)])[ends]
+            lens = stops - starts - 1  # the bytes after each match's first, to drop
+            before = np.cumsum(lens) - lens
+            drop = np.arange(int(lens.sum())) + np.repeat(starts + 1 - before, lens)
+            keep = np.ones(len(ids), bool)
+            keep[drop] = False
+            removed = np.searchsorted(drop, ends)  # dropped positions before each text's end
             ids, ends = ids[keep], ends - removed
-        return np.split(ids, ends[:-1])
+        return ids, ends
 
 
 def _bytes_to_unicode() -> dict[int, str]:
@@ -178,6 +183,9 @@ class ExampleEncoder:
         """What ends a text or a completion: the post-processor's suffix, else an EOS."""
         self.bytes = ByteTable.of(tokenizer)
         self.concatenates = self.bytes is not None or self._segments_concatenate()
+        self.special_text = self._special_text(self.prefix + self.closing)
+        """Id -> text of the ids put around examples, when each is a special token that encodes
+        back to itself (then they travel as text through the one batched encode)."""
 
     # --- tokenizer facts ------------------------------------------------------------------
 
@@ -187,6 +195,16 @@ class ExampleEncoder:
         full = self.backend.encode("a", add_special_tokens=True).ids
         at = next((i for i in range(len(full)) if full[i:i + len(plain)] == plain), 0)
         return full[:at], full[at + len(plain):]
+
+    def _special_text(self, ids: list[int]) -> dict[int, str] | None:
+        out = {}
+        for i in ids:
+            text = self.tokenizer.convert_ids_to_tokens(i)
+            if not isinstance(text, str) or \
+                    self.backend.encode(text, add_special_tokens=False).ids != [i]:
+                return None
+            out[i] = text
+        return out
 
     def _segments_concatenate(self) -> bool:
         pieces = ["Hello world", " again", "\n", "Paris.", " 3 + 5 ünï", "end"]
@@ -247,6 +265,31 @@ class ExampleEncoder:
 
     def _encode_plans(self, plans: list[_Plan]):
         """(ids, trained) per plan, from one batched encode of every segment."""
+        if self.concatenates and self.special_text is not None:
+            texts, flags, pieces = [], [], []
+            for p in plans:
+                n = len(p.segments)
+                if p.prefix:
+                    texts.append("".join(self.special_text[i] for i in p.prefix))
+                    flags.append(False)
+                    n += 1
+                for text, trained in p.segments:
+                    texts.append(text)
+                    flags.append(trained)
+                if p.suffix:
+                    texts.append("".join(self.special_text[i] for i in p.suffix))
+                    flags.append(p.suffix_trained)
+                    n += 1
+                pieces.append(n)
+            ids, ends = self._encode_joined(texts)
+            mask = np.repeat(np.asarray(flags, bool), np.diff(ends, prepend=0))
+            at = 0
+            for n in pieces:
+                a = int(ends[at - 1]) if at else 0
+                at += n
+                b = int(ends[at - 1]) if at else 0
+                yield ids[a:b], mask[a:b]
+            return
         if self.concatenates:
             parts = self._encode_texts([text for p in plans for text, _ in p.segments])
             chunks, flags, lengths, at = [], [], [], 0
@@ -288,10 +331,17 @@ class ExampleEncoder:
                                        np.full(len(p.suffix), p.suffix_trained)])
 
     def _encode_texts(self, texts: list[str]) -> list[np.ndarray]:
+        ids, ends = self._encode_joined(texts)
+        return np.split(ids, ends[:-1]) if texts else []
+
+    def _encode_joined(self, texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        """All texts' ids back to back, and where each text's ids end."""
         if self.bytes is not None:
-            return self.bytes.encode(texts)
-        return [np.asarray(e.ids, dtype=np.int32) for e in
-                self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+            return self.bytes.encode_joined(texts)
+        lists = [e.ids for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+        ends = np.cumsum(np.fromiter(map(len, lists), np.int64, len(lists)))
+        total = int(ends[-1]) if len(ends) else 0
+        return np.fromiter(itertools.chain.from_iterable(lists), np.int32, total), ends
 
     # --- length ---------------------------------------------------------------------------
 
