@@ -35,13 +35,17 @@ MODEL_TYPES = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2",
                "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
 
 BYTE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
-# Minimal ChatML-style template for the byte tokenizer. {% generation %} marks the assistant
-# tokens so apply_chat_template can return an exact assistant mask (see shared/FACTS.md).
+# Minimal ChatML-style template for the byte tokenizer, rendering tool calls as Qwen does
+# (<tool_call> JSON </tool_call>). {% generation %} marks the assistant tokens so
+# apply_chat_template can return an exact assistant mask (see shared/FACTS.md).
 BYTE_CHAT_TEMPLATE = (
     "{% for message in messages %}"
     "{{ '<|im_start|>' + message['role'] + '\n' }}"
     "{% if message['role'] == 'assistant' %}"
-    "{% generation %}{{ message['content'] + '<|im_end|>' }}{% endgeneration %}"
+    "{% generation %}{{ message['content'] or '' }}"
+    "{% for call in message.get('tool_calls') or [] %}"
+    "{{ '<tool_call>\n' + (call['function'] | tojson) + '\n</tool_call>' }}"
+    "{% endfor %}{{ '<|im_end|>' }}{% endgeneration %}"
     "{% else %}{{ message['content'] + '<|im_end|>' }}{% endif %}"
     "{{ '\n' }}"
     "{% endfor %}"

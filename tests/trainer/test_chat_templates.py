@@ -43,6 +43,8 @@ def reply(family: str, messages: list[dict], i: int) -> str:
         reasoning = m.get("reasoning_content") or ""
         if i > last_query and (i == len(messages) - 1 or reasoning):
             text = f"<think>\n{reasoning.strip()}\n</think>\n\n" + text
+    if family == "mistral":  # ' ' + content + eos after [/INST]: the model writes the space
+        text = " " + text
     return text + EOT[family]
 
 
@@ -271,3 +273,134 @@ def test_a_tokenizer_whose_pieces_do_not_concatenate_uses_offsets():
                                                            "completion": " Paris."})])[0]
     assert trained_text(tok, out).strip() == "Paris.</s>"
     assert tok.decode(out.ids.tolist()) == "The capital of France is Paris.</s>"
+
+
+# --- hostile and unusual conversations (each a bad line with a reason, or exact) -----------
+
+def test_special_tokens_anywhere_the_template_renders_are_bad_lines():
+    qwen3 = make_tokenizer("qwen3")
+    user = {"role": "user", "content": "Hi"}
+    for reply_ in ({"role": "assistant", "content": "A.", "reasoning": "a<|im_end|>b"},
+                   {"role": "assistant", "content": "A.", "thinking": "x<|im_start|>"}):
+        with pytest.raises(BadLine, match="special token"):
+            tokenize(qwen3, Example(1, "messages", {"messages": [user, reply_]}), max_length=512)
+    call = json.loads(json.dumps(CONVERSATIONS["tool_call"]))
+    call[1]["tool_calls"][0]["function"]["arguments"]["city"] = "Paris<|im_end|>"
+    with pytest.raises(BadLine, match=r"messages\[1\]\.tool_calls\[0\]\.function"):
+        tokenize(make_tokenizer("qwen2.5"), Example(1, "messages", {"messages": call}),
+                 max_length=512)
+    tools = json.loads(json.dumps(render_kwargs("qwen2.5", "tool_call")["tools"]))
+    tools[0]["function"]["description"] = "x<|im_end|>y"
+    with pytest.raises(BadLine, match="special token"):
+        tokenize(make_tokenizer("qwen2.5"), Example(1, "messages", {
+            "messages": CONVERSATIONS["tool_call"], "tools": tools}), max_length=512)
+    for kind, data in (("text", {"text": "doc<|endoftext|><|im_start|>assistant\nx"}),
+                       ("prompt_completion", {"prompt": "q", "completion": "a<|im_end|>"})):
+        with pytest.raises(BadLine, match="special token"):
+            tokenize(qwen3, Example(1, kind, data), max_length=512)
+
+
+def test_non_special_added_tokens_are_text_not_control_tokens():
+    """Qwen's <think> and <tool_call> are added, not special: data in the canonical Qwen3
+    reasoning format is accepted and trained as the template writes it."""
+    tok = tokenize(make_tokenizer("qwen3"), Example(1, "messages", {"messages": [
+        {"role": "user", "content": "2+2?"},
+        {"role": "assistant", "content": "<think>\nadd\n</think>\n\nFour."}]}), max_length=512)
+    assert trained_text(make_tokenizer("qwen3"), tok) == "<think>\nadd\n</think>\n\nFour.<|im_end|>"
+
+
+def test_a_trained_turn_never_runs_into_the_next_turn():
+    """Mistral's user turn ends in [/INST], not in </s>: training users must not swallow the
+    replies after them."""
+    tokenizer = make_tokenizer("mistral")
+    tok = encode("mistral", "multi_turn", train_on="user")
+    assert trained_text(tokenizer, tok) == "".join(
+        m["content"] for m in CONVERSATIONS["multi_turn"] if m["role"] == "user")
+
+
+def test_role_list_with_tool_call_replies_and_empty_contents():
+    tokenizer = make_tokenizer("qwen2.5")
+    tok = encode("qwen2.5", "tool_call", train_on="assistant,tool")
+    text = trained_text(tokenizer, tok)
+    assert text.startswith("<tool_call>\n") and text.endswith("18 degrees.<|im_end|>")
+    assert '{"temperature": 18, "condition": "sunny"}' in text
+
+
+def test_templates_that_drop_a_turn_or_a_tool_call_are_bad_lines(tokenizer):
+    with pytest.raises(BadLine, match="dropped"):  # Phi-3 renders no tool turns
+        encode("phi3", "tool_call")
+    # realm's own ChatML renders tool calls as Qwen does
+    tok = tokenize(tokenizer, Example(1, "messages", {"messages": CONVERSATIONS["tool_call"]}),
+                   max_length=1024)
+    assert trained_text(tokenizer, tok).startswith(
+        '<tool_call>\n{"name": "get_weather", "arguments": {"city": "Paris", "unit": '
+        '"celsius"}}\n</tool_call><|im_end|>')
+
+
+def test_a_template_without_a_special_end_of_turn_is_a_bad_line():
+    llama = make_tokenizer("llama3")
+    other = llama.__class__(tokenizer_object=llama.backend_tokenizer, eos_token="<|eot_id|>")
+    other.chat_template = ("{% for m in messages %}{{ m.role }}: {{ m.content }}\n{% endfor %}"
+                           "{% if add_generation_prompt %}assistant: {% endif %}")
+    with pytest.raises(BadLine, match="where its turn ends"):
+        tokenize(other, Example(1, "messages", {"messages": CONVERSATIONS["single_turn"]}),
+                 max_length=512)
+
+
+def test_named_templates_use_the_default_one(tmp_path):
+    from transformers import AutoTokenizer
+
+    source = make_tokenizer("qwen2.5")
+    named = source.__class__(tokenizer_object=source.backend_tokenizer, eos_token="<|im_end|>")
+    named.chat_template = {"default": source.chat_template, "tool_use": "{{ 'x' }}"}
+    named.save_pretrained(tmp_path)
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    assert isinstance(loaded.chat_template, dict)
+    tok = tokenize(loaded, Example(1, "messages", {"messages": CONVERSATIONS["single_turn"]}),
+                   max_length=512)
+    assert trained_text(loaded, tok) == "The capital of France is Paris.<|im_end|>"
+    assert stop_token_ids(loaded) == [loaded.convert_tokens_to_ids("<|im_end|>")]
+
+
+def test_dropping_turns_renders_a_logarithmic_number_of_times(tokenizer, monkeypatch):
+    turns = [{"role": "system", "content": "Be brief."}]
+    for i in range(512):
+        turns += [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]
+    encoder = ExampleEncoder(tokenizer, Settings(128))
+    calls = []
+    original = encoder._plan
+    monkeypatch.setattr(encoder, "_plan", lambda *a, **k: calls.append(1) or original(*a, **k))
+    tok = encoder.encode([Example(1, "messages", {"messages": turns})])[0]
+    assert len(calls) <= 2 + 2 * 10, len(calls)  # bisection over 512 cuts, not one per turn
+    text = tokenizer.decode(tok.ids.tolist())
+    assert len(tok.ids) <= 128 and text.startswith("<|im_start|>system\nBe brief.")
+    assert "a511<|im_end|>" in trained_text(tokenizer, tok)
+    # the largest suffix of whole turns that fits: one turn more would not
+    kept = text.count("<|im_start|>user")
+    more = ExampleEncoder(tokenizer, Settings(10_000)).encode([Example(1, "messages", {
+        "messages": turns[:1] + turns[1:][-2 * (kept + 1):]})])[0]
+    assert len(more.ids) > 128 and tok.turns_dropped == 512 - kept
+
+
+def test_placeholder_matching_is_linear_on_content_dependent_templates(tokenizer):
+    other = tokenizer.__class__(tokenizer_object=tokenizer.backend_tokenizer,
+                                eos_token=tokenizer.eos_token)
+    other.chat_template = ("{% for m in messages %}{{ m.content }}<|im_end|>{% endfor %}"
+                           "{% if messages[-1].content|length > 5 %}END{% endif %}")
+    turns = []
+    for i in range(40):
+        turns += [{"role": "user", "content": f"question {i}"},
+                  {"role": "assistant", "content": f"answer {i}"}]
+    with pytest.raises(BadLine, match="content-dependent"):  # would backtrack for hours
+        tokenize(other, Example(1, "messages", {"messages": turns}), max_length=4096,
+                 train_on="user,assistant")
+
+
+def test_null_content_with_tool_calls_and_a_byte_order_mark(tmp_path, tokenizer):
+    call = json.loads(json.dumps(CONVERSATIONS["tool_call"]))
+    call[1]["content"] = None
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b"\xef\xbb\xbf" + (json.dumps({"messages": call}) + "\n").encode())
+    store, _ = load_or_build(path, hash_file(path), tokenizer, DataConfig(max_length=1024),
+                             tmp_path / "c")
+    assert store.meta["num_examples"] == 1 and store.meta["bad_lines"] == 0

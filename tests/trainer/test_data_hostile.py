@@ -100,6 +100,7 @@ def test_a_sidecar_without_a_recorded_hash_is_refused(tmp_path):
     '{"messages": [{"role": "assistant", "content": "x", "reasoning_content": ["no"]}]}',
     '{"messages": [{"role": "user", "content": "x"}, {"role": "assistant", "content": "y"}], '
     '"tools": "all of them"}',
+    '{"text": "x", "id": ' + "9" * 4301 + '}',  # more digits than Python converts
 ])
 def test_odd_lines_are_counted_bad_lines_never_a_crash(tmp_path, tokenizer, line):
     path = tmp_path / "d.jsonl"

@@ -24,6 +24,7 @@ conversation is rendered once; ``ChatLayout`` then finds the character spans tha
 
 from __future__ import annotations
 
+import json
 import os
 import re
 from dataclasses import dataclass
@@ -62,12 +63,13 @@ class ChatLayout:
     """The rendering rules of one tokenizer's chat template."""
 
     def __init__(self, tokenizer):
-        self.template: str | None = tokenizer.chat_template
-        self.source_template = self.template
+        self.template: str | None = template_of(tokenizer)
         self.kwargs = _conversation_kwargs(tokenizer)
-        self.specials = sorted({t for t in tokenizer.all_special_tokens} |
-                               {str(t) for t in tokenizer.added_tokens_encoder}, key=len,
-                               reverse=True)
+        # control tokens only: non-special added tokens (Qwen's <think>, <tool_call>) are text
+        # that data may hold, and the template may parse
+        self.specials = sorted({str(t) for t in tokenizer.all_special_tokens} |
+                               {str(t) for t in tokenizer.added_tokens_decoder.values()
+                                if getattr(t, "special", False)}, key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, self.specials))) \
             if self.specials else None
         self.generation_prompt = ""
@@ -77,6 +79,7 @@ class ChatLayout:
             self._probe()
         self.header_search = bool(self.generation_prompt) and self.end_of_turn is not None and \
             self._special_re is not None and bool(self._special_re.search(self.generation_prompt))
+        self._header_re = re.compile(re.escape(self.generation_prompt))
 
     def _drop_generation_tags(self) -> None:
         """``{% generation %}`` marks only matter to transformers' assistant-mask tracker, and
@@ -131,34 +134,83 @@ class ChatLayout:
             msg = getattr(exc, "message", None) or str(exc) or type(exc).__name__
             raise BadLine(f"the chat template refuses this conversation: {msg}") from None
 
-    def check_contents(self, messages: list[dict]) -> None:
-        """BadLine when a content holds a special token (it would become a control token)."""
+    def check_contents(self, messages: list[dict], tools: list | None = None) -> None:
+        """BadLine when any string the template may render (contents, reasoning, tool calls,
+        names, tool schemas) holds a special token: it would become a control token."""
+        found = self.special_in(messages, "messages") or self.special_in(tools, "tools")
+        if found:
+            where, token = found
+            raise BadLine(f"{where} contains the special token {token!r}, which the tokenizer "
+                          "would read as a control token; remove it from the data")
+
+    def special_in(self, value, where: str = "") -> tuple[str, str] | None:
+        """(where, token) of the first special token's text inside ``value``'s strings."""
         if self._special_re is None:
-            return
-        for i, message in enumerate(messages):
-            for key in ("content", "reasoning_content"):
-                value = message.get(key)
-                found = self._special_re.search(value) if isinstance(value, str) else None
-                if found:
-                    raise BadLine(f"messages[{i}].{key} contains the special token "
-                                  f"{found.group(0)!r}, which the tokenizer would read as a "
-                                  "control token; remove it from the data")
+            return None
+        if isinstance(value, str):
+            found = self._special_re.search(value)
+            return (where or "the text", found.group(0)) if found else None
+        if isinstance(value, dict):
+            items = value.items()
+        elif isinstance(value, list):
+            items = ((f"[{i}]", v) for i, v in enumerate(value))
+        else:
+            return None
+        for key, item in items:
+            name = f"{where}{key}" if str(key).startswith("[") else f"{where}.{key}"
+            found = self.special_in(item, name.lstrip("."))
+            if found:
+                return found
+        return None
+
+    def check_kept(self, messages: list[dict], text: str) -> None:
+        """BadLine when the rendering lost a message or a tool call (templates that silently
+        drop tool turns or tool calls would train a reply without its turn)."""
+        for i, m in enumerate(messages):
+            content = (m.get("content") or "").strip()
+            tail = content[-32:]
+            if tail and tail not in text and json.dumps(tail)[1:-1] not in text:
+                raise BadLine(f"the chat template dropped messages[{i}] ({m['role']}) from the "
+                              "rendering, so training would see a conversation that is not "
+                              "the one in the data; use a template that renders this role "
+                              "(chat.template in the hero profile)")
+            for call in m.get("tool_calls") or []:
+                name = (call.get("function") or {}).get("name") if isinstance(call, dict) \
+                    else None
+                if isinstance(name, str) and name not in text:
+                    raise BadLine(f"the chat template dropped the tool call {name!r} of "
+                                  f"messages[{i}] from the rendering; use a template that "
+                                  "renders tool calls (chat.template in the hero profile)")
 
     def spans(self, messages: list[dict], trained: list[int], *, tools: list | None = None
               ) -> Rendered:
         """The rendering of ``messages`` and the spans of the messages at indices ``trained``."""
-        self.check_contents(messages)
+        self.check_contents(messages, tools)
         text = self.render(messages, tools=tools)
+        self.check_kept(messages, text)
         if not trained:
             return Rendered(text, [])
-        if self.header_search and all(messages[i]["role"] == "assistant" for i in trained):
-            return self._by_header(messages, trained, text)
-        return self._by_placeholder(messages, trained, text, tools)
+        if self.end_of_turn is None:
+            raise BadLine("the chat template writes no special token after an assistant's reply, "
+                          "so the model could not learn where its turn ends; set chat.template "
+                          "to a template whose turns end in one of this tokenizer's special "
+                          "tokens (or set data.train_on_inputs: true)")
+        if not self.header_search:
+            return self._by_placeholder(messages, trained, text, tools)
+        replies = [i for i in trained if messages[i]["role"] == "assistant"]
+        others = [i for i in trained if messages[i]["role"] != "assistant"
+                  and messages[i].get("content")]  # an empty turn has nothing to learn
+        found = self._by_header(messages, replies, text)
+        if others:
+            more = self._by_placeholder(messages, others, text, tools)
+            found.spans = sorted(found.spans + more.spans)
+            found.append_eos = found.append_eos or more.append_eos
+        return found
 
     def _by_header(self, messages: list[dict], trained: list[int], text: str) -> Rendered:
         g, eot = self.generation_prompt, self.end_of_turn
         assistants = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
-        starts = [m.end() for m in re.finditer(re.escape(g), text)]
+        starts = [m.end() for m in self._header_re.finditer(text)]
         if len(starts) != len(assistants):
             raise BadLine(f"the chat template wrote {len(starts)} assistant headers "
                           f"({g!r}) for {len(assistants)} assistant messages, so the assistant "
@@ -195,41 +247,75 @@ class ChatLayout:
             literals.append(rendered[at:pos])
             at = pos + len(_PH.format(i))
         literals.append(rendered[at:])
-        pattern = "(.*?)".join(map(re.escape, literals))
-        match = re.fullmatch(pattern, text, re.DOTALL)
-        if match is not None and any(  # a template may trim a content, not rewrite it
-                match.group(k + 1).strip() != messages[i]["content"].strip()
-                for k, i in enumerate(marked)):
-            match = None
-        if match is None:
+        groups = _match_literals(literals, text)
+        if groups is not None and any(  # a template may trim a content, not rewrite it
+                text[a:b].strip() != messages[i]["content"].strip()
+                for (a, b), i in zip(groups, marked)):
+            groups = None
+        if groups is None:
             raise BadLine("the chat template renders this conversation differently once the "
                           "trained contents are known (a content-dependent branch), so the "
                           "trained turns cannot be located; set data.train_on_inputs: true")
         spans, append_eos = [], False
-        for k, i in enumerate(marked):
-            start, end = match.span(k + 1)
-            floor = match.end(k) if k else 0
-            if messages[i]["role"] == "assistant" and self.generation_prompt:
-                header = text.rfind(self.generation_prompt, floor, start)
-                if header >= 0:
-                    start = header + len(self.generation_prompt)
-            limit = match.start(k + 2) if k + 1 < len(marked) else len(text)
-            eot = text.find(self.end_of_turn, end, limit) if self.end_of_turn else -1
-            if eot >= 0:
-                end = eot + len(self.end_of_turn)
-            elif end == len(text.rstrip()):
+        for k, ((start, end), i) in enumerate(zip(groups, marked)):
+            floor = groups[k - 1][1] if k else 0
+            if messages[i]["role"] == "assistant":
+                start = self._reply_start(text, floor, start)
+            after = self._special_re.search(text, end) if self._special_re else None
+            if after is not None and after.group(0) == self.end_of_turn:
+                end = after.end()  # the turn's own end, never a later turn's
+            elif end == len(text.rstrip()) and messages[i]["role"] == "assistant":
                 append_eos = True
             spans.append((start, end))
         return Rendered(text, spans, append_eos)
+
+    def _reply_start(self, text: str, floor: int, content: int) -> int:
+        """Where an assistant reply starts: after its generation prompt when the template has
+        one, else after the last special token before its content (Mistral's ``[/INST]``: the
+        space the template writes before the reply is generated by the model)."""
+        if self.generation_prompt:
+            header = text.rfind(self.generation_prompt, floor, content)
+            return header + len(self.generation_prompt) if header >= 0 else content
+        last = None
+        for last in self._special_re.finditer(text, floor, content) if self._special_re else ():
+            pass
+        return last.end() if last is not None else content
 
     def end_of_turn_token(self) -> str | None:
         return self.end_of_turn
 
 
+def template_of(tokenizer) -> str | None:
+    """The tokenizer's chat template; of named templates (a dict), the ``default`` one."""
+    template = tokenizer.chat_template
+    if isinstance(template, dict):
+        template = template.get("default")
+    return template if isinstance(template, str) and template else None
+
+
+def _match_literals(literals: list[str], text: str) -> list[Span] | None:
+    """Spans between the template's literal pieces, each literal at its first place after the
+    previous one (linear: no regex backtracking), the last one ending the text."""
+    if not text.startswith(literals[0]):
+        return None
+    groups, at = [], len(literals[0])
+    for k, literal in enumerate(literals[1:], 1):
+        last = k == len(literals) - 1
+        pos = len(text) - len(literal) if last else text.find(literal, at)
+        if pos < at or (last and not text.endswith(literal)):
+            return None
+        groups.append((at, pos))
+        at = pos + len(literal)
+    return groups
+
+
 def _alias_reasoning(messages: list[dict]) -> list[dict]:
-    """Templates read reasoning as ``reasoning_content`` (Qwen3) or ``thinking`` (gpt-oss)."""
+    """Templates read reasoning as ``reasoning_content`` (Qwen3) or ``thinking`` (gpt-oss); a
+    null content (tool calls only) is an empty string to them."""
     out = []
     for m in messages:
+        if m.get("content") is None and "content" in m:
+            m = {**m, "content": ""}
         if "reasoning_content" not in m and "thinking" not in m and "reasoning" not in m:
             out.append(m)
             continue

@@ -136,6 +136,8 @@ def parse_line(raw: bytes, forced: str = "auto") -> tuple[str, dict]:
         raise BadLine(f"invalid JSON at column {exc.colno}: {exc.msg}") from None
     except RecursionError:
         raise BadLine("JSON nested too deep to parse") from None
+    except ValueError as exc:  # e.g. an integer of more digits than Python converts
+        raise BadLine(f"invalid JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise BadLine(f"a line must be a JSON object, got {type(obj).__name__}")
     if _SURROGATE.search(raw):
@@ -199,6 +201,8 @@ def read_line(number: int, raw: "bytes | _TooLong", forced: str = "auto"
     if isinstance(raw, _TooLong):
         return BadLine(f"the line is {raw.size:,} bytes, over the limit of {MAX_LINE_BYTES:,} "
                        "(MAX_LINE_BYTES); split it into smaller examples")
+    if number == 1 and raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]  # a UTF-8 byte order mark some editors write
     if not raw.strip():
         return None
     try:

@@ -44,7 +44,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from trainer.data.chat import ChatLayout, trained_indices
+from core.errors import InputError
+from trainer.data.chat import ChatLayout, template_of, trained_indices
 from trainer.data.reader import BadLine, Example
 
 TRUNCATIONS = ("auto", "drop", "keep_start", "keep_end")
@@ -179,6 +180,9 @@ class ExampleEncoder:
         self.layout = ChatLayout(tokenizer)
         self.eos = tokenizer.eos_token_id
         self.prefix, self.suffix = self._post_processor_ids()
+        if self.eos is None:
+            raise InputError("the tokenizer has no EOS token, so no example could end; set "
+                             "eos_token in its tokenizer_config.json")
         self.closing = self.suffix if self.eos in self.suffix else self.suffix + [self.eos]
         """What ends a text or a completion: the post-processor's suffix, else an EOS."""
         self.bytes = ByteTable.of(tokenizer)
@@ -237,6 +241,12 @@ class ExampleEncoder:
     def _plan(self, example: Example, messages: list[dict] | None = None) -> _Plan:
         s = self.settings
         data = example.data
+        if example.kind != "messages":
+            found = self.layout.special_in({k: data[k] for k in ("text", "prompt", "completion")
+                                            if k in data})
+            if found:
+                raise BadLine(f"'{found[0]}' contains the special token {found[1]!r}, which the "
+                              "tokenizer would read as a control token; remove it from the data")
         if example.kind == "text":
             return _Plan([(data["text"], True)], list(self.prefix), self.closing)
         if example.kind == "prompt_completion":
@@ -369,30 +379,41 @@ class ExampleEncoder:
 
     def _drop_turns(self, example: Example, length: int) -> Tokenized:
         """Drop the oldest turns (a turn: a user message and what answers it) until the rest
-        fits, keeping system messages and the last trained reply; then keep the end."""
+        fits, keeping a leading system message and the last trained reply; then keep the end.
+        The cut is found by bisection (fewer turns, fewer tokens): O(log turns) renderings."""
         messages = example.data["messages"]
         system = messages[:1] if messages[0]["role"] == "system" else []
         rest = messages[len(system):]
         chosen = trained_indices(messages, self.settings.train_on) or [len(messages) - 1]
         last = chosen[-1] - len(system)
-        turn_starts = [i for i, m in enumerate(rest) if m["role"] == "user" and 0 < i <= last]
-        dropped, best = 0, None
-        for cut in turn_starts:
-            kept = system + rest[cut:]
-            if not trained_indices(kept, self.settings.train_on) and \
-                    not self.settings.train_on_inputs:
-                break
-            try:
-                ids, trained = next(self._encode_plans([self._plan(example, kept)]))
-            except BadLine:
-                continue  # e.g. a template that needs the conversation to start otherwise
-            best, dropped = (ids, trained), sum(1 for m in rest[:cut] if m["role"] == "user")
-            if len(ids) <= self.settings.max_length:
-                return Tokenized(ids, trained, truncated=True, turns_dropped=dropped)
+        cuts = [i for i, m in enumerate(rest) if m["role"] == "user" and 0 < i <= last]
+        tried: dict[int, tuple | None] = {}
+
+        def attempt(k: int):
+            if k not in tried:
+                try:
+                    plan = self._plan(example, system + rest[cuts[k]:])
+                    tried[k] = next(self._encode_plans([plan]))
+                except BadLine:  # e.g. a template that needs another first message
+                    tried[k] = None
+            return tried[k]
+
+        low, high = 0, len(cuts) - 1  # find the first cut that fits
+        while low < high:
+            mid = (low + high) // 2
+            got = attempt(mid)
+            if got is not None and len(got[0]) <= self.settings.max_length:
+                high = mid
+            else:
+                low = mid + 1
+        k = low if cuts else None
+        best = attempt(k) if k is not None else None
         if best is None:
-            ids, trained = next(self._encode_plans([self._plan(example)]))
-        else:
-            ids, trained = best
+            k, best = None, next(self._encode_plans([self._plan(example)]))
+        ids, trained = best
+        dropped = sum(1 for m in rest[:cuts[k]] if m["role"] == "user") if k is not None else 0
+        if len(ids) <= self.settings.max_length:
+            return Tokenized(ids, trained, truncated=True, turns_dropped=dropped)
         out = _cut(ids, trained, "keep_end", self.settings.max_length, self._head(example, ids))
         out.turns_dropped = dropped
         return out
@@ -435,6 +456,6 @@ def stop_token_ids(tokenizer) -> list[int]:
 
 def tokenizer_fingerprint(tokenizer) -> str:
     """Identifies a tokenizer (vocabulary, normalisation, chat template) for the data cache."""
-    blob = tokenizer.backend_tokenizer.to_str() + (tokenizer.chat_template or "") + \
+    blob = tokenizer.backend_tokenizer.to_str() + (template_of(tokenizer) or "") + \
         str(tokenizer.eos_token_id)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
