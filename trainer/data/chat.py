@@ -72,6 +72,9 @@ class ChatLayout:
                                 if getattr(t, "special", False)}, key=len, reverse=True)
         self._special_re = re.compile("|".join(map(re.escape, self.specials))) \
             if self.specials else None
+        self._dumps_plain = all(json.dumps(t, ensure_ascii=False) == f'"{t}"'
+                                for t in self.specials)
+        """JSON writes every special token as is (so a search of the dumped line finds them)."""
         self.generation_prompt = ""
         self.end_of_turn: str | None = None
         if self.template:
@@ -137,11 +140,28 @@ class ChatLayout:
     def check_contents(self, messages: list[dict], tools: list | None = None) -> None:
         """BadLine when any string the template may render (contents, reasoning, tool calls,
         names, tool schemas) holds a special token: it would become a control token."""
+        if self._special_re is None or (self._dumps_plain and not self._any_special(messages)
+                                        and not self._any_special(tools)):
+            return  # the common case, checked fast: no special token text anywhere
         found = self.special_in(messages, "messages") or self.special_in(tools, "tools")
         if found:
             where, token = found
             raise BadLine(f"{where} contains the special token {token!r}, which the tokenizer "
                           "would read as a control token; remove it from the data")
+
+    def _any_special(self, value) -> bool:
+        """Whether special token text occurs in ``value``'s strings (nested values are searched
+        as their JSON, which writes special tokens as is: ``_dumps_plain``)."""
+        search = self._special_re.search
+        for message in value if isinstance(value, list) else [value]:
+            if isinstance(message, dict):
+                for item in message.values():
+                    if search(item) if isinstance(item, str) else \
+                            item is not None and search(json.dumps(item, ensure_ascii=False)):
+                        return True
+            elif message is not None and search(json.dumps(message, ensure_ascii=False)):
+                return True
+        return False
 
     def special_in(self, value, where: str = "") -> tuple[str, str] | None:
         """(where, token) of the first special token's text inside ``value``'s strings."""
