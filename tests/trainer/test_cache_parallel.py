@@ -60,3 +60,42 @@ def test_parallel_build_fails_at_the_first_bad_line(tmp_path, tokenizer, monkeyp
     with pytest.raises(DataError, match=r"d\.jsonl:14: invalid JSON"):
         build(path, tokenizer, tmp_path / "c")
     assert not any((tmp_path / "c").glob("*/COMPLETE"))
+
+
+def test_encoder_workers_die_with_a_killed_training_child(tmp_path):
+    """SIGKILL the process building a cache: its forked encoders must not outlive it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import psutil
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(lines(4000) * 40)  # long enough to be caught mid-build
+    script = (
+        "import sys, trainer.data.cache as c\n"
+        "from trainer.config.schema import DataConfig\n"
+        "from trainer.model import build_byte_tokenizer\n"
+        "c.PARALLEL_MIN_BYTES = 0; c._BATCH_EXAMPLES = 16\n"
+        "p = __import__('pathlib').Path(sys.argv[1])\n"
+        "c.load_or_build(p, c.hash_file(p), build_byte_tokenizer(), "
+        "DataConfig(on_bad_line='skip', max_bad_fraction=0.5), p.parent / 'cache')\n")
+    child = subprocess.Popen([sys.executable, "-c", script, str(path)],
+                             cwd=os.getcwd(), start_new_session=True)
+    try:
+        deadline = time.monotonic() + 60
+        workers = []
+        while time.monotonic() < deadline and len(workers) < 1:
+            workers = psutil.Process(child.pid).children()
+            time.sleep(0.05)
+        assert workers, "the build never forked its encoders"
+        child.send_signal(signal.SIGKILL)
+        child.wait(10)
+        gone, alive = psutil.wait_procs(workers, timeout=10)
+        assert not alive, f"encoder workers outlived the killed child: {alive}"
+    finally:
+        if child.poll() is None:
+            child.kill()
+            child.wait()

@@ -20,6 +20,7 @@ import json
 import multiprocessing
 import os
 import shutil
+import signal
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass
@@ -222,7 +223,8 @@ def _encoded(batches: Iterator[list], workers: int) -> Iterator[_Batch]:
     if workers <= 1:
         yield from map(_encode_lines, batches)
         return
-    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"))
+    pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("fork"),
+                               initializer=_die_with, initargs=(os.getpid(),))
     try:
         window: deque = deque()
         for batch in batches:
@@ -233,6 +235,20 @@ def _encoded(batches: Iterator[list], workers: int) -> Iterator[_Batch]:
             yield window.popleft().result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
+
+
+def _die_with(parent: int) -> None:
+    """Worker start: die when the process that forked it dies (a SIGKILLed training child
+    must not leave its encoders blocked on their queue forever). Linux prctl; elsewhere the
+    worker lives until its queue closes."""
+    try:
+        import ctypes
+
+        ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        pass
+    if os.getppid() != parent:  # the parent died before prctl took effect
+        os._exit(1)
 
 
 def _workers(dataset: Path) -> int:
