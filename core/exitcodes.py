@@ -20,7 +20,5 @@ NO_SPACE = 5
 """The realm's file system filled up (ENOSPC): requeued with its resume point, not counted as an
 attempt; the daemon waits for free space before it claims again."""
 
-RETRYABLE_CODES = frozenset({CRASHED, RETRYABLE})
-
 ONCE_LEFT_QUEUED = 3
 """``realm daemon --once`` exit code when the disk/memory guard left jobs queued."""

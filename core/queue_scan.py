@@ -61,7 +61,7 @@ def scan_folder(paths: RealmPaths, folder: str) -> Listing:
     sidecars, datasets, cut = listing.sidecars, listing.datasets, -len(SIDECAR_SUFFIX)
     for entry in entries:
         name = entry.name
-        if name[0] == "." or name.endswith(IGNORED_SUFFIXES):
+        if is_ignored(name):
             continue
         rel = f"queue/{folder}/{shown(name)}"
         if (bad_name := check_file_name(name.removesuffix(SIDECAR_SUFFIX), f"queue/{folder}")):

@@ -79,9 +79,6 @@ class Group:
         dist.all_reduce(t, op=getattr(dist.ReduceOp, op))
         return t.tolist()
 
-    def any(self, flag: bool) -> bool:
-        return self.max([1.0 if flag else 0.0])[0] > 0
-
     def gather(self, values: list[float]) -> list[list[float]]:
         """Every rank's ``values``, in rank order, on every rank."""
         if not self.active:

@@ -214,7 +214,3 @@ def check_against_locked(config, locked: dict, *, source: str) -> None:
     if problems:
         raise ConfigError(f"{source}: loaded model does not match the campaign's locked "
                           f"architecture: {'; '.join(problems)}.")
-
-
-def transformers_version() -> str:
-    return transformers.__version__
