@@ -301,9 +301,6 @@ class ChatLayout:
             pass
         return last.end() if last is not None else content
 
-    def end_of_turn_token(self) -> str | None:
-        return self.end_of_turn
-
 
 def template_of(tokenizer) -> str | None:
     """The tokenizer's chat template; of named templates (a dict), the ``default`` one."""

@@ -275,54 +275,65 @@ class ExampleEncoder:
 
     def _encode_plans(self, plans: list[_Plan]):
         """(ids, trained) per plan, from one batched encode of every segment."""
-        if self.concatenates and self.special_text is not None:
-            texts, flags, pieces = [], [], []
-            for p in plans:
-                n = len(p.segments)
-                if p.prefix:
-                    texts.append("".join(self.special_text[i] for i in p.prefix))
-                    flags.append(False)
-                    n += 1
-                for text, trained in p.segments:
-                    texts.append(text)
-                    flags.append(trained)
-                if p.suffix:
-                    texts.append("".join(self.special_text[i] for i in p.suffix))
-                    flags.append(p.suffix_trained)
-                    n += 1
-                pieces.append(n)
-            ids, ends = self._encode_joined(texts)
-            mask = np.repeat(np.asarray(flags, bool), np.diff(ends, prepend=0))
-            at = 0
-            for n in pieces:
-                a = int(ends[at - 1]) if at else 0
-                at += n
-                b = int(ends[at - 1]) if at else 0
-                yield ids[a:b], mask[a:b]
-            return
-        if self.concatenates:
-            parts = self._encode_texts([text for p in plans for text, _ in p.segments])
-            chunks, flags, lengths, at = [], [], [], 0
-            for p in plans:
-                chunks.append(np.asarray(p.prefix, np.int32))
+        if not self.concatenates:
+            return self._encode_with_offsets(plans)
+        if self.special_text is not None:
+            return self._encode_as_text(plans)
+        return self._encode_with_fixed_ids(plans)
+
+    def _encode_as_text(self, plans: list[_Plan]):
+        """Prefix and suffix ids travel as their special tokens' text: one encode, one mask."""
+        texts, flags, pieces = [], [], []
+        for p in plans:
+            n = len(p.segments)
+            if p.prefix:
+                texts.append("".join(self.special_text[i] for i in p.prefix))
                 flags.append(False)
-                for _, trained in p.segments:
-                    chunks.append(parts[at])
-                    flags.append(trained)
-                    at += 1
-                chunks.append(np.asarray(p.suffix, np.int32))
+                n += 1
+            for text, trained in p.segments:
+                texts.append(text)
+                flags.append(trained)
+            if p.suffix:
+                texts.append("".join(self.special_text[i] for i in p.suffix))
                 flags.append(p.suffix_trained)
-            lengths = np.fromiter(map(len, chunks), np.int64, len(chunks))
-            ids = np.concatenate(chunks) if chunks else np.zeros(0, np.int32)
-            mask = np.repeat(np.asarray(flags, bool), lengths)
-            ends = np.cumsum(lengths)
-            first = 0
-            for p in plans:
-                last = first + len(p.segments) + 1  # prefix, segments, suffix
-                a, b = (ends[first - 1] if first else 0), ends[last]
-                yield ids[a:b], mask[a:b]
-                first = last + 1
-            return
+                n += 1
+            pieces.append(n)
+        ids, ends = self._encode_joined(texts)
+        mask = np.repeat(np.asarray(flags, bool), np.diff(ends, prepend=0))
+        at = 0
+        for n in pieces:
+            a = int(ends[at - 1]) if at else 0
+            at += n
+            b = int(ends[at - 1]) if at else 0
+            yield ids[a:b], mask[a:b]
+
+    def _encode_with_fixed_ids(self, plans: list[_Plan]):
+        """Segments encoded in one batch, prefix and suffix ids put around them."""
+        parts = self._encode_texts([text for p in plans for text, _ in p.segments])
+        chunks, flags, lengths, at = [], [], [], 0
+        for p in plans:
+            chunks.append(np.asarray(p.prefix, np.int32))
+            flags.append(False)
+            for _, trained in p.segments:
+                chunks.append(parts[at])
+                flags.append(trained)
+                at += 1
+            chunks.append(np.asarray(p.suffix, np.int32))
+            flags.append(p.suffix_trained)
+        lengths = np.fromiter(map(len, chunks), np.int64, len(chunks))
+        ids = np.concatenate(chunks) if chunks else np.zeros(0, np.int32)
+        mask = np.repeat(np.asarray(flags, bool), lengths)
+        ends = np.cumsum(lengths)
+        first = 0
+        for p in plans:
+            last = first + len(p.segments) + 1  # prefix, segments, suffix
+            a, b = (ends[first - 1] if first else 0), ends[last]
+            yield ids[a:b], mask[a:b]
+            first = last + 1
+
+    def _encode_with_offsets(self, plans: list[_Plan]):
+        """Tokenizers whose pieces do not concatenate: the whole text encoded once, a token
+        trained when any of its characters lies in a trained segment."""
         encodings = self.backend.encode_batch(["".join(t for t, _ in p.segments) for p in plans],
                                               add_special_tokens=False)
         for p, enc in zip(plans, encodings):
