@@ -1,7 +1,7 @@
 """Exit codes of the training child (``python -m trainer.run_job``), read by the daemon.
 
 Torch-free on purpose: the daemon interprets them without importing the trainer. The outcome
-file (``core.job_protocol.Outcome``) says more (kind, reason, results); the exit code alone is
+file (``daemon.protocol.Outcome``) says more (kind, reason, results); the exit code alone is
 what the daemon uses when a child ended without writing one.
 """
 

@@ -21,6 +21,8 @@ import socket
 from pathlib import Path
 from typing import Any, Iterator
 
+from core.paths import SIDECAR_SUFFIX
+
 _RENAME_NOREPLACE = 1
 _AT_FDCWD = -100
 
@@ -142,7 +144,7 @@ def unique_name(directory: Path, name: str, taken: set[str] | None = None) -> st
     while (
         candidate in taken
         or os.path.lexists(directory / candidate)
-        or os.path.lexists(directory / f"{candidate}.job.json")
+        or os.path.lexists(directory / (candidate + SIDECAR_SUFFIX))
     ):
         n += 1
         candidate = f"{stem}.{n}{ext}"

@@ -16,6 +16,11 @@ from core.errors import UsageError
 
 PRIORITIES = ("high", "normal", "low")
 SIDECAR_SUFFIX = ".job.json"
+
+
+def sidecar_of(dataset: Path) -> Path:
+    """The sidecar of a dataset file: ``<dataset>.job.json`` beside it."""
+    return dataset.with_name(dataset.name + SIDECAR_SUFFIX)
 DATASET_SUFFIX = ".jsonl"
 
 _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")

@@ -14,8 +14,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from core.errors import SidecarError
-from core.job import Job, JobState, check_user_sidecar
-from core.paths import DATASET_SUFFIX, PRIORITIES, SIDECAR_SUFFIX, RealmPaths
+from core.job import USER_FIELDS, Job, JobState, check_user_sidecar
+from core.paths import DATASET_SUFFIX, PRIORITIES, SIDECAR_SUFFIX, RealmPaths, sidecar_of
 from core.sidecar import SEAL_FIELD, RealmKey, read_sidecar_json
 from core.validate import check_file_name, open_regular
 
@@ -152,3 +152,18 @@ def digest_file(path: Path) -> Digest:
             open_line_has_text = bool(rest.strip()) or (not ended and open_line_has_text)
     return Digest(sha.hexdigest(), size, lines + open_line_has_text)
 
+
+def unadopted_job(paths: RealmPaths, dataset: Path, *, measure: bool = True) -> Job:
+    """The record a dataset not adopted yet would get: the user fields of its hand-written
+    sidecar (types checked; names are checked where they become paths) and, with ``measure``,
+    its size and line count read block by block (no FIFO wait, no 200 MB line in memory). For
+    ``--plan`` and ``config show``."""
+    sidecar = sidecar_of(dataset)
+    user = read_sidecar_json(sidecar) if os.path.lexists(sidecar) else {}
+    user = {k: v for k, v in user.items() if k in USER_FIELDS} if isinstance(user, dict) else {}
+    digest = digest_file(dataset) if measure else None
+    return Job.from_dict({**user, "id": "(not adopted yet)", "dataset_path": paths.relative(dataset),
+                          "dataset_name": dataset.name,
+                          "num_bytes": digest.num_bytes if digest else None,
+                          "num_examples": digest.num_examples if digest else None},
+                         source=paths.relative(sidecar))

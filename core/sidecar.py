@@ -24,15 +24,11 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import InputError, SidecarError
-from core.paths import SIDECAR_SUFFIX, RealmPaths
+from core.paths import RealmPaths, sidecar_of  # noqa: F401  (sidecar_of: re-exported)
 from core.validate import MAX_SIDECAR_BYTES, parse_json, read_regular
 
 SEAL_FIELD = "seal"
 KEY_FILE = ".sidecar-key"
-
-
-def sidecar_of(dataset: Path) -> Path:
-    return dataset.with_name(dataset.name + SIDECAR_SUFFIX)
 
 
 def read_sidecar_json(path: Path) -> Any:

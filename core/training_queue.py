@@ -46,7 +46,8 @@ from core.queue_scan import (
     shown,
 )
 from core.settle import Settler
-from core.sidecar import RealmKey, sidecar_of
+from core.sidecar import RealmKey
+from core.paths import sidecar_of
 from core.validate import check_file_name
 
 log = structlog.get_logger("realm.queue")
@@ -604,8 +605,10 @@ def _apply_results(job: Job, results: dict) -> None:
 
 
 if __name__ == "__main__":
+    # The design card's module form (``python -m core.training_queue status``) runs the command
+    # line by name: the foundation never imports the ``cli`` package above it.
+    import runpy
     import sys
 
-    from core.cli import module_main
-
-    sys.exit(module_main("queue"))
+    sys.argv[1:1] = ["queue"]
+    runpy.run_module("cli", run_name="__main__", alter_sys=True)

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from guild.heroes import load_hero_file, shipped_dir  # noqa: E402
-from trainer.config.loader import resolve, Layer  # noqa: E402
+from config.resolver import resolve, Layer  # noqa: E402
 from trainer.data.cache import hash_file, load_or_build  # noqa: E402
 from trainer.data.packing import IGNORE, collate, pack_rows  # noqa: E402
 from trainer.engine import JobSpec, Trainer, pick_device, token_loss_sum  # noqa: E402

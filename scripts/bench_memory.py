@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import psutil  # noqa: E402
 
-from trainer.config.schema import DataConfig  # noqa: E402
+from config.schema import DataConfig  # noqa: E402
 from trainer.data.cache import hash_file, load_or_build  # noqa: E402
 from trainer.model import BYTE_CHAT_TEMPLATE, BYTE_SPECIALS, build_byte_tokenizer  # noqa: E402
 

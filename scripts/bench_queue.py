@@ -24,7 +24,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from core.paths import PRIORITIES, RealmPaths, init_layout  # noqa: E402
-from core.queue_status import build_status  # noqa: E402
+from cli.status import build_status  # noqa: E402
 from core.training_queue import TrainingQueue  # noqa: E402
 
 
@@ -50,12 +50,12 @@ def timed(fn, repeat: int) -> list[float]:
 
 
 def cli_status(base: Path) -> None:
-    subprocess.run([sys.executable, "-m", "core.cli", "--base-dir", str(base), "queue", "status",
+    subprocess.run([sys.executable, "-m", "cli", "--base-dir", str(base), "queue", "status",
                     "--json"], check=True, capture_output=True)
 
 
 def _daemon(base: Path) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "core.cli", "--base-dir", str(base), "daemon"],
+    return subprocess.Popen([sys.executable, "-m", "cli", "--base-dir", str(base), "daemon"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 

@@ -21,7 +21,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForCausalLM  # noqa: E402
 
 from guild.heroes import load_hero_file, shipped_dir  # noqa: E402
-from trainer.config.loader import Layer, resolve  # noqa: E402
+from config.resolver import Layer, resolve  # noqa: E402
 from trainer.data.packing import Batch  # noqa: E402
 from trainer.data.synthetic import write_dataset  # noqa: E402
 from trainer.data.cache import hash_file  # noqa: E402

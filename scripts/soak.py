@@ -308,7 +308,7 @@ class Host:
         env = {**os.environ, **self.env, "REALM_HOST": self.name}
         with open(self.log, "a") as out:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "core.cli", "--base-dir", str(self.base), "daemon",
+                [sys.executable, "-m", "cli", "--base-dir", str(self.base), "daemon",
                  "--poll", "0.3", "--devices", self.devices], stdout=out, stderr=out, env=env,
                 cwd=self.cwd)
         self.stopping = False

@@ -45,7 +45,7 @@ import torch
 from trainer.checkpoint import (Checkpoint, Staged, apply_retention, clean_incomplete,
                                 complete_checkpoints, lineage_head, remove_checkpoint,
                                 stage_checkpoint)
-from trainer.config.locked import verify_locked
+from config.locked import verify_locked
 from trainer.data.cache import load_or_build
 from trainer.data.packing import IGNORE, Batch, collate, pack_rows, packing_efficiency
 from trainer.data.reader import DataError
@@ -182,7 +182,7 @@ class Trainer:
         self.heartbeat: Callable[[str], None] = lambda _phase: None
         """A sign of life, called after each setup phase and each optimizer step with the phase
         (``model``, ``data``, ``optimizer``, ``restore``, ``step:N``); the daemon kills a child
-        whose signs of life stop (``core.job_protocol``)."""
+        whose signs of life stop (``daemon.protocol``)."""
         self.data_tick: Callable[[], None] = lambda: None
         """Called per line while the dataset is read or tokenized (throttled by the callee)."""
         self.device, self.autocast_dtype = pick_device(self.cfg.training.precision,

@@ -26,7 +26,7 @@ from typing import Any, Literal
 
 import torch
 
-from trainer.config.schema import NO_DECAY_KINDS
+from config.schema import NO_DECAY_KINDS
 
 
 def no_decay_kinds(setting: str | None) -> set[str]:

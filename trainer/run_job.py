@@ -2,7 +2,7 @@
 
 The daemon runs this as a child process. It resolves the job's config (six layers), trains
 from the campaign's latest checkpoint, and reports through the job protocol
-(``core.job_protocol``): it advances the liveness counter after each setup phase and each
+(``daemon.protocol``): it advances the liveness counter after each setup phase and each
 optimizer step, and writes everything it has to say (kind, reason, results, resume point) into
 its outcome file; it never writes the job's sidecar (the daemon records the outcome when it
 moves the job). It exits with a code from ``core.exitcodes``: completed, stopped (resumable),
@@ -39,7 +39,7 @@ import structlog
 from core import exitcodes
 from core.errors import InputError
 from core.job import Job
-from core.job_protocol import CODE_OF_KIND, Alive, JobFiles, Outcome
+from daemon.protocol import CODE_OF_KIND, Alive, JobFiles, Outcome
 from core.logsetup import configure
 from core.paths import RealmPaths, resolve_base
 
@@ -61,7 +61,7 @@ class _StopFlag:
 def build_spec(paths: RealmPaths, job: Job, cli=None):
     from guild.campaigns import find_campaign
     from guild.heroes import load_hero
-    from trainer.config.realm_config import resolve_for
+    from guild.selection import resolve_for
     from trainer.engine import JobSpec
 
     if not job.dataset_sha256:
@@ -83,7 +83,7 @@ def build_spec(paths: RealmPaths, job: Job, cli=None):
 
 
 def _results(job: Job, result=None, resolved=None, governor: dict | None = None) -> dict:
-    """The job fields this attempt reports (``core.job_protocol.RESULT_FIELDS``)."""
+    """The job fields this attempt reports (``daemon.protocol.RESULT_FIELDS``)."""
     out: dict = {}
     if resolved is not None:
         from guild.campaigns import code_version
@@ -222,7 +222,7 @@ def _no_space(exc: BaseException | None) -> bool:
 
 
 def classify(exc: BaseException) -> tuple[str, str]:
-    """(outcome kind, reason) of a failure: permanent kinds never retry (core.job_protocol)."""
+    """(outcome kind, reason) of a failure: permanent kinds never retry (daemon.protocol)."""
     from trainer.checkpoint import UnsafeCheckpoint
     from trainer.data.reader import DataError
     from trainer.engine import PERMANENT_FAILURES
@@ -316,7 +316,7 @@ def _run(paths: RealmPaths, job: Job, alive: Alive | None, cli, stop, group) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from core.cli_common import add_common_flags, cli_layer_from
+    from config.flags import add_common_flags, cli_layer_from
 
     parser = argparse.ArgumentParser(prog="python -m trainer.run_job", description=__doc__)
     parser.add_argument("--base-dir", default=None)
@@ -325,7 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure("info")
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank: die with the launcher, never orphaned
-        from core.supervisor import die_with_parent
+        from daemon.supervisor import die_with_parent
 
         die_with_parent(os.getppid())
     import transformers

@@ -21,8 +21,10 @@ from core.errors import ConfigError, UsageError
 from core.fsutil import rename_noreplace, write_json_atomic
 from core.job import utc_now
 from core.paths import RealmPaths, check_name
-from trainer.config.locked import LOCKED_FIELDS
-from trainer.config.sources import load_json_object
+from config.layers import resolve_layers
+from config.locked import LOCKED_FIELDS
+from config.reader import load_json_object
+from guild.heroes import load_hero
 
 CAMPAIGN_SCHEMA = 1
 _FIELDS = {"schema", "name", "hero_id", "description", "created_at", "status", "overrides",
@@ -169,12 +171,10 @@ def activate(paths: RealmPaths, ref: str) -> Campaign:
 def create_campaign(paths: RealmPaths, name: str, hero_id: str, *, overrides: dict | None = None,
                     description: str = "", activate_it: bool = True) -> Campaign:
     """Validate overrides through the resolver, then create the folder atomically."""
-    from trainer.config.realm_config import resolve_for
-
     final = campaign_dir(paths, hero_id, name)
     campaign = Campaign(name=name, hero_id=hero_id, description=description,
                         overrides=overrides or {}, code_version=code_version())
-    resolved = resolve_for(paths, hero_id=hero_id, campaign=campaign)  # raises on bad overrides
+    resolved = resolve_layers(paths, load_hero(paths, hero_id), campaign)  # raises on bad overrides
     campaign.config_hash = resolved.config_hash
     if final.exists():
         raise UsageError(f"campaign '{hero_id}/{name}' already exists ({final}); choose another "

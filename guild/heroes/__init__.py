@@ -5,7 +5,7 @@ package (``guild/heroes/profiles/``, installed into a realm by ``realm init``). 
 wins over the shipped one of the same id. Files are read with ``yaml.safe_load`` and validated;
 every error names the file, the line and the key path. Files are read through the validation kit
 (bounded size, no symlink, no FIFO; anchors, depth and numbers checked: see
-``trainer.config.sources``); ``list_heroes`` keeps one bad file from hiding the good ones.
+``config.reader``); ``list_heroes`` keeps one bad file from hiding the good ones.
 """
 
 from __future__ import annotations
@@ -19,7 +19,8 @@ from typing import Any, Optional
 
 from core.errors import ConfigError, RealmError, UsageError
 from core.paths import RealmPaths, check_name
-from trainer.config.sources import load_yaml, number_problems, where
+from config.reader import load_yaml, number_problems, where
+from config.resolver import check_hero_defaults
 
 DEFAULT_HERO = "tiny-qwen3"
 
@@ -158,9 +159,7 @@ def load_hero_file(path: Path) -> HeroProfile:
     data, lines = load_yaml(path)
     problems = _validate(data, path, lines)
     if not problems and data.get("training_defaults"):
-        from trainer.config.realm_config import check_training_defaults_raw
-
-        problems = check_training_defaults_raw(data["training_defaults"], path, lines)
+        problems = check_hero_defaults(data["training_defaults"], path, lines)
     if problems:
         raise ConfigError(problems)
     model = ModelSpec(**{k: v for k, v in data["model"].items() if v is not None})

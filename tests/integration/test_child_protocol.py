@@ -1,4 +1,4 @@
-"""The daemon/child protocol (core.job_protocol) with real children, files and signals: liveness
+"""The daemon/child protocol (daemon.protocol) with real children, files and signals: liveness
 by the daemon's clock, typed outcomes, ENOSPC, faults in the middle of a job, the --once guard.
 
 Children are made to hang or fail with test-only hooks (REALM_TEST_HANG, REALM_TEST_ENOSPC) so
@@ -21,11 +21,11 @@ import pytest
 from core import exitcodes
 from core.errors import InputError
 from core.job import JobState
-from core.job_protocol import AliveWatch, JobFiles, Outcome
-from core.training_daemon import Daemon, record_outcome
+from daemon.protocol import AliveWatch, JobFiles, Outcome
+from daemon.training_daemon import Daemon, record_outcome
 from tests.conftest import drop
 from tests.integration.test_daemon import (FAST_DAEMON, job_state, realm_with_job, wait_for)
-from trainer.config.schema import DaemonConfig
+from config.schema import DaemonConfig
 from trainer.data.synthetic import write_dataset
 
 
@@ -35,7 +35,7 @@ def daemon_env(**hooks) -> dict:
 
 
 def realm_run(base, *args, env=None, timeout=300):
-    return subprocess.run([sys.executable, "-m", "core.cli", "--base-dir", str(base), *args],
+    return subprocess.run([sys.executable, "-m", "cli", "--base-dir", str(base), *args],
                           capture_output=True, text=True, env=env or daemon_env(),
                           timeout=timeout)
 
@@ -186,7 +186,7 @@ def test_enospc_requeues_with_the_resume_point_and_once_says_the_guard_left_it(t
 def test_faults_in_the_middle_of_a_job_leave_the_daemon_running(tmp_path):
     paths = realm_with_job(tmp_path)
     set_daemon(paths, max_attempts=1)
-    daemon = subprocess.Popen([sys.executable, "-m", "core.cli", "--base-dir", str(paths.base),
+    daemon = subprocess.Popen([sys.executable, "-m", "cli", "--base-dir", str(paths.base),
                                "daemon", "--poll", "0.3", "--max-steps", "4"],
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=daemon_env())

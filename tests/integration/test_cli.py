@@ -13,7 +13,7 @@ from core.training_queue import TrainingQueue
 from tests.conftest import drop, tree, write_dataset
 
 
-def realm_cmd(base, *args, env_extra=None, module="core.cli"):
+def realm_cmd(base, *args, env_extra=None, module="cli"):
     env = {k: v for k, v in os.environ.items() if k != "REALM_DEBUG"} | (env_extra or {})
     return subprocess.run([sys.executable, "-m", module, "--base-dir", str(base), *args],
                           capture_output=True, text=True, env=env, timeout=60)
@@ -139,8 +139,8 @@ def test_module_form_of_queue_status(realm):
 
 
 def test_core_never_imports_torch():
-    code = ("import sys, core.cli, core.training_queue, core.queue_status; "
-            "core.cli.build_parser(); print('torch' in sys.modules)")
+    code = ("import sys, cli.main, core.training_queue, cli.status; "
+            "cli.main.build_parser(); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False"
 
@@ -149,7 +149,7 @@ def test_status_watch_refreshes_and_ctrl_c_exits_0(realm):
     import signal
     import time
 
-    proc = subprocess.Popen([sys.executable, "-m", "core.cli", "--base-dir", str(realm.base),
+    proc = subprocess.Popen([sys.executable, "-m", "cli", "--base-dir", str(realm.base),
                              "queue", "status", "--watch", "--json", "--interval", "0.2"],
                             stdout=subprocess.PIPE, text=True)
     first = json.loads(proc.stdout.readline())

@@ -17,7 +17,7 @@ from tests.conftest import drop, tree, write_dataset
 
 def realm_cmd(base, *args):
     env = {k: v for k, v in os.environ.items() if k != "REALM_DEBUG"}
-    return subprocess.run([sys.executable, "-m", "core.cli", "--base-dir", str(base), *args],
+    return subprocess.run([sys.executable, "-m", "cli", "--base-dir", str(base), *args],
                           capture_output=True, text=True, env=env, timeout=60)
 
 

@@ -30,13 +30,13 @@ def env():
 
 
 def start_daemon(base: Path, *args) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "core.cli", "--base-dir", str(base), "daemon",
+    return subprocess.Popen([sys.executable, "-m", "cli", "--base-dir", str(base), "daemon",
                              *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env())
 
 
 def realm_cmd(base, *args, timeout=300):
-    return subprocess.run([sys.executable, "-m", "core.cli", "--base-dir", str(base), *args],
+    return subprocess.run([sys.executable, "-m", "cli", "--base-dir", str(base), *args],
                           capture_output=True, text=True, env=env(), timeout=timeout)
 
 

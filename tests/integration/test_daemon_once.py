@@ -10,7 +10,7 @@ import sys
 
 from core import exitcodes
 from core.job import JobState
-from core.training_daemon import record_outcome
+from daemon.training_daemon import record_outcome
 from core.training_queue import TrainingQueue
 from tests.conftest import drop
 from tests.trainer.test_training import make_realm
@@ -18,7 +18,7 @@ from tests.trainer.test_training import make_realm
 
 def realm_cmd(base, *args):
     env = {k: v for k, v in os.environ.items() if k != "REALM_DEBUG"}
-    return subprocess.run([sys.executable, "-m", "core.cli", "--base-dir", str(base), *args],
+    return subprocess.run([sys.executable, "-m", "cli", "--base-dir", str(base), *args],
                           capture_output=True, text=True, env=env, timeout=600)
 
 

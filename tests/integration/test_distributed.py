@@ -142,7 +142,7 @@ def test_nan_on_rank_one_rolls_back_every_rank(tmp_path):
     import subprocess
     import sys
 
-    out = subprocess.run([sys.executable, "-m", "core.cli", "--base-dir", str(paths.base),
+    out = subprocess.run([sys.executable, "-m", "cli", "--base-dir", str(paths.base),
                           "daemon", "--once", "--devices", "cpu:2"], capture_output=True,
                          text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr

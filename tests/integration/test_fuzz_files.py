@@ -14,7 +14,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from core.paths import PRIORITIES, STATE_FOLDERS, RealmPaths, init_layout
-from core.queue_status import build_list, build_status
+from cli.status import build_list, build_status
 from core.training_queue import TrainingQueue
 from tests.conftest import tree
 from tests.integration.test_daemon import FAST_DAEMON, realm_cmd, start_daemon, wait_for

@@ -18,7 +18,7 @@ from guild.heroes import install_shipped, load_hero, load_hero_file
 GOLDEN = Path(__file__).resolve().parents[1] / "golden" / "config_explain_six_layers.json"
 
 
-def realm_cmd(base, *args, module="core.cli", cwd=None):
+def realm_cmd(base, *args, module="cli", cwd=None):
     env = {k: v for k, v in os.environ.items() if k != "REALM_DEBUG"}
     return subprocess.run([sys.executable, "-m", module, "--base-dir", str(base), *args],
                           capture_output=True, text=True, env=env, timeout=60, cwd=cwd)
@@ -266,8 +266,8 @@ def test_init_installs_heroes_from_an_installed_package(tmp_path):
     subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target",
                     str(target), str(next(wheels.glob("*.whl")))], check=True,
                    capture_output=True)
-    code = ("import sys, guild, core.cli; assert guild.__file__.startswith(sys.argv[1]), "
-            "guild.__file__; sys.exit(core.cli.main(['--base-dir', sys.argv[2], 'init']))")
+    code = ("import sys, guild, cli.main; assert guild.__file__.startswith(sys.argv[1]), "
+            "guild.__file__; sys.exit(cli.main.main(['--base-dir', sys.argv[2], 'init']))")
     realm_dir = tmp_path / "fresh-realm"
     out = subprocess.run([sys.executable, "-c", code, str(target), str(realm_dir)],
                          capture_output=True, text=True, cwd=tmp_path,

@@ -19,7 +19,7 @@ import pytest
 
 from core.job import JobState
 from core.paths import layout_problems
-from core.queue_status import build_list, build_status
+from cli.status import build_list, build_status
 from core.sidecar import SEAL_FIELD
 from core.training_queue import TrainingQueue
 from tests.conftest import drop, tree, write_dataset
@@ -210,7 +210,7 @@ def test_queue_status_and_plan_survive_a_deep_sidecar(realm):
     (realm.state_dir("normal") / "x.jsonl.job.json").write_text("{\"a\":" * 100_000)
     for cmd in (["queue", "status", "--json"], ["queue", "list", "--state", "all"],
                 ["daemon", "--plan"]):
-        out = subprocess.run([sys.executable, "-m", "core.cli", "--base-dir", str(realm.base),
+        out = subprocess.run([sys.executable, "-m", "cli", "--base-dir", str(realm.base),
                               *cmd], capture_output=True, text=True, timeout=60)
         assert "RecursionError" not in out.stderr and "Traceback" not in out.stderr, out.stderr
         assert "nested" in out.stdout + out.stderr, (cmd, out.stdout, out.stderr)

@@ -63,7 +63,7 @@ def test_ignored_names_and_symlinks_are_never_claimed(realm, queue, tmp_path):
     (realm.state_dir("high") / "link.jsonl").symlink_to(target)
     assert drain(queue) == []
     assert (realm.state_dir("high") / "link.jsonl").is_symlink(), "refused, not moved or deleted"
-    from core.queue_status import build_status
+    from cli.status import build_status
 
     problems = build_status(queue)["problems"]
     assert [p["path"] for p in problems] == ["queue/high/link.jsonl"]
@@ -86,7 +86,7 @@ def test_malformed_sidecar_is_reported_and_dataset_untouched(realm, queue, conte
     after = tree(realm.queue)
     assert {k: v for k, v in after.items() if k != ".queue.lock"} == before
     assert data.exists() and sidecar.read_text() == content
-    from core.queue_status import build_status
+    from cli.status import build_status
 
     problems = build_status(queue)["problems"]
     assert len(problems) == 1 and problems[0]["path"] == "queue/normal/a.jsonl.job.json"

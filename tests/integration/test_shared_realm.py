@@ -20,7 +20,7 @@ pytestmark = pytest.mark.slow
 def start_host(base, host: str, *args) -> subprocess.Popen:
     env = {k: v for k, v in os.environ.items() if k != "REALM_DEBUG"}
     env["REALM_HOST"] = host
-    return subprocess.Popen([sys.executable, "-m", "core.cli", "--base-dir", str(base), "daemon",
+    return subprocess.Popen([sys.executable, "-m", "cli", "--base-dir", str(base), "daemon",
                              "--poll", "0.2", *args], stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE, text=True, env=env)
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from guild.heroes import load_hero_file, shipped_dir
-from trainer.config.schema import DataConfig
+from config.schema import DataConfig
 
 
 @pytest.fixture(scope="session")

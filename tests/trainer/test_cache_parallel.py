@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import trainer.data.cache as cache
-from trainer.config.schema import DataConfig
+from config.schema import DataConfig
 from trainer.data.reader import DataError
 
 
@@ -76,7 +76,7 @@ def test_encoder_workers_die_with_a_killed_training_child(tmp_path):
     path.write_text(lines(4000) * 40)  # long enough to be caught mid-build
     script = (
         "import sys, trainer.data.cache as c\n"
-        "from trainer.config.schema import DataConfig\n"
+        "from config.schema import DataConfig\n"
         "from trainer.model import build_byte_tokenizer\n"
         "c.PARALLEL_MIN_BYTES = 0; c._BATCH_EXAMPLES = 16\n"
         "p = __import__('pathlib').Path(sys.argv[1])\n"

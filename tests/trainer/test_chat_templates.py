@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.chat_fixtures import CONVERSATIONS, FAMILIES, make_tokenizer, render_kwargs, supports
-from trainer.config.schema import DataConfig
+from config.schema import DataConfig
 from trainer.data.cache import hash_file, load_or_build
 from trainer.data.reader import BadLine, Example
 from trainer.data.tokenize import ByteTable, ExampleEncoder, Settings, stop_token_ids, tokenize

@@ -8,7 +8,7 @@ import pytest
 import torch
 from hypothesis import given, settings, strategies as st
 
-from trainer.config.schema import GovernorConfig
+from config.schema import GovernorConfig
 from trainer.governor import Governor, GovernorGaveUp, GovernorGuard
 
 VOCAB = 50257

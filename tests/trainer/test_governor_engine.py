@@ -21,11 +21,11 @@ from core import exitcodes
 from core.job import Job
 from core.training_queue import TrainingQueue
 from trainer.checkpoint import complete_checkpoints, lineage_head
-from trainer.config.loader import cli_layer
+from config.flags import cli_layer
 from trainer.data.packing import collate
 from trainer.engine import Trainer, token_loss_sum
 from trainer.governor import GovernorGaveUp, GovernorGuard
-from core.job_protocol import JobFiles
+from daemon.protocol import JobFiles
 from trainer.run_job import _StopFlag, build_spec, run
 from tests.trainer.test_training import FAST, ckpt_root, claim, make_realm
 from tests.trainer.test_training import record as training_record

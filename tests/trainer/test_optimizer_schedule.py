@@ -16,7 +16,7 @@ from safetensors.torch import load_file
 from core.job import Job
 from core.training_queue import TrainingQueue
 from trainer.checkpoint import lineage_head
-from trainer.config.schema import TrainingConfig
+from config.schema import TrainingConfig
 from trainer.data.synthetic import write_dataset
 from trainer.engine import StopRequested, Trainer
 from trainer.optim import Schedule, moments_problem, param_groups

@@ -15,7 +15,7 @@ import torch
 from safetensors.torch import load_file
 
 from core import exitcodes
-from core.job_protocol import JobFiles
+from daemon.protocol import JobFiles
 from core.paths import RealmPaths, init_layout
 from core.training_queue import TrainingQueue
 from guild.campaigns import create_campaign

@@ -11,15 +11,16 @@ from pathlib import Path
 
 import pytest
 
-from core.cli_common import parse_sets_checked, positive_seconds
+from cli.common import positive_seconds
+from config.flags import cli_layer, parse_sets_checked
 from core.errors import ConfigError, UsageError
 from core.job import Job
 from core.paths import RealmPaths
 from guild.campaigns import active_ref, create_campaign, find_campaign, read_campaign
 from guild.heroes import install_shipped, list_heroes, load_hero, load_hero_file, shipped_dir
-from trainer.config.loader import SPECS, Layer, check_values, cli_layer, resolve
-from trainer.config.realm_config import CampaignOf, resolve_for
-from trainer.config.schema import BOUNDS
+from config.resolver import SPECS, Layer, check_values, resolve
+from guild.selection import CampaignOf, resolve_for
+from config.schema import BOUNDS
 
 HERO = load_hero_file(shipped_dir() / "tiny-qwen3.yaml")
 NON_FINITE = [float("nan"), float("inf"), float("-inf")]
@@ -439,7 +440,7 @@ def test_set_too_deep_or_too_long_is_a_usage_error():
     (["training.epochs=two"], r"training.epochs: expected an integer"),
 ])
 def test_queue_add_overrides_checked_against_the_schema(sets, match):
-    from core.cli_queue import _check_overrides
+    from cli.queue_cmds import _check_overrides
 
     with pytest.raises(ConfigError, match=match):
         _check_overrides(parse_sets_checked(sets))
@@ -449,7 +450,7 @@ def test_queue_add_overrides_checked_against_the_schema(sets, match):
 # --- the plan reports, never crashes --------------------------------------------------------------
 
 def test_plan_reports_every_config_problem(hrealm):
-    from core.plan import build_plan
+    from cli.plan import build_plan
 
     (hrealm.base / "config.json").write_text("[1]")
     (hrealm.state_dir("normal") / "a.jsonl").write_text('{"text": "x"}\n')
@@ -473,7 +474,7 @@ def test_plan_reports_every_config_problem(hrealm):
 # --- one broken campaign.json does not hide the others --------------------------------------------
 
 def test_broken_campaign_is_listed_and_does_not_block_lookups(hrealm, capsys):
-    from core.cli_guild import cmd_campaign_list
+    from cli.guild_cmds import cmd_campaign_list
     from guild.campaigns import survey_campaigns
 
     _campaign(hrealm, "good")

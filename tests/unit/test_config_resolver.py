@@ -7,8 +7,9 @@ import pytest
 
 from core.errors import ConfigError
 from guild.heroes import load_hero_file, shipped_dir
-from trainer.config.loader import Layer, cli_layer, coerce, resolve, SPECS
-from trainer.config.locked import build_locked_config, verify_locked
+from config.flags import cli_layer
+from config.resolver import Layer, coerce, resolve, SPECS
+from config.locked import build_locked_config, verify_locked
 
 HERO = load_hero_file(shipped_dir() / "tiny-qwen3.yaml")
 

@@ -8,11 +8,11 @@ import json
 import psutil
 import pytest
 
-from core.daemon_lock import DeviceSet
+from daemon.lock import DeviceSet
 from core.errors import UsageError
 from core.job import Job
-from core.training_daemon import Daemon, LeaseWatch, ProgressView
-from trainer.config.schema import DaemonConfig
+from daemon.training_daemon import Daemon, LeaseWatch, ProgressView
+from config.schema import DaemonConfig
 
 
 class Terminal(io.StringIO):
@@ -65,7 +65,7 @@ def test_disk_floor_counts_checkpoints_already_on_disk_once(realm):
 
 
 def test_setup_limit_is_the_setup_timeout_when_set(monkeypatch):
-    from core.supervisor import setup_limit
+    from daemon.supervisor import setup_limit
 
     monkeypatch.delenv("REALM_TEST_STARTUP_GRACE", raising=False)
     assert setup_limit(DaemonConfig(job_timeout=10, setup_timeout=30))[0] == 30

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from core.errors import UsageError
-from core.overrides import parse_sets
+from config.flags import parse_sets
 from core.settle import Settler
 
 

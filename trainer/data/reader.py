@@ -20,8 +20,8 @@ from typing import Any, Callable, Iterator
 
 from core.errors import InputError
 from core.validate import MAX_DEPTH, nesting_depth, open_regular
+from config.schema import ROLES
 
-ROLES = ("system", "user", "assistant", "tool")
 MAX_LINE_BYTES = 16 << 20
 """Longest dataset line accepted (16 MiB); memory never holds more of one line than this."""
 READ_CHUNK = 1 << 20

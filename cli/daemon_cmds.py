@@ -5,14 +5,13 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from core.cli_common import add_common_flags, cli_layer_from, positive_seconds, realm_paths
+from cli.common import positive_seconds, realm_paths
+from config.flags import FLAG_KEYS, add_common_flags, cli_layer_from
 
 
 def _flag_args(args) -> list[str]:
     """Pass the cli layer (flags given, --set) on to every training child, as ``--flag=value``
     so that a value starting with '-' is never read as an option by the child's parser."""
-    from trainer.config.loader import FLAG_KEYS
-
     out = []
     for flag in FLAG_KEYS:
         value = getattr(args, flag, None)
@@ -32,17 +31,17 @@ def _open_daemon_log(paths, level: str):
 
 
 def cmd_daemon(args) -> int:
-    from core.training_daemon import Daemon
-    from trainer.config.realm_config import resolve_for
+    from daemon.training_daemon import Daemon
+    from guild.selection import resolve_for
 
     paths = realm_paths(args)
     if args.plan:
-        from core.plan import build_plan, render_plan
+        from cli.plan import build_plan, render_plan
 
         plan = build_plan(paths, cli_args=args)
         print(json.dumps(plan, indent=2) if args.json else render_plan(plan))
         return 0
-    from core.daemon_lock import DeviceSet
+    from daemon.lock import DeviceSet
 
     # The daemon's own settings come from the same layers `config show --set` reports, command
     # line included; resolving them also validates the training layers every child will resolve
@@ -128,10 +127,10 @@ def _report(summary, held_out: Path, say) -> None:
 
 def cmd_demo(args) -> int:
     from core.paths import RealmPaths
-    from core.queue_status import build_status, render_status
-    from core.training_daemon import drain
+    from cli.status import build_status, render_status
+    from daemon.training_daemon import drain
     from core.training_queue import TrainingQueue
-    from trainer.config.realm_config import resolve_for
+    from guild.selection import resolve_for
 
     paths = RealmPaths(Path(args.dir).expanduser().resolve())
     held_out = _prepare_demo(paths, print)
@@ -151,7 +150,7 @@ def cmd_demo(args) -> int:
 def add_parsers(sub) -> None:
     p = sub.add_parser("daemon", help="train queued jobs, one child process per job")
     p.add_argument("--once", action="store_true", help="drain the queue, then exit")
-    from trainer.config.schema import BOUNDS
+    from config.schema import BOUNDS
 
     p.add_argument("--poll", type=positive_seconds("--poll", *BOUNDS["daemon.poll_interval"]),
                    metavar="SECONDS", default=None,

@@ -76,7 +76,7 @@ def build_status(queue: TrainingQueue, recent: int = 5) -> dict[str, Any]:
 
 def _training_status(queue: TrainingQueue, job_id: str) -> dict:
     """``status/jobs/<job>.progress.json``, written by the training child (throttled)."""
-    from core.supervisor import JobFiles
+    from daemon.supervisor import JobFiles
 
     try:
         return json.loads(JobFiles.of(queue.paths.status, job_id).progress.read_text())
@@ -87,7 +87,7 @@ def _training_status(queue: TrainingQueue, job_id: str) -> dict:
 def _daemons(queue: TrainingQueue) -> list[dict]:
     """The daemons' own status files (state, reason for waiting, running job). A daemon on this
     host whose process is gone (killed, machine rebooted) shows as ``gone``."""
-    from core.daemon_lock import process_alive
+    from daemon.lock import process_alive
     from core.fsutil import host_name
 
     out = []
@@ -161,11 +161,12 @@ def render_status(status: dict) -> str:
     lines += _section("Recently failed", status["recent_failed"], _failed_line)
     if status["problems"]:
         lines += ["", "Problems"]
-        lines += [f"  {_problem(p)}" for p in status["problems"]]
+        lines += [f"  {problem_line(p)}" for p in status["problems"]]
     return "\n".join(lines)
 
 
-def _problem(p: dict) -> str:
+def problem_line(p: dict) -> str:
+    """A queue problem as one line: its message, which names the file (prefixed when not)."""
     return p["problem"] if p["problem"].startswith(p["path"]) else f"{p['path']}: {p['problem']}"
 
 

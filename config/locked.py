@@ -9,18 +9,16 @@ diff. What it protects: the shape of the weights (architecture, vocabulary) and 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
-
-if TYPE_CHECKING:
-    from guild.heroes import HeroProfile
+from typing import Any
 
 LOCKED_FIELDS = ("base_model", "model_architecture", "max_context_length", "vocab_size",
                  "model_version")
 
 
-def build_locked_config(hero: Optional["HeroProfile"], model_path: str | None,
+def build_locked_config(hero, model_path: str | None,
                         max_length: int, model_version: str = "v1") -> dict[str, Any]:
-    """The locked block for a hero (preferred) or, without one, for a bare model path.
+    """The locked block for a hero (a ``guild.heroes.HeroProfile``, preferred) or, without one,
+    for a bare model path.
 
     With a hero, ``max_context_length`` is the hero's context length (``max_length`` is the
     training row length and is checked against it by the resolver). Without a hero the caller's

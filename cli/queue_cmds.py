@@ -8,7 +8,7 @@ import sys
 import time
 from pathlib import Path
 
-from core.cli_common import print_json, realm_paths
+from cli.common import print_json, realm_paths
 from core.paths import PRIORITIES, check_name
 
 
@@ -19,7 +19,7 @@ def _queue(args):
 
 
 def cmd_queue_status(args) -> int:
-    from core.queue_status import build_status, render_status
+    from cli.status import build_status, render_status
 
     queue = _queue(args)
     try:
@@ -39,7 +39,7 @@ def cmd_queue_status(args) -> int:
 
 
 def cmd_queue_list(args) -> int:
-    from core.queue_status import build_list, render_list
+    from cli.status import build_list, render_list
 
     listing = build_list(_queue(args), args.state)
     print(json.dumps(listing, indent=2) if args.json else render_list(listing))
@@ -47,7 +47,7 @@ def cmd_queue_list(args) -> int:
 
 
 def cmd_queue_show(args) -> int:
-    from core.queue_status import render_job
+    from cli.status import render_job
 
     job = _queue(args).find(args.job)
     if args.json:
@@ -61,7 +61,7 @@ def _check_overrides(overrides: dict) -> None:
     """Refuse bad ``--set`` overrides before anything is copied: unknown keys, types, NaN and
     Infinity, bounds. Rules that need the hero (data.max_length) are checked when it trains."""
     from core.errors import ConfigError
-    from trainer.config.loader import Layer, check_values
+    from config.resolver import Layer, check_values
 
     problems = check_values(Layer("job", "--set", overrides))
     if problems:
@@ -69,7 +69,7 @@ def _check_overrides(overrides: dict) -> None:
 
 
 def cmd_queue_add(args) -> int:
-    from core.cli_common import parse_sets_checked
+    from config.flags import parse_sets_checked
 
     for value, what in ((args.hero, "--hero"), (args.campaign, "--campaign")):
         if value is not None:
@@ -99,7 +99,7 @@ def cmd_queue_cancel(args) -> int:
 
 
 def add_parsers(sub) -> None:
-    from core.queue_status import LIST_STATES
+    from cli.status import LIST_STATES
 
     queue = sub.add_parser("queue", help="inspect and change the job queue")
     qsub = queue.add_subparsers(dest="queue_command", required=True, metavar="COMMAND")

@@ -1,6 +1,6 @@
 """The config resolver: six layers, later wins, every value remembering where it came from.
 
-    1 schema    dataclass defaults (trainer/config/schema.py)
+    1 schema    dataclass defaults (config/schema.py)
     2 hero      configs/heroes/<hero>.yaml  training_defaults
     3 campaign  campaigns/<hero>/<campaign>/campaign.json  overrides
     4 realm     <realm>/config.json
@@ -24,21 +24,13 @@ from typing import Any
 
 from core.errors import ConfigError
 from core.validate import MAX_DEPTH
-from trainer.config.locked import LOCKED_FIELDS, build_locked_config
-from trainer.config.schema import BOUNDS, SECTIONS, FieldSpec, RealmConfig, field_specs, \
+from config.locked import LOCKED_FIELDS, build_locked_config
+from config.schema import BOUNDS, SECTIONS, FieldSpec, RealmConfig, field_specs, \
     from_flat, string_problem, to_nested
-from trainer.config.sources import number_problem
+from config.reader import number_problem
 
 LAYERS = ("schema", "hero", "campaign", "realm", "job", "cli")
 SPECS = field_specs()
-
-# Command-line flags -> config keys (SPEC section 3's common flags).
-FLAG_KEYS = {
-    "batch_size": "training.micro_batch_size", "grad_accum": "training.grad_accum",
-    "learning_rate": "training.learning_rate", "max_steps": "training.max_steps",
-    "epochs": "training.epochs", "max_length": "data.max_length", "seed": "training.seed",
-}
-
 
 @dataclass
 class Layer:
@@ -208,7 +200,7 @@ def check_values(layer: Layer) -> list[str]:
 def resolve(layers: list[Layer], hero, *, campaign: str | None = None) -> Resolved:
     """Apply ``layers`` (in LAYERS order) over the schema defaults; raise one ConfigError."""
     values = {k: s.default for k, s in SPECS.items()}
-    provenance = {k: ("schema", "trainer/config/schema.py") for k in SPECS}
+    provenance = {k: ("schema", "config/schema.py") for k in SPECS}
     problems: list[str] = []
     for layer in sorted(layers, key=lambda l: LAYERS.index(l.name)):
         typed, layer_problems = check_layer(layer)
@@ -263,15 +255,7 @@ def _cross_field(values: dict, provenance: dict, locked: dict, hero) -> list[str
     return problems
 
 
-def cli_layer(flags: dict[str, Any], sets: dict[str, Any], set_items: list[str]) -> Layer:
-    """The cli layer: flags that were given (None = not given), then --set (which wins)."""
-    values: dict[str, Any] = {}
-    key_sources: dict[str, str] = {}
-    for flag, value in flags.items():
-        if value is not None:
-            values[FLAG_KEYS[flag]] = value
-            key_sources[FLAG_KEYS[flag]] = "--" + flag.replace("_", "-")
-    for key, value in flatten(sets):
-        values[key] = value
-        key_sources[key] = "--set"
-    return Layer("cli", "--set", values, key_sources)
+def check_hero_defaults(values: dict, source, lines: dict[str, int]) -> list[str]:
+    """Problems in a hero's ``training_defaults`` (unknown keys, types), naming file and line."""
+    key_lines = {k.removeprefix("training_defaults."): v for k, v in lines.items()}
+    return check_layer(Layer("hero", str(source), values, lines=key_lines))[1]

@@ -2,7 +2,7 @@
 
 Layer 1 of the resolver (schema defaults). Closed choices are ``Literal``; bounds that a type
 cannot express live in ``BOUNDS``. The ``locked`` block is not here: only
-``trainer.config.locked.build_locked_config`` produces it.
+``config.locked.build_locked_config`` produces it.
 """
 
 from __future__ import annotations
@@ -11,6 +11,9 @@ import dataclasses
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
+
+ROLES = ("system", "user", "assistant", "tool")
+"""The roles a chat message may have (``data.train_on`` names them; the reader checks them)."""
 
 
 @dataclass
@@ -234,8 +237,6 @@ NO_DECAY_KINDS = ("bias", "norm", "embedding")
 def string_problem(key: str, value: Any) -> str | None:
     """Why a free-form string key's value is not accepted (None: it is)."""
     if key == "data.train_on":
-        from trainer.data.reader import ROLES
-
         if value in ("all_assistant", "last_assistant"):
             return None
         roles = [r.strip() for r in str(value).split(",")]

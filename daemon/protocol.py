@@ -62,11 +62,6 @@ KIND_OF_CODE = {exitcodes.COMPLETED: "completed", exitcodes.STOPPED: "stopped",
                 exitcodes.NO_SPACE: "no_space"}
 
 
-def sidecar_path(dataset: Path) -> Path:
-    """The sidecar of a dataset file: ``<dataset>.job.json`` beside it."""
-    return dataset.with_name(dataset.name + ".job.json")
-
-
 @dataclass
 class Outcome:
     """What a child has to say when it ends (the ``<job>.outcome`` file)."""

@@ -14,9 +14,10 @@ from typing import Any
 from core.errors import RealmError
 from core.job import Job
 from core.paths import PRIORITIES, RealmPaths
-from core.queue_scan import digest_file, read_sidecar_json
+from core.queue_scan import unadopted_job
 from core.validate import open_regular
 from core.training_queue import TrainingQueue, claim_order
+from cli.status import problem_line
 
 PLAN_SCHEMA = 1
 CHECK_LINES = 50
@@ -38,18 +39,6 @@ def _entries(queue: TrainingQueue, problems: list) -> list[tuple[str, Path, Job 
         for name, why in queue.waiting(priority):
             out.append((priority, queue.paths.state_dir(priority) / name, None))
     return out
-
-
-def _pseudo_job(paths: RealmPaths, path: Path) -> Job:
-    """A job record for a dataset not adopted yet (its hand-written sidecar, if any)."""
-    sidecar = path.with_name(path.name + ".job.json")
-    user = read_sidecar_json(sidecar) if sidecar.exists() else {}
-    user = user if isinstance(user, dict) else {}
-    digest = digest_file(path)  # block by block: no FIFO wait, no 200 MB line in memory
-    return Job(id="(not adopted yet)", dataset_path=paths.relative(path), dataset_name=path.name,
-               hero_id=user.get("hero_id"), campaign_id=user.get("campaign_id"),
-               overrides=user.get("overrides") or {}, num_bytes=digest.num_bytes,
-               num_examples=digest.num_examples)
 
 
 def _first_line_problems(path: Path) -> list[str]:
@@ -76,13 +65,13 @@ def _throughput(queue: TrainingQueue) -> float | None:
 
 def _plan_row(paths: RealmPaths, priority: str, path: Path, job: Job | None, cli,
               throughput: float | None, ranks: int = 1) -> dict[str, Any]:
-    from trainer.config.realm_config import resolve_for
+    from guild.selection import resolve_for
 
     row: dict[str, Any] = {"priority": priority, "file": paths.relative(path),
                            "job_id": job.id if job else None, "examples": None,
                            "estimated_tokens": None, "problems": []}
     try:  # a file replaced by a FIFO or removed since the listing is a problem, not a crash
-        record = job or _pseudo_job(paths, path)
+        record = job or unadopted_job(paths, path)
         tokens = record.estimated_tokens or math.ceil((record.num_bytes or 0) / 4)
         row.update(job_id=record.id, examples=record.num_examples, estimated_tokens=tokens,
                    problems=_first_line_problems(path))
@@ -104,10 +93,10 @@ def _plan_row(paths: RealmPaths, priority: str, path: Path, job: Job | None, cli
 
 
 def build_plan(paths: RealmPaths, cli_args=None) -> dict[str, Any]:
-    from core.cli_common import cli_layer_from
+    from config.flags import cli_layer_from
 
-    from core.daemon_lock import DeviceSet
-    from trainer.config.realm_config import resolve_for
+    from daemon.lock import DeviceSet
+    from guild.selection import resolve_for
 
     queue = TrainingQueue(paths.base)
     problems: list[dict] = []
@@ -140,5 +129,5 @@ def render_plan(plan: dict[str, Any]) -> str:
         for key, s in (r.get("settings") or {}).items():
             lines.append(f"       {key} = {s['value']} ({s['layer']})")
         lines += [f"       problem: {p}" for p in r["problems"]]
-    lines += [f"problem: {p['path']}: {p['problem']}" for p in plan["problems"]]
+    lines += [f"problem: {problem_line(p)}" for p in plan["problems"]]
     return "\n".join(lines)

@@ -4,10 +4,10 @@ The child is ``python -m trainer.run_job`` in its own session (a terminal's Ctrl
 the daemon, which decides what the child gets). On Linux the child asks the kernel for SIGKILL
 when its parent dies (``PR_SET_PDEATHSIG``), so a daemon killed with SIGKILL leaves no orphan
 training on. Liveness is the counter the child advances after each setup phase and each
-optimizer step (``core.job_protocol``), judged by the daemon's own monotonic clock: silent for
+optimizer step (``daemon.protocol``), judged by the daemon's own monotonic clock: silent for
 ``daemon.job_timeout`` after its first step, or for the setup limit before it
 (``setup_limit``), the child is killed. How it ended is its outcome file
-(``core.job_protocol.Outcome``), or a crash named by its exit code or signal.
+(``daemon.protocol.Outcome``), or a crash named by its exit code or signal.
 
 A job on several devices is a group: the child is torch's elastic launcher
 (``python -m torch.distributed.run``) and the ranks are its children, each in its own session
@@ -34,7 +34,7 @@ from pathlib import Path
 import psutil
 
 from core import exitcodes
-from core.job_protocol import AliveWatch, JobFiles, Outcome  # noqa: F401  (JobFiles re-exported)
+from daemon.protocol import AliveWatch, JobFiles, Outcome  # noqa: F401  (JobFiles re-exported)
 
 _PR_SET_PDEATHSIG = 1
 STARTUP_GRACE = 120.0

@@ -9,7 +9,8 @@ from pathlib import Path
 
 import yaml
 
-from core.cli_common import add_common_flags, cli_layer_from, print_json, realm_paths
+from cli.common import print_json, realm_paths
+from config.flags import add_common_flags, cli_layer_from
 
 CONFIG_SCHEMA = 1
 
@@ -45,7 +46,7 @@ def cmd_hero_show(args) -> int:
                     "chat": hero.chat, "training_defaults": hero.training_defaults})
         return 0
     from core.validate import read_regular
-    from trainer.config.sources import MAX_YAML_BYTES
+    from config.reader import MAX_YAML_BYTES
 
     print(f"# {hero.source}")
     print(read_regular(hero.source, MAX_YAML_BYTES, "hero profile").decode("utf-8"), end="")
@@ -55,7 +56,7 @@ def cmd_hero_show(args) -> int:
 # --- campaigns ------------------------------------------------------------------------------
 
 def cmd_campaign_create(args) -> int:
-    from core.cli_common import parse_sets_checked
+    from config.flags import parse_sets_checked
     from guild.campaigns import create_campaign
 
     campaign = create_campaign(realm_paths(args), args.name, args.hero,
@@ -123,24 +124,24 @@ def cmd_campaign_show(args) -> int:
 def _job_for(paths, ref: str):
     """A job from a dataset or sidecar path, or from a job id / name in the queue."""
     from core.job import Job
-    from core.queue_scan import read_sidecar_json
+    from core.paths import SIDECAR_SUFFIX, sidecar_of
+    from core.queue_scan import read_sidecar_json, unadopted_job
     from core.training_queue import TrainingQueue
 
     path = Path(ref)
-    sidecar = path if path.name.endswith(".job.json") else path.with_name(path.name + ".job.json")
-    if sidecar.is_file():
-        data = read_sidecar_json(sidecar)
-        if isinstance(data, dict) and "id" not in data:  # written by hand, not adopted yet
-            data = {"id": "(not adopted)", "dataset_name": path.name, **data,
-                    "dataset_path": paths.relative(sidecar.resolve()).removesuffix(".job.json")}
-        return Job.from_dict(data, source=str(sidecar))
+    dataset = path.with_name(path.name.removesuffix(SIDECAR_SUFFIX))
+    if sidecar_of(dataset).is_file():
+        data = read_sidecar_json(sidecar_of(dataset))
+        if isinstance(data, dict) and "id" in data:  # adopted: the record itself
+            return Job.from_dict(data, source=str(sidecar_of(dataset)))
+        return unadopted_job(paths, dataset.parent.resolve() / dataset.name, measure=False)
     if path.is_file():
         return None  # a dataset without a sidecar has no job layer
     return TrainingQueue(paths.base).find(ref)
 
 
 def cmd_config_show(args) -> int:
-    from trainer.config.realm_config import resolve_for
+    from guild.selection import resolve_for
 
     paths = realm_paths(args, must_exist=False)
     job = _job_for(paths, args.job) if args.job else None

@@ -1,0 +1,70 @@
+"""The six layers of one resolution, read from where they live in a realm, and their assembly.
+
+    hero      configs/heroes/<hero>.yaml  training_defaults (with line numbers)
+    campaign  campaigns/<hero>/<campaign>/campaign.json  overrides
+    realm     <realm>/config.json
+    job       <dataset>.job.json  overrides
+    cli       flags and --set (``config.flags``)
+
+Hero and campaign arrive as objects (``guild`` reads them); this module only turns them into
+layers, so config never imports the packages that use it. Which hero and campaign a job trains is
+``guild.selection``'s question; ``guild.selection.resolve_for`` is the one entry point that
+callers use.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from core.job import Job
+from core.paths import RealmPaths, sidecar_of
+from config.reader import load_json_object
+from config.resolver import Layer, Resolved, resolve
+
+
+def _rel(paths: RealmPaths, path: Path | None) -> str:
+    return paths.relative(Path(path)) if path else "<unsaved>"
+
+
+def hero_layer(paths: RealmPaths, hero) -> Layer:
+    """A ``guild.heroes.HeroProfile``'s ``training_defaults``, with their line numbers."""
+    lines = {k.removeprefix("training_defaults."): v for k, v in hero.lines.items()
+             if k.startswith("training_defaults.")}
+    return Layer("hero", _rel(paths, hero.source), hero.training_defaults, lines=lines)
+
+
+def campaign_layer(paths: RealmPaths, campaign) -> Layer:
+    """A ``guild.campaigns.Campaign``'s overrides (and stray keys, which the resolver refuses)."""
+    source = _rel(paths, campaign.path) if campaign.path else \
+        f"campaigns/{campaign.hero_id}/{campaign.name}/campaign.json"
+    return Layer("campaign", source, {**campaign.overrides, **campaign.stray})
+
+
+def realm_layer(paths: RealmPaths) -> Layer | None:
+    path = paths.base / "config.json"
+    if not os.path.lexists(path):
+        return None
+    values = load_json_object(path, "realm config.json", '{"training": {"epochs": 2}}')
+    return Layer("realm", _rel(paths, path), values)
+
+
+def job_layer(paths: RealmPaths, job: Job) -> Layer:
+    sidecar = sidecar_of(paths.base / job.dataset_path)
+    return Layer("job", _rel(paths, sidecar), job.overrides)
+
+
+def resolve_layers(paths: RealmPaths, hero, campaign=None, job: Job | None = None,
+                   cli: Layer | None = None) -> Resolved:
+    """Resolve hero, campaign (a HeroProfile and a Campaign from ``guild``), realm, job and cli
+    layers (those given) over the schema."""
+    layers = [hero_layer(paths, hero)]
+    if campaign is not None:
+        layers.append(campaign_layer(paths, campaign))
+    if (realm := realm_layer(paths)) is not None:
+        layers.append(realm)
+    if job is not None:
+        layers.append(job_layer(paths, job))
+    if cli is not None:
+        layers.append(cli)
+    return resolve(layers, hero, campaign=campaign.ref if campaign else None)

@@ -1,0 +1,601 @@
+"""The training daemon: ``realm daemon`` (module form: ``python -m core.training_daemon``).
+
+    Daemon.run():  lock -> recover -> loop { wait for a wake-up -> reap dead leases ->
+                   resource guard -> claim -> train in a child -> record the outcome } -> release
+
+Wake-ups are watchdog events on the three inboxes (handlers only set an event and note open /
+closed files for the settle rule) plus a periodic rescan every ``daemon.poll_interval``;
+``--poll`` uses the rescan alone (network file systems deliver no inotify events). Each job runs
+in a child process (``daemon.supervisor``); the daemon renews the job's lease in its sidecar every
+``daemon.heartbeat_seconds`` and watches the child's liveness counter (``daemon.protocol``) on
+its own monotonic clock. The daemon is the only writer of sidecars: the child reports in its
+outcome file and the daemon records it when it moves the job. First SIGTERM/SIGINT: stop
+claiming, ask the child to checkpoint and stop, requeue the job with its resume point, exit 0.
+A second signal kills the child. A fault while renewing a lease or recording an outcome (a
+sidecar overwritten with garbage, a dataset or folder deleted) is logged and the daemon goes on;
+missing layout folders are recreated at the top of every round. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import signal
+import traceback
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import structlog
+
+from core import exitcodes
+from daemon.lock import DaemonLock, DeviceSet, device_label, process_alive
+from core.errors import ClaimLost, UsageError
+from core.fsutil import host_name, write_json_atomic
+from core.job import Job, JobState, utc_now
+from daemon.protocol import JobFiles, Outcome
+from core.paths import PRIORITIES, RealmPaths, init_layout, layout_problems, sidecar_of
+from core.queue_scan import read_sidecar_json
+from daemon.supervisor import Child, ChildEnd, child_command, setup_limit
+from core.training_queue import TrainingQueue
+
+log = structlog.get_logger("realm.daemon")
+
+
+@dataclass
+class DrainSummary:
+    completed: list[Job] = field(default_factory=list)
+    failed: list[Job] = field(default_factory=list)
+    requeued: list[Job] = field(default_factory=list)
+    left_queued: int = 0
+    """--once: jobs still queued (or settling in an inbox) when the disk/memory guard stopped
+    the drain."""
+    guard: str | None = None
+    """--once: why the guard claimed nothing (None when it did not stop the drain)."""
+
+
+def record_outcome(queue: TrainingQueue, job: Job, outcome: Outcome | int,
+                   max_attempts: int) -> Job:
+    """Move the job by what its child reported (an exit code alone is read as the outcome a
+    child without an outcome file has). The daemon's in-memory ``job`` is what the queue moves:
+    the sidecar on disk may have been damaged meanwhile."""
+    if isinstance(outcome, int):
+        outcome = Outcome.without_file(outcome, f"training child exited with code {outcome}") \
+            if outcome not in (exitcodes.COMPLETED, exitcodes.STOPPED) else \
+            Outcome(outcome, "completed" if outcome == exitcodes.COMPLETED else "stopped")
+    results = outcome.results
+    reason = outcome.reason or f"training child ended ({outcome.kind}, code {outcome.code})"
+    if outcome.kind == "completed":
+        return queue.complete(job, reason=f"trained to step {results.get('final_step')}",
+                              **results)
+    if outcome.kind == "stopped":
+        return queue.requeue(job, "stopped at a step boundary; resumes from its checkpoint",
+                             resume=outcome.resume, results=results)
+    if outcome.kind == "no_space":
+        return queue.requeue(job, f"no space left on device ({reason}); requeued with its "
+                             "resume point, not counted as an attempt; the daemon waits for "
+                             "free disk space", resume=outcome.resume, results=results)
+    if outcome.permanent:
+        return queue.fail(job, reason, results=results)
+    return queue.fail(job, reason, retryable=True, max_attempts=max_attempts, results=results)
+
+
+class LeaseWatch:
+    """Whether a lease is still held, judged by this daemon's own clock.
+
+    Same host: the owning process exists. Other host: the lease's ``heartbeat_at`` *changed*
+    within the last ``lease_seconds`` of this daemon's monotonic clock. The timestamp is only
+    compared with its previous value, never with this host's wall clock, so clock skew between
+    hosts never makes a live lease look expired (or a dead one look alive); the price is that a
+    daemon watches a foreign lease for ``lease_seconds`` before it reaps it, even when the
+    timestamp is hours old.
+    """
+
+    def __init__(self, lease_seconds: float, clock=time.monotonic):
+        self.lease_seconds, self.clock = lease_seconds, clock
+        self._seen: dict[str, tuple[str | None, float]] = {}
+
+    def alive(self, job: Job) -> bool:
+        worker = job.worker or {}
+        if worker.get("host") == host_name():
+            return process_alive(worker)
+        now = self.clock()
+        stamp = job.heartbeat_at or job.started_at
+        seen = self._seen.get(job.id)
+        if seen is None or seen[0] != stamp:
+            self._seen[job.id] = (stamp, now)
+            return True
+        return now - seen[1] < self.lease_seconds
+
+    def silent_for(self, job: Job) -> float:
+        seen = self._seen.get(job.id)
+        return 0.0 if seen is None else self.clock() - seen[1]
+
+    def forget(self, keep: set[str]) -> None:
+        self._seen = {k: v for k, v in self._seen.items() if k in keep}
+
+
+class _Wakeups:
+    """Watchdog on the inboxes: events only wake the loop and feed the settle rule."""
+
+    def __init__(self, paths: RealmPaths, settler, poll_only: bool):
+        self.event = threading.Event()
+        self.observer = None
+        if poll_only:
+            return
+        from watchdog.events import FileClosedEvent, FileSystemEventHandler, FileMovedEvent
+        from watchdog.observers import Observer
+
+        wake, note = self.event, settler
+
+        class Handler(FileSystemEventHandler):
+            def on_any_event(self, event):
+                path = getattr(event, "dest_path", "") or event.src_path
+                if isinstance(event, FileClosedEvent):
+                    note.note_closed(path)
+                elif not isinstance(event, FileMovedEvent) and event.event_type in (
+                        "created", "modified"):
+                    note.note_written(path)
+                wake.set()
+
+        self.observer = Observer()
+        for priority in PRIORITIES:
+            self.observer.schedule(Handler(), str(paths.state_dir(priority)), recursive=False)
+        self.observer.start()
+
+    def wait(self, timeout: float) -> None:
+        self.event.wait(timeout)
+        self.event.clear()
+
+    def close(self) -> None:
+        if self.observer is not None:
+            self.observer.stop()
+            self.observer.join()
+
+
+class Daemon:
+    def __init__(self, paths: RealmPaths, daemon_cfg, *, devices: str | None = None,
+                 poll: float | None = None, once: bool = False,
+                 extra_args: list[str] | None = None, say=print, keep_last: int = 3):
+        self.paths, self.cfg = paths, daemon_cfg
+        self.device_set = DeviceSet.parse(devices or daemon_cfg.devices)
+        self.devices = self.device_set.spec
+        self.poll, self.once, self.extra_args, self.say = poll, once, extra_args or [], say
+        self.queue = TrainingQueue(paths.base, settle_seconds=daemon_cfg.settle_seconds)
+        self.lock = DaemonLock(paths.status, self.devices)
+        self.status_path = paths.status / f"daemon-{host_name()}-{device_label(self.devices)}.json"
+        self.stop_requests = 0
+        self.summary = DrainSummary()
+        self.worker = {"host": host_name(), "pid": os.getpid(),
+                       "started": psutil.Process().create_time(), "devices": self.devices}
+        self.leases = LeaseWatch(daemon_cfg.lease_seconds)
+        self.others_training: list[Job] = []
+        """Jobs other live daemons are training, as of the last reaping round."""
+        self._guard_said: str | None = None
+        self._round_failed = False
+        self._space_wanted: tuple[float, str] | None = None
+        """After a job met ENOSPC: (free GB to wait for, why), until the disk has it."""
+        self._unrecorded: list[tuple[Job, ChildEnd, Outcome]] = []
+        """Outcomes whose recording failed (a damaged sidecar...): tried again every round."""
+        self.keep_last = keep_last
+        self.progress = ProgressView()
+
+    # --- the spine ------------------------------------------------------------------------
+
+    def run(self) -> DrainSummary:
+        problems = layout_problems(self.paths)
+        if problems:
+            raise UsageError("refusing to serve this realm's queue:\n" +
+                             "\n".join(f"  - {p}" for p in problems))
+        self.lock.acquire()
+        self._install_signal_handlers()
+        wakeups = _Wakeups(self.paths, self.queue.settler, poll_only=self.poll is not None)
+        log.info("daemon.start", devices=self.devices, pid=os.getpid(), once=self.once,
+                 mode="poll" if self.poll is not None else "inotify+rescan")
+        try:
+            self._guarded(self.recover)
+            failures = 0
+            while not self.stop_requests:
+                trained = self._one_round()
+                failures = failures + 1 if self._round_failed else 0
+                if self.once and not trained and (self._guard_said or failures >= 3 or
+                                                  not self._guarded(self._has_work, True)):
+                    break  # --once: nothing left to train (or nothing may be claimed now)
+                if not self.stop_requests:
+                    wakeups.wait(self._wait_seconds())
+            if self.once and self._guard_said:
+                self.summary.guard = self._guard_said
+                self.summary.left_queued = self._guarded(self._left_queued, 0)
+        finally:
+            wakeups.close()
+            last = {"reason": f"not claiming: {self._guard_said}"} if self._guard_said else {}
+            self._write_status("stopped", **last)
+            self.lock.release()
+            log.info("daemon.stop", **{k: len(v) for k, v in vars(self.summary).items()
+                                       if isinstance(v, list)})
+        return self.summary
+
+    def _one_round(self) -> bool:
+        """One round, never fatal: a fault is logged and the next round tries again."""
+        self._round_failed = False
+        return self._guarded(self._round, False)
+
+    def _guarded(self, step, default=None):
+        try:
+            return step()
+        except Exception as exc:  # noqa: BLE001 - the daemon outlives any one bad file
+            self._round_failed = True
+            log.error("daemon.round_failed", step=step.__name__,
+                      error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+            self.say(f"error in {step.__name__.strip('_')} (the daemon keeps running): "
+                     f"{type(exc).__name__}: {exc}")
+            return default
+
+    def _round(self) -> bool:
+        """Reap, guard, claim and train one job; False when nothing was trained."""
+        created = init_layout(self.paths)
+        if created:
+            log.warning("daemon.layout_recreated", folders=[str(p) for p in created])
+        self._record_again()
+        self.reap_dead_leases()
+        if not self.resources_ok():
+            return False
+        job = self.queue.claim_next(self.worker, defer=self._campaign_busy())
+        if job is None:
+            self._write_status("idle")
+            return False
+        self.train(job)
+        return True
+
+    def _campaign_busy(self):
+        """Backfill: prefer jobs of campaigns no other daemon is training right now; a job of a
+        busy campaign would only wait for the campaign's lock. Taken anyway when nothing else is
+        queued (its child then waits with its imports done). None when no other daemon trains."""
+        from guild.selection import CampaignOf
+
+        if not self.others_training:
+            return None
+        campaign_of = CampaignOf(self.paths)
+        busy = {campaign_of(j) for j in self.others_training} - {None}
+        return (lambda job: campaign_of(job) in busy) if busy else None
+
+    def _wait_seconds(self) -> float:
+        interval = self.poll if self.poll is not None else self.cfg.poll_interval
+        if self._settling():
+            return min(interval, max(0.05, self.cfg.settle_seconds / 4))
+        return interval
+
+    def _has_work(self) -> bool:
+        """Files still settling, or queued jobs (another daemon may have adopted them between
+        our scan and our claim)."""
+        return self._settling() or bool(self.queue.queued())
+
+    def _left_queued(self) -> int:
+        """Queued jobs and files still settling in an inbox."""
+        settling = sum(why == "waiting" for p in PRIORITIES for _, why in self.queue.waiting(p))
+        return len(self.queue.queued()) + settling
+
+    def _settling(self) -> bool:
+        return any(why == "waiting" for p in PRIORITIES for _, why in self.queue.waiting(p))
+
+    # --- recovery and leases --------------------------------------------------------------
+
+    def recover(self) -> list[Job]:
+        """Jobs left in processing/ by a dead owner go back to their queue (or to failed)."""
+        return self.reap_dead_leases(at_start=True)
+
+    def reap_dead_leases(self, at_start: bool = False) -> list[Job]:
+        """Reap the jobs of dead owners; the live ones of other daemons are kept in
+        ``self.others_training`` (the backfill reads them, no second listing)."""
+        reaped, self.others_training = [], []
+        processing = self.queue.jobs_in("processing")
+        self.leases.forget({j.id for j in processing})
+        for job in processing:
+            worker = job.worker or {}
+            if worker.get("pid") == os.getpid() and worker.get("host") == host_name():
+                continue  # ours
+            if self.leases.alive(job):
+                self.others_training.append(job)
+                continue
+            who = f"{worker.get('host')}:{worker.get('pid')}"
+            if worker.get("host") == host_name():
+                gone = "is no longer running"
+            else:
+                gone = (f"has not renewed its lease for {self.leases.silent_for(job):.0f} s "
+                        f"(daemon.lease_seconds {self.cfg.lease_seconds:g})")
+            why = (f"owner {who} {gone}; last heartbeat {job.heartbeat_at}; "
+                   f"{'recovered at daemon start' if at_start else 'lease reaped'} by "
+                   f"{host_name()}:{os.getpid()}")
+            try:
+                moved = self.queue.fail(job, why, retryable=True,
+                                        max_attempts=self.cfg.max_attempts, same_lease=True)
+            except ClaimLost:
+                continue  # another daemon reaped it first, or its owner renewed it
+            log.warning("job.reaped", job_id=job.id, reason=why, to=moved.status.value)
+            self.say(f"recovered {job.id}: {why} -> {moved.status.value}")
+            reaped.append(moved)
+        return reaped
+
+    # --- resource guard -------------------------------------------------------------------
+
+    def disk_floor_gb(self) -> tuple[float, str]:
+        """max(daemon.min_free_disk_gb, room for the checkpoints still to be written): the
+        newest checkpoint's size x the checkpoints its campaign may still add before retention
+        removes any (keep_last + 1 minus those already there, at least one). Those already on
+        disk are paid for: counting them again would stop a daemon with plenty of room."""
+        floor, why = self.cfg.min_free_disk_gb, "daemon.min_free_disk_gb"
+        newest = max(self.paths.campaigns.glob("*/*/checkpoints/step-*/COMPLETE"),
+                     key=lambda p: p.stat().st_mtime, default=None)
+        if newest is not None:
+            size = sum(f.stat().st_size for f in newest.parent.iterdir() if f.is_file()) / 2**30
+            there = sum(1 for _ in newest.parent.parent.glob("step-*/COMPLETE"))
+            to_come = max(1, self.keep_last + 1 - there)
+            needed = size * to_come
+            if needed > floor:
+                floor, why = needed, (f"checkpoint size {size:.2f} GB x {to_come} still to be "
+                                      f"written (keep_last + 1 - {there} on disk)")
+        return floor, why
+
+    def no_space_seen(self, outcome: Outcome) -> None:
+        """A job met ENOSPC: claim nothing until the free space exceeds what it was at the
+        failure by what a job needs (the disk floor: the newest checkpoint x (keep_last + 1),
+        at least daemon.min_free_disk_gb), even when it is above the floor now: the job that
+        filled the disk would fill it again."""
+        seen = psutil.disk_usage(str(self.paths.base)).free
+        if outcome.free_bytes is not None:
+            seen = max(seen, outcome.free_bytes)
+        need, why = self.disk_floor_gb()
+        want = seen / 2**30 + need
+        self._space_wanted = (want, f"a job ran out of space with {seen / 2**30:.1f} GB free; "
+                                    f"waiting for that + {need:.1f} GB ({why})")
+        log.warning("daemon.no_space", wanted_gb=round(want, 2), reason=self._space_wanted[1])
+
+    def resources_ok(self) -> bool:
+        disk = psutil.disk_usage(str(self.paths.base)).free / 2**30
+        mem = psutil.virtual_memory().available / 2**30
+        problems = []
+        floor, why = self.disk_floor_gb()
+        if self._space_wanted is not None:
+            if disk >= self._space_wanted[0]:
+                self._space_wanted = None  # freed: the ENOSPC wait is over
+            elif self._space_wanted[0] > floor:
+                floor, why = self._space_wanted
+        if disk < floor:
+            problems.append(f"free disk {disk:.1f} GB < {floor:.1f} GB ({why})")
+        if mem < self.cfg.min_free_memory_gb:
+            problems.append(f"available memory {mem:.1f} GB < daemon.min_free_memory_gb "
+                            f"{self.cfg.min_free_memory_gb}")
+        reason = "; ".join(problems) or None
+        if reason and reason.split(" GB")[0] != (self._guard_said or "").split(" GB")[0]:
+            log.warning("daemon.resources_low", reason=reason)
+            self.say(f"waiting: {reason}")
+        self._guard_said = reason
+        if reason:
+            self._write_status("waiting", reason=f"not claiming: {reason}")
+        return reason is None
+
+    # --- one job --------------------------------------------------------------------------
+
+    def train(self, job: Job) -> Job:
+        self.say(f"training {job.id} ({job.dataset_name}, {job.num_examples} examples, "
+                 f"{job.priority})")
+        sidecar = sidecar_of(self.paths.base / job.dataset_path)
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": self.device_set.visible}
+        ranks = self.device_set.ranks
+        try:
+            child = Child(child_command(self.paths.base, sidecar, self.extra_args, ranks),
+                          self.paths.logs / "jobs" / f"{job.id}.log",
+                          JobFiles.of(self.paths.status, job.id), env, group=ranks > 1)
+        except OSError as exc:  # e.g. ENOSPC on the job log: the job goes back, visibly
+            why = f"could not start the training child: {exc}"
+            kind = "no_space" if exc.errno == errno.ENOSPC else "crash"
+            return self._record(job, ChildEnd(None, None, why), Outcome(
+                exitcodes.CRASHED, kind, why, resume=job.resume))
+        log.info("job.started", job_id=job.id, child_pid=child.pid)
+        self._write_status("training", job_id=job.id, child_pid=child.pid)
+        try:
+            self._supervise(job, child)
+        except Exception as exc:  # noqa: BLE001 - never leave a child unwatched
+            log.error("job.supervise_failed", job_id=job.id, traceback=traceback.format_exc())
+            child.kill(f"the daemon failed while supervising it: {type(exc).__name__}: {exc}")
+        end = child.end()
+        self.progress.close()
+        outcome = child.outcome(end)
+        moved = self._record(job, end, outcome)
+        self.say(_describe(moved, outcome))
+        return moved
+
+    def _supervise(self, job: Job, child: Child) -> None:
+        limit_setup, setup_why = setup_limit(self.cfg)
+        while not child.wait(timeout=self.cfg.heartbeat_seconds):
+            if not self._renew_lease(job):
+                child.kill("lease lost: another daemon reaped this job (see logs/jobs.jsonl)")
+                return
+            self.progress.update(job, child.files.progress)
+            if self.stop_requests >= 2:
+                child.kill("second stop signal (cold stop)")
+            elif self.stop_requests == 1:
+                child.request_stop()
+                if child.stop_sent_at is not None and \
+                        time.monotonic() - child.stop_sent_at > self.cfg.stop_grace_seconds:
+                    child.kill(f"no clean stop within daemon.stop_grace_seconds "
+                               f"({self.cfg.stop_grace_seconds:g} s)")
+            else:
+                self._judge_liveness(child, limit_setup, setup_why)
+
+    def _judge_liveness(self, child: Child, limit_setup: float, setup_why: str) -> None:
+        """Kill a child whose counter has not changed for too long, by this daemon's clock."""
+        silent = child.alive.poll()
+        if child.alive.stepped:
+            limit, why = self.cfg.job_timeout, f"daemon.job_timeout {self.cfg.job_timeout:g} s"
+            during = "while training"
+        else:
+            limit, why, during = limit_setup, setup_why, "during setup"
+        if silent > limit:
+            child.kill(f"timeout: no sign of life for {silent:.0f} s {during} ({why}; last "
+                       f"sign: {child.alive.last_phase})", kind="timeout")
+
+    def _ours(self, job: Job) -> bool:
+        w = job.worker or {}
+        return w.get("host") == self.worker["host"] and w.get("pid") == self.worker["pid"]
+
+    def _renew_lease(self, job: Job) -> bool:
+        """Renew the lease; False when the job is no longer ours (reaped, perhaps re-claimed):
+        then the child must stop training at once, the job's new owner has it."""
+        def renew(j: Job) -> None:
+            if not self._ours(j):
+                raise ClaimLost(f"{j.id} is now held by {j.worker}")
+            j.heartbeat_at = utc_now()
+
+        try:
+            self.queue.rewrite(job, renew)
+            return True
+        except ClaimLost as exc:
+            if self._still_ours(job):  # e.g. its dataset vanished: the record will say so
+                log.warning("job.lease_not_renewed", job_id=job.id, reason=str(exc))
+                return True
+            log.error("job.lease_lost", job_id=job.id, reason=str(exc))
+            return False
+        except Exception as exc:  # noqa: BLE001 - a damaged sidecar must not stop the daemon
+            log.error("job.lease_not_renewed", job_id=job.id,
+                      error=f"{type(exc).__name__}: {exc}")
+            return True
+
+    def _still_ours(self, job: Job) -> bool:
+        """The sidecar where we left it still names this daemon (unreadable counts as ours:
+        nobody else could have claimed it)."""
+        try:
+            current = Job.from_dict(read_sidecar_json(sidecar_of(self.paths.base /
+                                                                   job.dataset_path)))
+        except FileNotFoundError:
+            return False
+        except Exception:  # noqa: BLE001 - garbage in the sidecar: the queue restores it
+            return True
+        return self._ours(current)
+
+    def _record(self, job: Job, end: ChildEnd, outcome: Outcome) -> Job:
+        """Move the job by its outcome; a fault here is logged, never fatal (the job stays
+        where it is, visible, and a later reap or a restart deals with it)."""
+        try:
+            moved = self._move_by_outcome(job, end, outcome)
+        except Exception as exc:  # noqa: BLE001 - SidecarError, OSError, ClaimLost, ...
+            log.error("job.record_failed", job_id=job.id, outcome=outcome.to_dict(),
+                      error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
+            self.say(f"  could not record {job.id} ({outcome.kind}: {outcome.reason}): "
+                     f"{type(exc).__name__}: {exc}; trying again every round")
+            self._unrecorded.append((job, end, outcome))
+            moved = job
+        with contextlib.suppress(OSError):
+            JobFiles.of(self.paths.status, job.id).remove()  # alive, stop, outcome, progress
+        return moved
+
+    def _record_again(self) -> None:
+        """Outcomes that could not be recorded: try again (the sidecar may be fixed or
+        restored now); a job that is no longer ours is dropped by ``_move_by_outcome``."""
+        pending, self._unrecorded = self._unrecorded, []
+        for job, end, outcome in pending:
+            try:
+                self.say(_describe(self._move_by_outcome(job, end, outcome), outcome))
+            except Exception as exc:  # noqa: BLE001 - still blocked: keep it, quietly
+                log.debug("job.record_still_failing", job_id=job.id, error=str(exc))
+                self._unrecorded.append((job, end, outcome))
+
+    def _move_by_outcome(self, job: Job, end: ChildEnd, outcome: Outcome) -> Job:
+        if not self._still_ours(job):  # fenced: never move a job another daemon holds now
+            log.error("job.lease_lost", job_id=job.id, reason=end.reason)
+            self.say(f"  lost {job.id}: another daemon reaped it (or its sidecar vanished); "
+                     "its outcome here is dropped")
+            return job
+        if end.signal is not None and self.stop_requests and outcome.kind != "completed":
+            moved = self.queue.requeue(job, f"daemon stopped: {end.reason}",
+                                       resume=outcome.resume, results=outcome.results)
+        else:
+            moved = record_outcome(self.queue, job, outcome, self.cfg.max_attempts)
+        if outcome.kind == "no_space":
+            self.no_space_seen(outcome)
+        bucket = {JobState.COMPLETED: self.summary.completed,
+                  JobState.FAILED: self.summary.failed}.get(moved.status, self.summary.requeued)
+        bucket.append(moved)
+        log.info("job.finished", job_id=moved.id, status=moved.status.value,
+                 kind=outcome.kind, reason=outcome.reason or end.reason)
+        return moved
+
+    # --- signals and status ---------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        def on_signal(signum, _frame):
+            self.stop_requests += 1
+            what = "warm stop: finishing at the next step boundary" if self.stop_requests == 1 \
+                else "cold stop: killing the training child"
+            self.say(f"{signal.Signals(signum).name}: {what}")
+
+        signal.signal(signal.SIGTERM, on_signal)
+        signal.signal(signal.SIGINT, on_signal)
+
+    def _write_status(self, state: str, **fields) -> None:
+        try:
+            self.status_path.parent.mkdir(parents=True, exist_ok=True)
+            write_json_atomic(self.status_path, {
+                "schema": 1, "state": state, "pid": os.getpid(), "host": host_name(),
+                "started": self.worker["started"],
+                "devices": self.devices, "updated_at": utc_now(), **fields}, fsync=False)
+        except OSError as exc:  # a full disk or a removed status/ must not stop the daemon
+            log.error("daemon.status_not_written", state=state, error=str(exc))
+
+
+class ProgressView:
+    """A progress bar with ETA for the running job, on a terminal only (tqdm), fed from the
+    child's ``status/jobs/<job>.progress.json``."""
+
+    def __init__(self, stream=None):
+        import sys
+
+        self.stream = stream or sys.stdout
+        self.enabled = self.stream.isatty()
+        self.bar = None
+
+    def update(self, job: Job, status_file: Path) -> None:
+        if not self.enabled:
+            return
+        try:
+            status = json.loads(status_file.read_text())
+        except (OSError, ValueError):
+            return
+        if status.get("job_id") != job.id or "total_steps" not in status:
+            return
+        if self.bar is None:
+            import tqdm
+
+            tqdm.tqdm.monitor_interval = 0  # no monitor thread
+            self.bar = tqdm.tqdm(total=status["total_steps"], desc=job.dataset_name,
+                                 unit="step", file=self.stream, leave=False)
+        self.bar.n = status["job_step"]
+        metrics = status.get("metrics") or {}
+        self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
+                             tok_s=f"{metrics.get('tokens_per_sec', 0):,.0f}", refresh=False)
+        self.bar.refresh()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+def _describe(job: Job, outcome: Outcome) -> str:
+    if job.status is JobState.COMPLETED:
+        loss = f"{job.final_loss:.4f}" if job.final_loss is not None else "n/a"
+        return (f"  completed {job.id}: steps {job.start_step} -> {job.final_step}, "
+                f"final loss {loss}, {job.tokens_per_sec_avg or 0:,.0f} tokens/s")
+    if job.status is JobState.PROCESSING:  # could not be recorded (said above)
+        return f"  {job.id} left in processing: {outcome.reason or outcome.kind}"
+    return f"  {job.status.value} {job.id}: {outcome.reason or job.last_error or outcome.kind}"
+
+
+def drain(paths: RealmPaths, daemon_cfg, *, extra_args: list[str] | None = None,
+          say=print) -> DrainSummary:
+    """``realm daemon --once``: train until the queue is empty (waiting for settling files)."""
+    return Daemon(paths, daemon_cfg, once=True, extra_args=extra_args, say=say).run()

@@ -1,1 +1,0 @@
-"""Configuration: the typed schema, the six-layer resolver with provenance, the locked block."""
