@@ -3,10 +3,20 @@
 from __future__ import annotations
 
 import json
+import math
+import subprocess
+import sys
 from pathlib import Path
 
 from cli.common import positive_seconds, realm_paths
 from config.flags import FLAG_KEYS, add_common_flags, cli_layer_from
+from config.schema import BOUNDS
+from core.logsetup import configure
+from core.paths import RealmPaths, init_layout
+from core.training_queue import TrainingQueue
+from guild.campaigns import active_ref, create_campaign
+from guild.heroes import install_shipped
+from guild.selection import resolve_for
 
 
 def _flag_args(args) -> list[str]:
@@ -22,8 +32,6 @@ def _flag_args(args) -> list[str]:
 
 
 def _open_daemon_log(paths, level: str):
-    from core.logsetup import configure
-
     paths.logs.mkdir(parents=True, exist_ok=True)
     stream = open(paths.logs / "daemon.jsonl", "a", buffering=1)
     configure(level, stream)
@@ -31,8 +39,9 @@ def _open_daemon_log(paths, level: str):
 
 
 def cmd_daemon(args) -> int:
+    # The daemon's modules (watchdog, psutil) load only for the commands that run it.
+    from daemon.lock import DeviceSet
     from daemon.training_daemon import Daemon
-    from guild.selection import resolve_for
 
     paths = realm_paths(args)
     if args.plan:
@@ -41,8 +50,6 @@ def cmd_daemon(args) -> int:
         plan = build_plan(paths, cli_args=args)
         print(json.dumps(plan, indent=2) if args.json else render_plan(plan))
         return 0
-    from daemon.lock import DeviceSet
-
     # The daemon's own settings come from the same layers `config show --set` reports, command
     # line included; resolving them also validates the training layers every child will resolve
     # (a typo or a NaN in --set), so a bad command line exits 2 before any job is claimed.
@@ -75,10 +82,6 @@ def sparkline(values: list[float]) -> str:
 
 def _prepare_demo(paths, say) -> Path:
     """Realm, campaign and the skill: two training files queued, a held-out file kept aside."""
-    from core.paths import init_layout
-    from core.training_queue import TrainingQueue
-    from guild.campaigns import active_ref, create_campaign
-    from guild.heroes import install_shipped
     from trainer.data.synthetic import addition_split, write_addition
 
     paths.base.mkdir(parents=True, exist_ok=True)
@@ -102,10 +105,6 @@ def _prepare_demo(paths, say) -> Path:
 
 
 def _report(summary, held_out: Path, say) -> None:
-    import math
-    import subprocess
-    import sys
-
     curve = [v for job in summary.completed
              for v in (job.metadata.get("data") or {}).get("loss_curve", [])]
     guess = math.log(512)  # tiny-qwen3's output vocabulary
@@ -126,11 +125,8 @@ def _report(summary, held_out: Path, say) -> None:
 
 
 def cmd_demo(args) -> int:
-    from core.paths import RealmPaths
     from cli.status import build_status, render_status
     from daemon.training_daemon import drain
-    from core.training_queue import TrainingQueue
-    from guild.selection import resolve_for
 
     paths = RealmPaths(Path(args.dir).expanduser().resolve())
     held_out = _prepare_demo(paths, print)
@@ -150,8 +146,6 @@ def cmd_demo(args) -> int:
 def add_parsers(sub) -> None:
     p = sub.add_parser("daemon", help="train queued jobs, one child process per job")
     p.add_argument("--once", action="store_true", help="drain the queue, then exit")
-    from config.schema import BOUNDS
-
     p.add_argument("--poll", type=positive_seconds("--poll", *BOUNDS["daemon.poll_interval"]),
                    metavar="SECONDS", default=None,
                    help="rescan every SECONDS instead of watching (network file systems)")

@@ -10,7 +10,17 @@ from pathlib import Path
 import yaml
 
 from cli.common import print_json, realm_paths
-from config.flags import add_common_flags, cli_layer_from
+from config.flags import add_common_flags, cli_layer_from, parse_sets_checked
+from config.reader import MAX_YAML_BYTES
+from core.errors import ConfigError
+from core.job import Job
+from core.paths import SIDECAR_SUFFIX, sidecar_of
+from core.queue_scan import read_sidecar_json, unadopted_job
+from core.training_queue import TrainingQueue
+from core.validate import read_regular
+from guild.campaigns import activate, active_ref, create_campaign, find_campaign, survey_campaigns
+from guild.heroes import list_heroes, load_hero
+from guild.selection import resolve_for
 
 CONFIG_SCHEMA = 1
 
@@ -20,8 +30,6 @@ CONFIG_SCHEMA = 1
 def cmd_hero_list(args) -> int:
     """Good heroes, then each hero file that cannot be loaded with its reason (exit 0: one bad
     file must not hide the others; `hero show NAME` fails with the same reason)."""
-    from guild.heroes import list_heroes
-
     heroes, problems = list_heroes(realm_paths(args, must_exist=False))
     rows = [h.summary() for h in heroes]
     if args.json:
@@ -37,17 +45,12 @@ def cmd_hero_list(args) -> int:
 
 
 def cmd_hero_show(args) -> int:
-    from guild.heroes import load_hero
-
     hero = load_hero(realm_paths(args, must_exist=False), args.hero)
     if args.json:
         print_json({"schema": CONFIG_SCHEMA, **hero.summary(), "description": hero.description,
                     "model_config": hero.model.config, "tokenizer": hero.tokenizer,
                     "chat": hero.chat, "training_defaults": hero.training_defaults})
         return 0
-    from core.validate import read_regular
-    from config.reader import MAX_YAML_BYTES
-
     print(f"# {hero.source}")
     print(read_regular(hero.source, MAX_YAML_BYTES, "hero profile").decode("utf-8"), end="")
     return 0
@@ -56,9 +59,6 @@ def cmd_hero_show(args) -> int:
 # --- campaigns ------------------------------------------------------------------------------
 
 def cmd_campaign_create(args) -> int:
-    from config.flags import parse_sets_checked
-    from guild.campaigns import create_campaign
-
     campaign = create_campaign(realm_paths(args), args.name, args.hero,
                                overrides=parse_sets_checked(args.set),
                                description=args.description or "",
@@ -70,9 +70,6 @@ def cmd_campaign_create(args) -> int:
 
 
 def cmd_campaign_list(args) -> int:
-    from core.errors import ConfigError
-    from guild.campaigns import active_ref, survey_campaigns
-
     paths = realm_paths(args)
     campaigns, broken = survey_campaigns(paths)
     problems = [{"path": str(path), "problem": reason} for path, reason in broken]
@@ -98,16 +95,12 @@ def cmd_campaign_list(args) -> int:
 
 
 def cmd_campaign_activate(args) -> int:
-    from guild.campaigns import activate
-
     campaign = activate(realm_paths(args), args.ref)
     print(f"active campaign: {campaign.ref}")
     return 0
 
 
 def cmd_campaign_show(args) -> int:
-    from guild.campaigns import active_ref, find_campaign
-
     paths = realm_paths(args)
     campaign = find_campaign(paths, args.ref)
     data = {**campaign.to_dict(), "active": campaign.ref == active_ref(paths),
@@ -123,11 +116,6 @@ def cmd_campaign_show(args) -> int:
 
 def _job_for(paths, ref: str):
     """A job from a dataset or sidecar path, or from a job id / name in the queue."""
-    from core.job import Job
-    from core.paths import SIDECAR_SUFFIX, sidecar_of
-    from core.queue_scan import read_sidecar_json, unadopted_job
-    from core.training_queue import TrainingQueue
-
     path = Path(ref)
     dataset = path.with_name(path.name.removesuffix(SIDECAR_SUFFIX))
     if sidecar_of(dataset).is_file():
@@ -141,8 +129,6 @@ def _job_for(paths, ref: str):
 
 
 def cmd_config_show(args) -> int:
-    from guild.selection import resolve_for
-
     paths = realm_paths(args, must_exist=False)
     job = _job_for(paths, args.job) if args.job else None
     resolved = resolve_for(paths, hero_id=args.hero, campaign=args.campaign, job=job,

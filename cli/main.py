@@ -16,6 +16,7 @@ from cli import daemon_cmds, guild_cmds, queue_cmds
 from cli.common import realm_paths
 from core.errors import RealmError
 from core.paths import init_layout
+from guild.heroes import install_shipped
 
 
 def _debug_wanted(argv: list[str]) -> bool:
@@ -23,8 +24,6 @@ def _debug_wanted(argv: list[str]) -> bool:
 
 
 def cmd_init(args) -> int:
-    from guild.heroes import install_shipped
-
     paths = realm_paths(args, must_exist=False)
     paths.base.mkdir(parents=True, exist_ok=True)
     created = init_layout(paths)

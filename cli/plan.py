@@ -11,13 +11,16 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from cli.status import problem_line
+from config.flags import cli_layer_from
 from core.errors import RealmError
 from core.job import Job
 from core.paths import PRIORITIES, RealmPaths
 from core.queue_scan import unadopted_job
-from core.validate import open_regular
 from core.training_queue import TrainingQueue, claim_order
-from cli.status import problem_line
+from core.validate import open_regular
+from daemon.lock import DeviceSet
+from guild.selection import resolve_for
 
 PLAN_SCHEMA = 1
 CHECK_LINES = 50
@@ -65,8 +68,6 @@ def _throughput(queue: TrainingQueue) -> float | None:
 
 def _plan_row(paths: RealmPaths, priority: str, path: Path, job: Job | None, cli,
               throughput: float | None, ranks: int = 1) -> dict[str, Any]:
-    from guild.selection import resolve_for
-
     row: dict[str, Any] = {"priority": priority, "file": paths.relative(path),
                            "job_id": job.id if job else None, "examples": None,
                            "estimated_tokens": None, "problems": []}
@@ -93,11 +94,6 @@ def _plan_row(paths: RealmPaths, priority: str, path: Path, job: Job | None, cli
 
 
 def build_plan(paths: RealmPaths, cli_args=None) -> dict[str, Any]:
-    from config.flags import cli_layer_from
-
-    from daemon.lock import DeviceSet
-    from guild.selection import resolve_for
-
     queue = TrainingQueue(paths.base)
     problems: list[dict] = []
     cli = cli_layer_from(cli_args) if cli_args is not None else None

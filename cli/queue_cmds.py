@@ -9,18 +9,19 @@ import time
 from pathlib import Path
 
 from cli.common import print_json, realm_paths
+from cli.status import LIST_STATES, build_list, build_status, render_job, render_list, render_status
+from config.flags import parse_sets_checked
+from config.resolver import Layer, check_values
+from core.errors import ConfigError
 from core.paths import PRIORITIES, check_name
+from core.training_queue import TrainingQueue
 
 
 def _queue(args):
-    from core.training_queue import TrainingQueue
-
     return TrainingQueue(realm_paths(args).base)
 
 
 def cmd_queue_status(args) -> int:
-    from cli.status import build_status, render_status
-
     queue = _queue(args)
     try:
         while True:
@@ -39,16 +40,12 @@ def cmd_queue_status(args) -> int:
 
 
 def cmd_queue_list(args) -> int:
-    from cli.status import build_list, render_list
-
     listing = build_list(_queue(args), args.state)
     print(json.dumps(listing, indent=2) if args.json else render_list(listing))
     return 0
 
 
 def cmd_queue_show(args) -> int:
-    from cli.status import render_job
-
     job = _queue(args).find(args.job)
     if args.json:
         print_json(job.to_dict())
@@ -60,17 +57,12 @@ def cmd_queue_show(args) -> int:
 def _check_overrides(overrides: dict) -> None:
     """Refuse bad ``--set`` overrides before anything is copied: unknown keys, types, NaN and
     Infinity, bounds. Rules that need the hero (data.max_length) are checked when it trains."""
-    from core.errors import ConfigError
-    from config.resolver import Layer, check_values
-
     problems = check_values(Layer("job", "--set", overrides))
     if problems:
         raise ConfigError(problems[:-1] + [problems[-1] + " Nothing was queued."])
 
 
 def cmd_queue_add(args) -> int:
-    from config.flags import parse_sets_checked
-
     for value, what in ((args.hero, "--hero"), (args.campaign, "--campaign")):
         if value is not None:
             for part in value.split("/", 1) if what == "--campaign" else [value]:
@@ -99,8 +91,6 @@ def cmd_queue_cancel(args) -> int:
 
 
 def add_parsers(sub) -> None:
-    from cli.status import LIST_STATES
-
     queue = sub.add_parser("queue", help="inspect and change the job queue")
     qsub = queue.add_subparsers(dest="queue_command", required=True, metavar="COMMAND")
 

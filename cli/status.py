@@ -10,9 +10,12 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
+from core.fsutil import host_name
 from core.job import Job
 from core.paths import PRIORITIES, STATE_FOLDERS, layout_problems
 from core.training_queue import TrainingQueue, claim_order
+from daemon.lock import process_alive
+from daemon.supervisor import JobFiles
 
 STATUS_SCHEMA = 1
 LIST_STATES = ("queued", *STATE_FOLDERS, "all")
@@ -76,8 +79,6 @@ def build_status(queue: TrainingQueue, recent: int = 5) -> dict[str, Any]:
 
 def _training_status(queue: TrainingQueue, job_id: str) -> dict:
     """``status/jobs/<job>.progress.json``, written by the training child (throttled)."""
-    from daemon.supervisor import JobFiles
-
     try:
         return json.loads(JobFiles.of(queue.paths.status, job_id).progress.read_text())
     except (OSError, ValueError):
@@ -87,9 +88,6 @@ def _training_status(queue: TrainingQueue, job_id: str) -> dict:
 def _daemons(queue: TrainingQueue) -> list[dict]:
     """The daemons' own status files (state, reason for waiting, running job). A daemon on this
     host whose process is gone (killed, machine rebooted) shows as ``gone``."""
-    from daemon.lock import process_alive
-    from core.fsutil import host_name
-
     out = []
     for path in sorted(queue.paths.status.glob("daemon-*.json")):
         try:

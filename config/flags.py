@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 from typing import Any
 
+from config.resolver import Layer, flatten
 from core.errors import UsageError
 from core.validate import MAX_DEPTH, nesting_depth
-from config.resolver import Layer, flatten
 
 # Command-line flags -> config keys (SPEC section 3's common flags).
 FLAG_KEYS = {

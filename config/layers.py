@@ -17,10 +17,10 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from core.job import Job
-from core.paths import RealmPaths, sidecar_of
 from config.reader import load_json_object
 from config.resolver import Layer, Resolved, resolve
+from core.job import Job
+from core.paths import RealmPaths, sidecar_of
 
 
 def _rel(paths: RealmPaths, path: Path | None) -> str:

@@ -16,8 +16,8 @@ from typing import Any
 import yaml
 
 from core.errors import ConfigError, InputError
-from core.validate import MAX_DEPTH, MAX_INT, MAX_SIDECAR_BYTES, finite_number, \
-    read_json_file, read_regular
+from core.validate import (MAX_DEPTH, MAX_INT, MAX_SIDECAR_BYTES, finite_number, read_json_file,
+                           read_regular)
 
 MAX_YAML_BYTES = 1 << 20
 """A hero profile larger than this is refused (the shipped ones are under 2 KiB)."""

@@ -22,12 +22,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from config.locked import LOCKED_FIELDS, build_locked_config
+from config.reader import number_problem
+from config.schema import (BOUNDS, SECTIONS, FieldSpec, RealmConfig, field_specs, from_flat,
+                           string_problem, to_nested)
 from core.errors import ConfigError
 from core.validate import MAX_DEPTH
-from config.locked import LOCKED_FIELDS, build_locked_config
-from config.schema import BOUNDS, SECTIONS, FieldSpec, RealmConfig, field_specs, \
-    from_flat, string_problem, to_nested
-from config.reader import number_problem
 
 LAYERS = ("schema", "hero", "campaign", "realm", "job", "cli")
 SPECS = field_specs()

@@ -7,7 +7,10 @@ cannot express live in ``BOUNDS``. The ``locked`` block is not here: only
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import textwrap
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Literal, Optional
@@ -265,10 +268,6 @@ class FieldSpec:
 
 def _field_docs(cls: type) -> dict[str, str]:
     """Docstrings written under dataclass fields (read from the source)."""
-    import ast
-    import inspect
-    import textwrap
-
     tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
     body = tree.body[0].body
     docs = {}

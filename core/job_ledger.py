@@ -13,8 +13,8 @@ import os
 from pathlib import Path
 from typing import Any, Iterator
 
-from core.job import Job, utc_now
 from core.fsutil import host_name
+from core.job import Job, utc_now
 
 LEDGER_SCHEMA = 1
 

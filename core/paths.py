@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from core.errors import UsageError
+from core.validate import MAX_NAME_LEN
 
 PRIORITIES = ("high", "normal", "low")
 SIDECAR_SUFFIX = ".job.json"
@@ -29,8 +30,6 @@ _SAFE_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 def check_name(value: str, what: str) -> str:
     """Refuse a hero, campaign or job name that could escape its folder (``..``, ``/``, spaces)
     or is too long to be a folder name with realm's suffixes."""
-    from core.validate import MAX_NAME_LEN
-
     if not isinstance(value, str) or not _SAFE_NAME.fullmatch(value) or ".." in value:
         raise UsageError(
             f"{what} {value!r} is not a safe name: use letters, digits, '.', '_' and '-', "

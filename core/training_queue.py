@@ -27,27 +27,12 @@ from core.errors import ClaimLost, InputError, JobNotFound, SidecarError, UsageE
 from core.fsutil import host_name, locked, rename_noreplace, unique_name, write_json_atomic
 from core.job import TERMINAL, Job, JobState, check_user_sidecar, new_job_id, transition, utc_now
 from core.job_ledger import JobLedger
-from core.paths import (
-    DATASET_SUFFIX,
-    PRIORITIES,
-    SIDECAR_SUFFIX,
-    STATE_FOLDERS,
-    RealmPaths,
-    resolve_base,
-)
-from core.queue_scan import (
-    Listing,
-    SidecarCache,
-    digest_file,
-    folder_state,
-    parse_sidecar,
-    read_sidecar_json,
-    scan_folder,
-    shown,
-)
+from core.paths import (DATASET_SUFFIX, PRIORITIES, SIDECAR_SUFFIX, STATE_FOLDERS, RealmPaths,
+                        resolve_base, sidecar_of)
+from core.queue_scan import (Listing, SidecarCache, digest_file, folder_state, parse_sidecar,
+                             read_sidecar_json, scan_folder, shown)
 from core.settle import Settler
 from core.sidecar import RealmKey
-from core.paths import sidecar_of
 from core.validate import check_file_name
 
 log = structlog.get_logger("realm.queue")

@@ -33,6 +33,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from core import exitcodes
+from core.fsutil import write_json_atomic
 
 OUTCOME_SCHEMA = 1
 DATA_TICK_SECONDS = 0.5
@@ -142,8 +143,6 @@ class JobFiles:
             p.unlink(missing_ok=True)
 
     def write_outcome(self, outcome: Outcome) -> None:
-        from core.fsutil import write_json_atomic
-
         outcome.pid = os.getpid()
         write_json_atomic(self.outcome, outcome.to_dict(), fsync=False)
 

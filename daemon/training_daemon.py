@@ -23,25 +23,29 @@ import errno
 import json
 import os
 import signal
-import traceback
+import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import psutil
 import structlog
+from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEventHandler
+from watchdog.observers import Observer
 
 from core import exitcodes
-from daemon.lock import DaemonLock, DeviceSet, device_label, process_alive
 from core.errors import ClaimLost, UsageError
 from core.fsutil import host_name, write_json_atomic
 from core.job import Job, JobState, utc_now
-from daemon.protocol import JobFiles, Outcome
 from core.paths import PRIORITIES, RealmPaths, init_layout, layout_problems, sidecar_of
 from core.queue_scan import read_sidecar_json
-from daemon.supervisor import Child, ChildEnd, child_command, setup_limit
 from core.training_queue import TrainingQueue
+from daemon.lock import DaemonLock, DeviceSet, device_label, process_alive
+from daemon.protocol import JobFiles, Outcome
+from daemon.supervisor import Child, ChildEnd, child_command, setup_limit
+from guild.selection import CampaignOf
 
 log = structlog.get_logger("realm.daemon")
 
@@ -127,9 +131,6 @@ class _Wakeups:
         self.observer = None
         if poll_only:
             return
-        from watchdog.events import FileClosedEvent, FileSystemEventHandler, FileMovedEvent
-        from watchdog.observers import Observer
-
         wake, note = self.event, settler
 
         class Handler(FileSystemEventHandler):
@@ -255,8 +256,6 @@ class Daemon:
         """Backfill: prefer jobs of campaigns no other daemon is training right now; a job of a
         busy campaign would only wait for the campaign's lock. Taken anyway when nothing else is
         queued (its child then waits with its imports done). None when no other daemon trains."""
-        from guild.selection import CampaignOf
-
         if not self.others_training:
             return None
         campaign_of = CampaignOf(self.paths)
@@ -552,8 +551,6 @@ class ProgressView:
     child's ``status/jobs/<job>.progress.json``."""
 
     def __init__(self, stream=None):
-        import sys
-
         self.stream = stream or sys.stdout
         self.enabled = self.stream.isatty()
         self.bar = None

@@ -8,11 +8,11 @@ training child for its job, the command line for ``--plan`` and ``config show``.
 
 from __future__ import annotations
 
+from config.layers import resolve_layers
+from config.resolver import Layer, Resolved
 from core.errors import ConfigError, RealmError, UsageError
 from core.job import Job, name_problem
 from core.paths import RealmPaths
-from config.layers import resolve_layers
-from config.resolver import Layer, Resolved
 from guild.campaigns import Campaign, active_ref, find_campaign
 from guild.heroes import DEFAULT_HERO, HeroProfile, load_hero
 

@@ -42,25 +42,24 @@ from typing import Any, Callable
 
 import torch
 
+from config.locked import verify_locked
+from core.errors import ConfigError, InputError, RealmError
+from core.validate import read_regular
+from trainer.attention import NAME as ATTENTION, use_packed_attention
 from trainer.checkpoint import (Checkpoint, Staged, apply_retention, clean_incomplete,
                                 complete_checkpoints, lineage_head, remove_checkpoint,
                                 stage_checkpoint)
-from config.locked import verify_locked
 from trainer.data.cache import load_or_build
 from trainer.data.packing import IGNORE, Batch, collate, pack_rows, packing_efficiency
 from trainer.data.reader import DataError
 from trainer.distributed import Group, weights_digest
 from trainer.governor import GovernorGaveUp, GovernorGuard
 from trainer.guard import Action, Decision, FiniteGuard, NonFiniteLoss
-from trainer.metrics import STEP_METRICS, RunningStats, StatusWriter, StepMetrics, get_logger, \
-    progress_line, status_payload
-from trainer.attention import NAME as ATTENTION, use_packed_attention
+from trainer.metrics import (STEP_METRICS, RunningStats, StatusWriter, StepMetrics, get_logger,
+                             progress_line, status_payload)
 from trainer.model import load_model
 from trainer.optim import Schedule, load_moments, moments_problem, param_groups
 from trainer.state import TrainState, campaign_tokens_of
-
-from core.errors import ConfigError, InputError, RealmError
-from core.validate import read_regular
 
 
 class StopRequested(Exception):

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import pickle
-
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +24,8 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerFast
 
 from core.errors import ConfigError, InputError
+from core.validate import read_regular
+from guild.heroes import MAX_TEMPLATE_BYTES, chat_template_path
 
 # Weight-loading progress bars are noise in job logs, and tqdm's monitor thread outlives them.
 transformers.utils.logging.disable_progress_bar()
@@ -160,9 +161,6 @@ def load_model(hero, locked: dict, *, checkpoint: Path | None = None, seed: int 
 
 def hero_chat_template(hero) -> str | None:
     """The template the hero's ``chat.template`` names (None: keep the tokenizer's own)."""
-    from core.validate import read_regular
-    from guild.heroes import MAX_TEMPLATE_BYTES, chat_template_path
-
     choice = (hero.chat or {}).get("template", "tokenizer")
     if choice == "tokenizer":
         return None

@@ -36,12 +36,18 @@ from pathlib import Path
 
 import structlog
 
+from config.flags import add_common_flags, cli_layer_from
 from core import exitcodes
 from core.errors import InputError
 from core.job import Job
-from daemon.protocol import CODE_OF_KIND, Alive, JobFiles, Outcome
 from core.logsetup import configure
 from core.paths import RealmPaths, resolve_base
+from core.queue_scan import read_sidecar_json
+from daemon.protocol import CODE_OF_KIND, Alive, JobFiles, Outcome
+from daemon.supervisor import die_with_parent
+from guild.campaigns import code_version, find_campaign
+from guild.heroes import load_hero
+from guild.selection import resolve_for
 
 
 class _StopFlag:
@@ -59,9 +65,6 @@ class _StopFlag:
 
 
 def build_spec(paths: RealmPaths, job: Job, cli=None):
-    from guild.campaigns import find_campaign
-    from guild.heroes import load_hero
-    from guild.selection import resolve_for
     from trainer.engine import JobSpec
 
     if not job.dataset_sha256:
@@ -86,8 +89,6 @@ def _results(job: Job, result=None, resolved=None, governor: dict | None = None)
     """The job fields this attempt reports (``daemon.protocol.RESULT_FIELDS``)."""
     out: dict = {}
     if resolved is not None:
-        from guild.campaigns import code_version
-
         out.update(config_hash=resolved.config_hash, git_commit=code_version())
     if result is not None:
         out.update(start_step=result.start_step, final_step=result.final_step,
@@ -106,7 +107,6 @@ def _results(job: Job, result=None, resolved=None, governor: dict | None = None)
 
 def run(paths: RealmPaths, sidecar: Path, cli=None, stop: _StopFlag | None = None,
         group=None) -> int:
-    from core.queue_scan import read_sidecar_json
     from trainer.distributed import Group
 
     group = group or Group()
@@ -316,8 +316,6 @@ def _run(paths: RealmPaths, job: Job, alive: Alive | None, cli, stop, group) -> 
 
 
 def main(argv: list[str] | None = None) -> int:
-    from config.flags import add_common_flags, cli_layer_from
-
     parser = argparse.ArgumentParser(prog="python -m trainer.run_job", description=__doc__)
     parser.add_argument("--base-dir", default=None)
     parser.add_argument("--job", required=True, help="the job's sidecar (.job.json)")
@@ -325,8 +323,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     configure("info")
     if "TORCHELASTIC_RUN_ID" in os.environ:  # a rank: die with the launcher, never orphaned
-        from daemon.supervisor import die_with_parent
-
         die_with_parent(os.getppid())
     import transformers
 

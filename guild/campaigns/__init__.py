@@ -17,13 +17,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from config.layers import resolve_layers
+from config.locked import LOCKED_FIELDS
+from config.reader import load_json_object
 from core.errors import ConfigError, UsageError
 from core.fsutil import rename_noreplace, write_json_atomic
 from core.job import utc_now
 from core.paths import RealmPaths, check_name
-from config.layers import resolve_layers
-from config.locked import LOCKED_FIELDS
-from config.reader import load_json_object
 from guild.heroes import load_hero
 
 CAMPAIGN_SCHEMA = 1

@@ -17,10 +17,10 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Optional
 
-from core.errors import ConfigError, RealmError, UsageError
-from core.paths import RealmPaths, check_name
 from config.reader import load_yaml, number_problems, where
 from config.resolver import check_hero_defaults
+from core.errors import ConfigError, RealmError, UsageError
+from core.paths import RealmPaths, check_name
 
 DEFAULT_HERO = "tiny-qwen3"
 

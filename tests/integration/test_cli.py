@@ -138,8 +138,31 @@ def test_module_form_of_queue_status(realm):
     assert json.loads(out.stdout)["queued_by_priority"]["high"] == 1
 
 
+def test_the_design_cards_module_forms_and_options_after_the_subcommand(realm):
+    """``python -m core.training_daemon --plan``, ``python -m core.training_queue status``,
+    ``python -m guild.campaigns.cli create`` and ``python -m core.cli``: the same commands as
+    ``realm``, with --base-dir accepted before or after the subcommand."""
+    drop(realm, "high", "a.jsonl")
+    run = lambda *a: subprocess.run([sys.executable, "-m", *a], capture_output=True, text=True,
+                                    timeout=60)
+    plan = run("core.training_daemon", "--plan", "--base-dir", str(realm.base))
+    assert plan.returncode == 0 and "queue/high/a.jsonl" in plan.stdout, plan.stderr
+    status = run("core.training_queue", "status", "--json", "--base-dir", str(realm.base))
+    assert json.loads(status.stdout)["queued_by_priority"]["high"] == 1, status.stderr
+    made = run("guild.campaigns.cli", "create", "forms", "--hero", "tiny-qwen3", "--base-dir",
+               str(realm.base))
+    assert made.returncode == 0 and (realm.campaigns / "tiny-qwen3" / "forms").is_dir(), made.stderr
+    for argv in (["cli", "--base-dir", str(realm.base), "campaign", "list"],
+                 ["core.cli", "campaign", "list", "--base-dir", str(realm.base)]):
+        listed = run(*argv)
+        assert listed.returncode == 0 and "tiny-qwen3/forms" in listed.stdout, listed.stderr
+    bad = run("cli", "queue", "status", "--base-dir", str(realm.base / "nowhere"))
+    assert bad.returncode == 2 and "is not a realm" in bad.stderr
+
+
 def test_core_never_imports_torch():
-    code = ("import sys, cli.main, core.training_queue, cli.status; "
+    code = ("import sys, cli.main, cli.plan, cli.status, core.training_queue, config.layers, "
+            "daemon.training_daemon, daemon.supervisor, guild.selection; "
             "cli.main.build_parser(); print('torch' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "False"

@@ -18,9 +18,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from config.schema import ROLES
 from core.errors import InputError
 from core.validate import MAX_DEPTH, nesting_depth, open_regular
-from config.schema import ROLES
 
 MAX_LINE_BYTES = 16 << 20
 """Longest dataset line accepted (16 MiB); memory never holds more of one line than this."""
