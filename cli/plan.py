@@ -16,7 +16,7 @@ from config.flags import cli_layer_from
 from core.errors import RealmError
 from core.job import Job
 from core.paths import PRIORITIES, RealmPaths
-from core.queue_scan import unadopted_job
+from core.queue_scan import estimate_tokens, unadopted_job
 from core.training_queue import TrainingQueue, claim_order
 from core.validate import open_regular
 from daemon.lock import DeviceSet
@@ -73,7 +73,7 @@ def _plan_row(paths: RealmPaths, priority: str, path: Path, job: Job | None, cli
                            "estimated_tokens": None, "problems": []}
     try:  # a file replaced by a FIFO or removed since the listing is a problem, not a crash
         record = job or unadopted_job(paths, path)
-        tokens = record.estimated_tokens or math.ceil((record.num_bytes or 0) / 4)
+        tokens = record.estimated_tokens or estimate_tokens(record.num_bytes or 0)
         row.update(job_id=record.id, examples=record.num_examples, estimated_tokens=tokens,
                    problems=_first_line_problems(path))
         resolved = resolve_for(paths, job=record, cli=cli)

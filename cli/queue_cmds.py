@@ -1,4 +1,4 @@
-"""``realm queue ...``: status, list, show, add, retry, cancel."""
+"""``realm queue ...``: status, list, show, add, retry, cancel, skip."""
 
 from __future__ import annotations
 
@@ -90,6 +90,14 @@ def cmd_queue_cancel(args) -> int:
     return 0
 
 
+def cmd_queue_skip(args) -> int:
+    queue = _queue(args)
+    job = queue.skip(queue.find(args.job), reason=args.reason)
+    print(f"{job.id}: skipped, now {job.dataset_path} (`realm queue retry {job.id}` queues it "
+          "again)")
+    return 0
+
+
 def add_parsers(sub) -> None:
     queue = sub.add_parser("queue", help="inspect and change the job queue")
     qsub = queue.add_subparsers(dest="queue_command", required=True, metavar="COMMAND")
@@ -121,7 +129,9 @@ def add_parsers(sub) -> None:
 
     for name, handler, default, help_ in (
         ("retry", cmd_queue_retry, "retry requested by user", "failed/skipped/cancelled -> queued"),
-        ("cancel", cmd_queue_cancel, "cancelled by user", "queued -> cancelled"),
+        ("cancel", cmd_queue_cancel, "cancelled by user", "queued -> cancelled (withdrawn)"),
+        ("skip", cmd_queue_skip, "skipped by user",
+         "queued -> skipped (set aside, kept; retry queues it again)"),
     ):
         p = qsub.add_parser(name, help=help_)
         p.add_argument("job", help="job id, unique id prefix, or dataset file name")

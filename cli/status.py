@@ -10,11 +10,10 @@ import json
 from datetime import datetime, timezone
 from typing import Any
 
-from core.fsutil import host_name
+from core.fsutil import host_name, process_alive
 from core.job import Job
 from core.paths import PRIORITIES, STATE_FOLDERS, layout_problems
 from core.training_queue import TrainingQueue, claim_order
-from daemon.lock import process_alive
 from daemon.supervisor import JobFiles
 
 STATUS_SCHEMA = 1
@@ -95,7 +94,7 @@ def _daemons(queue: TrainingQueue) -> list[dict]:
         except (OSError, ValueError):
             continue
         if d.get("state") != "stopped" and d.get("host") == host_name() and \
-                not process_alive(d):
+                not process_alive(d.get("pid"), d.get("started")):
             d.update(last_state=d.get("state"), state="gone")
         out.append(d)
     return out
@@ -206,7 +205,7 @@ def render_list(listing: dict) -> str:
     for r in listing["jobs"]:
         lines.append(f"{r['position']:>4}  {r['status']:<10} {r['priority']:<8} "
                      f"{r['id'] or '(no sidecar yet)':<40} {r['path']}")
-    lines += [f"problem: {_problem(p)}" for p in listing["problems"]]
+    lines += [f"problem: {problem_line(p)}" for p in listing["problems"]]
     return "\n".join(lines)
 
 

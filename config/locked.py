@@ -1,6 +1,6 @@
 """The locked architecture block: the one place it is produced, and the check used on resume.
 
-``build_locked_config`` is the ONLY producer of ``locked`` (seed 002, task 1.1). The resolver
+``build_locked_config`` is the ONLY producer of ``locked``. The resolver
 refuses any config layer that tries to set one of ``LOCKED_FIELDS``; every checkpoint stores the
 block, and continuing from a checkpoint whose block differs is refused with ``verify_locked``'s
 diff. What it protects: the shape of the weights (architecture, vocabulary) and the lineage

@@ -15,7 +15,6 @@ ConfigError. No layer may set a locked field: ``build_locked_config`` alone prod
 
 from __future__ import annotations
 
-import difflib
 import hashlib
 import json
 import re
@@ -27,7 +26,7 @@ from config.reader import number_problem
 from config.schema import (BOUNDS, SECTIONS, FieldSpec, RealmConfig, field_specs, from_flat,
                            string_problem, to_nested)
 from core.errors import ConfigError
-from core.validate import MAX_DEPTH
+from core.validate import MAX_DEPTH, did_you_mean
 
 LAYERS = ("schema", "hero", "campaign", "realm", "job", "cli")
 SPECS = field_specs()
@@ -104,9 +103,9 @@ def flatten(values: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def _unknown(key: str) -> str:
-    close = difflib.get_close_matches(key, list(SPECS), n=1, cutoff=0.6)
-    if close:
-        return f"unknown key '{key}' (did you mean '{close[0]}'?)"
+    hint = did_you_mean(key, list(SPECS))
+    if hint:
+        return f"unknown key '{key}'{hint}"
     section = key.split(".")[0]
     if section in SECTIONS:
         names = ", ".join(k.split(".", 1)[1] for k in SPECS if k.startswith(section + "."))

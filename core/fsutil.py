@@ -21,6 +21,8 @@ import socket
 from pathlib import Path
 from typing import Any, Iterator
 
+import psutil
+
 from core.paths import SIDECAR_SUFFIX
 
 _RENAME_NOREPLACE = 1
@@ -149,6 +151,18 @@ def unique_name(directory: Path, name: str, taken: set[str] | None = None) -> st
         n += 1
         candidate = f"{stem}.{n}{ext}"
     return candidate
+
+
+def process_alive(pid: Any, started: float | None = None) -> bool:
+    """A process with this pid exists on this host and, given ``started`` (its create time, as a
+    lease or lock records it), is that process and not a later one that reused the pid."""
+    try:
+        proc = psutil.Process(int(pid))
+        return started is None or abs(proc.create_time() - float(started)) < 1.0
+    except (psutil.NoSuchProcess, ValueError, TypeError):
+        return False
+    except psutil.AccessDenied:
+        return True  # it exists; another user's process
 
 
 def host_name() -> str:

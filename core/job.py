@@ -9,7 +9,6 @@ against ``ALLOWED``, stamps the timestamps and appends to ``history``.
 from __future__ import annotations
 
 import dataclasses
-import difflib
 import re
 import secrets
 import typing
@@ -20,6 +19,7 @@ from typing import Any, Optional
 
 from core.errors import IllegalTransition, SidecarError, UsageError
 from core.paths import check_name
+from core.validate import did_you_mean
 
 SCHEMA_VERSION = 1
 
@@ -214,9 +214,7 @@ def _check_field(name: str, value: Any) -> str | None:
             return f"field 'schema' is {value!r}; this realm reads sidecar schema {SCHEMA_VERSION}"
         return None
     if name not in _FIELD_TYPES:
-        close = difflib.get_close_matches(name, list(_FIELD_TYPES), n=1)
-        hint = f" (did you mean {close[0]!r}?)" if close else ""
-        return f"unknown field {name!r}{hint}"
+        return f"unknown field {name!r}{did_you_mean(name, list(_FIELD_TYPES))}"
     expected, optional = _FIELD_TYPES[name]
     if value is None and optional:
         return None

@@ -9,6 +9,7 @@ atomic rename (a new inode), so a cached parse is never stale for a file realm w
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -135,6 +136,14 @@ class Digest:
     num_examples: int
 
 
+BYTES_PER_TOKEN_ESTIMATE = 4
+"""The queue's rough rate before a tokenizer has seen the file (the child counts real tokens)."""
+
+
+def estimate_tokens(num_bytes: int) -> int:
+    return math.ceil(num_bytes / BYTES_PER_TOKEN_ESTIMATE)
+
+
 def digest_file(path: Path) -> Digest:
     """sha256, size and line count in one streaming pass over 1 MiB blocks (memory: one block,
     whatever the line lengths). Never follows a symlink or blocks on a FIFO: InputError for
@@ -165,5 +174,6 @@ def unadopted_job(paths: RealmPaths, dataset: Path, *, measure: bool = True) -> 
     return Job.from_dict({**user, "id": "(not adopted yet)", "dataset_path": paths.relative(dataset),
                           "dataset_name": dataset.name,
                           "num_bytes": digest.num_bytes if digest else None,
-                          "num_examples": digest.num_examples if digest else None},
+                          "num_examples": digest.num_examples if digest else None,
+                          "estimated_tokens": estimate_tokens(digest.num_bytes) if digest else None},
                          source=paths.relative(sidecar))

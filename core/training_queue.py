@@ -14,7 +14,6 @@ Entry point: ``python -m core.training_queue status`` (same as ``realm queue sta
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import shutil
 from dataclasses import dataclass, field
@@ -29,18 +28,16 @@ from core.job import TERMINAL, Job, JobState, check_user_sidecar, new_job_id, tr
 from core.job_ledger import JobLedger
 from core.paths import (DATASET_SUFFIX, PRIORITIES, SIDECAR_SUFFIX, STATE_FOLDERS, RealmPaths,
                         resolve_base, sidecar_of)
-from core.queue_scan import (Listing, SidecarCache, digest_file, folder_state, parse_sidecar,
-                             read_sidecar_json, scan_folder, shown)
+from core.queue_scan import (Listing, SidecarCache, digest_file, estimate_tokens, folder_state,
+                             parse_sidecar, read_sidecar_json, scan_folder, shown)
 from core.settle import Settler
 from core.sidecar import RealmKey
 from core.validate import check_file_name
 
 log = structlog.get_logger("realm.queue")
 
-BYTES_PER_TOKEN_ESTIMATE = 4  # refined per hero tokenizer once heroes exist (issue 3)
 
 
-_sidecar = sidecar_of
 
 
 def worker_identity() -> dict:
@@ -199,7 +196,7 @@ class TrainingQueue:
         if (now_st.st_size, now_st.st_mtime_ns, now_st.st_ino) != (st.st_size, st.st_mtime_ns,
                                                                     st.st_ino):
             return None  # changed since we hashed it: the settle rule will see it again
-        sidecar = _sidecar(path)
+        sidecar = sidecar_of(path)
         if os.path.lexists(sidecar):
             try:  # a pre-written sidecar must still be the one we read, and not yet adopted
                 if check_user_sidecar(read_sidecar_json(sidecar), str(sidecar)) != user:
@@ -224,7 +221,7 @@ class TrainingQueue:
             dataset_sha256=digest.sha256,
             num_bytes=digest.num_bytes,
             num_examples=digest.num_examples,
-            estimated_tokens=math.ceil(digest.num_bytes / BYTES_PER_TOKEN_ESTIMATE),
+            estimated_tokens=estimate_tokens(digest.num_bytes),
             created_at=created_at,
             **user,
         )
@@ -262,7 +259,7 @@ class TrainingQueue:
             job.dataset_mtime_ns = os.stat(tmp).st_mtime_ns
             job.history[-1]["reason"] = f"added by realm queue add from {source}"
             # Sidecar first: a dataset never sits in an inbox without its record.
-            self._write_sidecar(_sidecar(final), job, replace=False)
+            self._write_sidecar(sidecar_of(final), job, replace=False)
             rename_noreplace(tmp, final)
             self.ledger.append(job, job.history[-1])
         return job
@@ -292,7 +289,7 @@ class TrainingQueue:
                     except ClaimLost:
                         continue  # another process won this one: take the next
                     except SidecarError:  # changed in place since it was cached: re-read later
-                        self.cache.forget(str(_sidecar(self.paths.base / job.dataset_path)))
+                        self.cache.forget(str(sidecar_of(self.paths.base / job.dataset_path)))
                         continue
         return None
 
@@ -331,9 +328,11 @@ class TrainingQueue:
             reason = f"gave up after {attempts_after} attempts: {reason}"
         return self._move(job, JobState.FAILED, reason=reason, mutate=record, guard=guard)
 
-    def skip(self, job: Job, reason: str) -> Job:
-        return self._move(job, JobState.SKIPPED, reason=reason,
-                          mutate=lambda j: setattr(j, "last_error", reason))
+    def skip(self, job: Job, reason: str = "skipped by user") -> Job:
+        """queued -> skipped: set aside by a person, kept with its record and never claimed
+        until ``retry`` queues it again (cancel withdraws a job; skip only defers it)."""
+        self._refuse_running(job, "skip")
+        return self._move(job, JobState.SKIPPED, reason=reason)
 
     def requeue(self, job: Job, reason: str, *, resume: dict | None = None,
                 results: dict | None = None) -> Job:
@@ -356,18 +355,22 @@ class TrainingQueue:
                           reason=f"{reason} (attempts reset from {previous})")
 
     def cancel(self, job: Job, reason: str = "cancelled by user") -> Job:
+        self._refuse_running(job, "cancel")
+        return self._move(job, JobState.CANCELLED, reason=reason)
+
+    @staticmethod
+    def _refuse_running(job: Job, verb: str) -> None:
         if job.status is JobState.PROCESSING:
             raise UsageError(
-                f"job {job.id} is processing on {_who(job.worker)}; `queue cancel` moves queued "
-                "jobs only. Stop the daemon (SIGTERM returns the job to queued), then cancel it.")
-        return self._move(job, JobState.CANCELLED, reason=reason)
+                f"job {job.id} is processing on {_who(job.worker)}; `queue {verb}` moves queued "
+                f"jobs only. Stop the daemon (SIGTERM returns the job to queued), then {verb} it.")
 
     def rewrite(self, job: Job, mutate: Callable[[Job], None]) -> Job:
         """Read-modify-write a job's sidecar in place (heartbeats, progress), under the lock."""
         with self._locked():
             fresh = self._fresh(job, restore=True)
             mutate(fresh)
-            self._write_sidecar(_sidecar(self.paths.queue_entry(fresh.dataset_path)), fresh)
+            self._write_sidecar(sidecar_of(self.paths.queue_entry(fresh.dataset_path)), fresh)
             return fresh
 
     def _fresh(self, job: Job, *, restore: bool = False) -> Job:
@@ -378,7 +381,7 @@ class TrainingQueue:
         """
         path = self.paths.queue_entry(job.dataset_path)
         try:
-            fresh = parse_sidecar(_sidecar(path), self.key)
+            fresh = parse_sidecar(sidecar_of(path), self.key)
         except FileNotFoundError:
             raise ClaimLost(job.id) from None
         except SidecarError as exc:
@@ -422,7 +425,7 @@ class TrainingQueue:
                 raise ClaimLost(f"{j.id}: changed again while hashed")
             j.dataset_sha256, j.num_bytes, j.num_examples = (digest.sha256, digest.num_bytes,
                                                              digest.num_examples)
-            j.estimated_tokens = math.ceil(digest.num_bytes / BYTES_PER_TOKEN_ESTIMATE)
+            j.estimated_tokens = estimate_tokens(digest.num_bytes)
             j.dataset_mtime_ns = st.st_mtime_ns
             j.history.append({"from": "queued", "to": "queued", "at": utc_now(),
                               "reason": f"re-adopted: the dataset changed after adoption "
@@ -462,7 +465,7 @@ class TrainingQueue:
             folder = fresh.priority if to is JobState.QUEUED else to.value
             dst = self._move_pair(src, self.paths.state_dir(folder))
             fresh.dataset_path = self.paths.relative(dst)
-            self._write_sidecar(_sidecar(dst), fresh)
+            self._write_sidecar(sidecar_of(dst), fresh)
             self.ledger.append(fresh, entry)
             return fresh
 
@@ -473,7 +476,7 @@ class TrainingQueue:
         for _ in range(100):
             dst = dst_dir / unique_name(dst_dir, src.name)
             try:
-                rename_noreplace(_sidecar(src), _sidecar(dst))
+                rename_noreplace(sidecar_of(src), sidecar_of(dst))
             except FileExistsError:
                 continue  # someone dropped that name just now: pick the next suffix
             except FileNotFoundError:
@@ -517,7 +520,7 @@ class TrainingQueue:
         here = sidecar.parent / name
         if not isinstance(job, Job) or os.path.lexists(here):
             return None
-        if old == here or os.path.lexists(_sidecar(old)) or os.path.islink(old) \
+        if old == here or os.path.lexists(sidecar_of(old)) or os.path.islink(old) \
                 or not os.path.isfile(old):
             return self._orphaned(here, job)
         rename_noreplace(old, here)
@@ -525,7 +528,7 @@ class TrainingQueue:
             # a claim cut between its two renames never started training: undo it
             back = self._move_pair(here, self.paths.state_dir(job.priority))
             job.dataset_path = self.paths.relative(back)
-            self._write_sidecar(_sidecar(back), job)
+            self._write_sidecar(sidecar_of(back), job)
             return str(back)
         return str(here)
 
@@ -540,7 +543,7 @@ class TrainingQueue:
         job.last_error = reason
         dst = self._move_pair(here, self.paths.state_dir("failed"))
         job.dataset_path = self.paths.relative(dst)
-        self._write_sidecar(_sidecar(dst), job)
+        self._write_sidecar(sidecar_of(dst), job)
         self.ledger.append(job, entry)
         return str(dst)
 

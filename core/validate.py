@@ -9,6 +9,7 @@ fix it. Torch-free: the daemon, ``queue status`` and the child all use it.
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
 import os
@@ -166,3 +167,58 @@ def check_file_name(name: str, where: str) -> str | None:
     if any(ord(c) < 32 or ord(c) == 127 for c in name):
         return (f"{where}/{name!r}: the file name holds control characters; rename it")
     return None
+
+
+ABBREVIATIONS = {"lr": "learning_rate", "bs": "batch_size", "wd": "weight_decay",
+                 "seq_len": "max_length", "max_seq_len": "max_length", "seq_length": "max_length",
+                 "max_seq_length": "max_length", "context_length": "max_length",
+                 "grad_accumulation": "grad_accum", "gradient_accumulation_steps": "grad_accum",
+                 "steps": "max_steps", "warmup": "warmup_steps", "epoch": "epochs",
+                 "betas": "adam_beta1", "eps": "adam_epsilon", "clip": "max_grad_norm",
+                 "grad_clip": "max_grad_norm", "gradient_clipping": "max_grad_norm"}
+"""Names people bring from other trainers (HF TrainingArguments, Axolotl, torchtune) -> realm's."""
+
+
+def did_you_mean(word: Any, choices, *, quote: str = "'") -> str:
+    """`` (did you mean 'x'?)`` for an unknown name, or ``""`` when nothing is close.
+
+    Dotted names look in their own section first (``training.lr`` -> ``training.learning_rate``,
+    never ``training.seed`` or another section's key); within it an abbreviation people bring from
+    other trainers, the initials of a key (``mbs`` -> ``micro_batch_size``), a name that contains
+    or is contained in a key, then spelling (difflib). A name in an unknown section is matched
+    against every section's keys (``optimizer.lr`` -> ``training.learning_rate``)."""
+    best = closest(str(word), [str(c) for c in choices])
+    return f" (did you mean {quote}{best}{quote}?)" if best else ""
+
+
+def closest(word: str, choices: list[str]) -> str | None:
+    section, _, leaf = word.rpartition(".")
+    same = [c for c in choices if c.rpartition(".")[0] == section]
+    if section and same:
+        match = _closest_leaf(leaf, {c.rpartition(".")[2]: c for c in same})
+        if match:
+            return match
+    found = difflib.get_close_matches(word, choices, n=1, cutoff=0.6)
+    if found:
+        return found[0]
+    if section and not same:  # an unknown section: the key may live in another one
+        return _closest_leaf(leaf, {c.rpartition(".")[2]: c for c in choices if "." in c})
+    return None
+
+
+def _closest_leaf(leaf: str, by_leaf: dict[str, str]) -> str | None:
+    lower = leaf.lower()
+    wanted = ABBREVIATIONS.get(lower)
+    if wanted:
+        hits = [k for k in by_leaf if k == wanted or k.endswith("_" + wanted)]
+        if hits:
+            return by_leaf[min(hits, key=len)]
+    initials = [k for k in by_leaf if "_" in k and "".join(p[0] for p in k.split("_")) == lower]
+    if len(initials) == 1:
+        return by_leaf[initials[0]]
+    if len(lower) >= 4:
+        inside = [k for k in by_leaf if lower in k or (len(k) >= 4 and k in lower)]
+        if len(inside) == 1:
+            return by_leaf[inside[0]]
+    found = difflib.get_close_matches(lower, list(by_leaf), n=1, cutoff=0.6)
+    return by_leaf[found[0]] if found else None

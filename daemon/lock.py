@@ -15,8 +15,6 @@ import re
 from dataclasses import dataclass
 from pathlib import Path
 
-import psutil
-
 from core.errors import UsageError
 from core.fsutil import host_name
 from core.job import utc_now
@@ -49,16 +47,6 @@ class DeviceSet:
                 return cls(text, len(ids), text)
         raise UsageError(f"--devices / daemon.devices {spec!r} is not a device set: use cpu, "
                          f"cpu:N for N processes on CPU, or distinct CUDA ids such as 0 or 0,1.")
-
-
-def process_alive(worker: dict) -> bool:
-    """The process a lease names exists on this host (pid and start time match)."""
-    try:
-        proc = psutil.Process(int(worker["pid"]))
-        started = worker.get("started")
-        return started is None or abs(proc.create_time() - started) < 1.0
-    except (psutil.NoSuchProcess, KeyError, ValueError, TypeError):
-        return False
 
 
 class DaemonBusy(UsageError):

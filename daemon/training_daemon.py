@@ -37,12 +37,12 @@ from watchdog.observers import Observer
 
 from core import exitcodes
 from core.errors import ClaimLost, UsageError
-from core.fsutil import host_name, write_json_atomic
+from core.fsutil import host_name, process_alive, write_json_atomic
 from core.job import Job, JobState, utc_now
 from core.paths import PRIORITIES, RealmPaths, init_layout, layout_problems, sidecar_of
 from core.queue_scan import read_sidecar_json
 from core.training_queue import TrainingQueue
-from daemon.lock import DaemonLock, DeviceSet, device_label, process_alive
+from daemon.lock import DaemonLock, DeviceSet, device_label
 from daemon.protocol import JobFiles, Outcome
 from daemon.supervisor import Child, ChildEnd, child_command, setup_limit
 from guild.selection import CampaignOf
@@ -106,7 +106,7 @@ class LeaseWatch:
     def alive(self, job: Job) -> bool:
         worker = job.worker or {}
         if worker.get("host") == host_name():
-            return process_alive(worker)
+            return process_alive(worker.get("pid"), worker.get("started"))
         now = self.clock()
         stamp = job.heartbeat_at or job.started_at
         seen = self._seen.get(job.id)

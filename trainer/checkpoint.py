@@ -35,7 +35,7 @@ import structlog
 import torch
 
 from core.errors import InputError
-from core.fsutil import fsync_dir, host_name, rename_noreplace, write_json_atomic
+from core.fsutil import fsync_dir, host_name, process_alive, rename_noreplace, write_json_atomic
 from core.job import utc_now
 
 log = structlog.get_logger("realm.checkpoint")
@@ -214,16 +214,6 @@ def apply_retention(root: Path, keep_last: int, *, protect: set[Path] = frozense
     return removed
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def clean_incomplete(root: Path) -> list[Path]:
     """Remove temp folders of dead writers on this host and step folders without COMPLETE."""
     removed = []
@@ -232,7 +222,7 @@ def clean_incomplete(root: Path) -> list[Path]:
     host = host_name()
     for child in root.iterdir():
         tmp = _TMP_DIR.fullmatch(child.name)
-        stale_tmp = tmp and tmp["host"] == host and not _pid_alive(int(tmp["pid"]))
+        stale_tmp = tmp and tmp["host"] == host and not process_alive(tmp["pid"])
         unmarked = _STEP_DIR.fullmatch(child.name) and not (child / MARKER).exists()
         if child.is_dir() and (stale_tmp or unmarked):
             log.warning("checkpoint.incomplete_removed", path=str(child))

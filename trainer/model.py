@@ -26,6 +26,8 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from core.errors import ConfigError, InputError
 from core.validate import read_regular
 from guild.heroes import MAX_TEMPLATE_BYTES, chat_template_path
+from trainer.checkpoint import UnsafeCheckpoint
+from trainer.data.tokenize import stop_token_ids
 
 # Weight-loading progress bars are noise in job logs, and tqdm's monitor thread outlives them.
 transformers.utils.logging.disable_progress_bar()
@@ -119,8 +121,6 @@ def _from_pretrained(source: str, hero, checkpoint: bool = False) -> tuple[torch
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     except pickle.UnpicklingError:
         if checkpoint:
-            from trainer.checkpoint import UnsafeCheckpoint
-
             raise UnsafeCheckpoint.of(Path(source), "its weights file") from None
         raise InputError(f"model folder {source}: its weights file holds objects a safe load "
                          "does not allow (it may be malicious); use a safetensors copy of the "
@@ -190,8 +190,6 @@ def set_generation_tokens(model, tokenizer) -> None:
     """EOS, end of turn, BOS and padding into the model's config and generation config, so every
     checkpoint saved from it stops ``generate()`` and ``pipeline("text-generation")`` at the end
     of its turn."""
-    from trainer.data.tokenize import stop_token_ids
-
     stops = stop_token_ids(tokenizer)
     if not stops:
         return

@@ -315,6 +315,9 @@ def _run(paths: RealmPaths, job: Job, alive: Alive | None, cli, stop, group) -> 
                    results=_results(job, result=result, resolved=box.get("resolved")))
 
 
+# The trainer's modules (torch, seconds to import) are imported inside the functions that use them:
+# the child installs its stop handlers and parent-death signal first, and the daemon sees the
+# job's first sign of life before the import.
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m trainer.run_job", description=__doc__)
     parser.add_argument("--base-dir", default=None)

@@ -8,7 +8,6 @@ leaves the first campaign untouched.
 
 from __future__ import annotations
 
-import difflib
 import os
 import secrets
 import shutil
@@ -24,6 +23,7 @@ from core.errors import ConfigError, UsageError
 from core.fsutil import rename_noreplace, write_json_atomic
 from core.job import utc_now
 from core.paths import RealmPaths, check_name
+from core.validate import did_you_mean
 from guild.heroes import load_hero
 
 CAMPAIGN_SCHEMA = 1
@@ -79,8 +79,7 @@ def read_campaign(path: Path) -> Campaign:
     stray = {k: v for k, v in data.items() if k not in _FIELDS}
     for key in stray:
         if key not in LOCKED_FIELDS and key != "locked":
-            close = difflib.get_close_matches(key, sorted(_FIELDS), n=1)
-            hint = f" (did you mean '{close[0]}'?)" if close else ""
+            hint = did_you_mean(key, sorted(_FIELDS))
             problems.append(f"{path}: unknown key '{key}'{hint}.")
     if not isinstance(data.get("overrides", {}), dict):
         problems.append(f"{path}: 'overrides' must be an object.")

@@ -10,7 +10,6 @@ every error names the file, the line and the key path. Files are read through th
 
 from __future__ import annotations
 
-import difflib
 import shutil
 from dataclasses import dataclass, field
 from importlib import resources
@@ -21,6 +20,7 @@ from config.reader import load_yaml, number_problems, where
 from config.resolver import check_hero_defaults
 from core.errors import ConfigError, RealmError, UsageError
 from core.paths import RealmPaths, check_name
+from core.validate import closest, did_you_mean
 
 DEFAULT_HERO = "tiny-qwen3"
 
@@ -87,8 +87,7 @@ def _check_keys(data: dict, schema: dict, prefix: str, path: Path, lines: dict,
     for key, value in data.items():
         dotted = f"{prefix}{key}"
         if key not in schema:
-            close = difflib.get_close_matches(str(key), list(schema), n=1)
-            hint = f" (did you mean '{prefix}{close[0]}'?)" if close else ""
+            hint = did_you_mean(dotted, [prefix + k for k in schema])
             problems.append(f"{where(path, lines, dotted)}: unknown key '{dotted}'{hint}.")
         elif value is not None and not _is(value, schema[key]):
             problems.append(f"{where(path, lines, dotted)}: '{dotted}' must be "
@@ -182,8 +181,8 @@ def load_hero(paths: RealmPaths | None, hero_id: str) -> HeroProfile:
     check_name(hero_id, "hero")
     files = hero_files(paths)
     if hero_id not in files:
-        close = difflib.get_close_matches(hero_id, list(files), n=1)
-        hint = f" Did you mean '{close[0]}'?" if close else ""
+        close = closest(hero_id, list(files))
+        hint = f" Did you mean '{close}'?" if close else ""
         raise UsageError(f"unknown hero '{hero_id}'; known heroes: {', '.join(sorted(files))}."
                          f"{hint} Add configs/heroes/{hero_id}.yaml to define it.")
     return load_hero_file(files[hero_id])

@@ -1,4 +1,4 @@
-"""Hostile, broken and vanishing files in the queue (issue 12), on real files in tmp_path.
+"""Hostile, broken and vanishing files in the queue, on real files in tmp_path.
 
 Each class: a file that would escape the realm, train other bytes than the recorded ones, or
 stop the queue. The rule every test checks: the bad file becomes a listed problem or a visible

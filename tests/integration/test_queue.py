@@ -210,3 +210,30 @@ def test_deferred_jobs_are_claimed_only_when_nothing_else_is_queued(realm, queue
     assert queue.claim_next(defer=busy).dataset_name == "free.jsonl"  # passed over high
     assert queue.claim_next(defer=busy).dataset_name == "busy.jsonl"  # nothing else left
     assert queue.claim_next(defer=busy) is None
+
+
+def test_skip_sets_a_queued_job_aside_and_retry_brings_it_back(realm, queue):
+    """``skipped`` has a real path: a person defers a queued job (``realm queue skip``); it is
+    never claimed while skipped, keeps its record, and ``queue retry`` queues it again. A job
+    that is running is refused with the fix, like cancel."""
+    import subprocess
+    import sys
+
+    drop(realm, "high", "later.jsonl")
+    drop(realm, "normal", "now.jsonl")
+    queue.adopt_new()
+    out = subprocess.run([sys.executable, "-m", "cli", "--base-dir", str(realm.base), "queue",
+                          "skip", "later.jsonl", "--reason", "train after the eval"],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "skipped, now queue/skipped/later.jsonl" in out.stdout, \
+        out.stderr
+    skipped = queue.find("later.jsonl")
+    assert skipped.status is JobState.SKIPPED
+    assert skipped.history[-1]["reason"] == "train after the eval"
+    claimed = queue.claim_next()
+    assert claimed.dataset_name == "now.jsonl" and queue.claim_next() is None
+    with pytest.raises(UsageError, match="`queue skip` moves queued jobs only"):
+        queue.skip(claimed)
+    again = queue.retry(skipped)
+    assert again.status is JobState.QUEUED and again.dataset_path == "queue/high/later.jsonl"
+    assert queue.claim_next().id == skipped.id
