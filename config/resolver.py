@@ -15,6 +15,7 @@ ConfigError. No layer may set a locked field: ``build_locked_config`` alone prod
 
 from __future__ import annotations
 
+import difflib
 import hashlib
 import json
 import re
@@ -26,7 +27,7 @@ from config.reader import number_problem
 from config.schema import (BOUNDS, SECTIONS, FieldSpec, RealmConfig, field_specs, from_flat,
                            string_problem, to_nested)
 from core.errors import ConfigError
-from core.validate import MAX_DEPTH, did_you_mean
+from core.validate import MAX_DEPTH, closest
 
 LAYERS = ("schema", "hero", "campaign", "realm", "job", "cli")
 SPECS = field_specs()
@@ -103,14 +104,16 @@ def flatten(values: Any, prefix: str = "") -> list[tuple[str, Any]]:
 
 
 def _unknown(key: str) -> str:
-    hint = did_you_mean(key, list(SPECS))
-    if hint:
-        return f"unknown key '{key}'{hint}"
     section = key.split(".")[0]
+    best = closest(key, list(SPECS))
+    spelt = section in SECTIONS or difflib.get_close_matches(key, list(SPECS), n=1, cutoff=0.6)
+    if best and spelt:  # a key of a known section, or the section misspelt
+        return f"unknown key '{key}' (did you mean '{best}'?)"
     if section in SECTIONS:
         names = ", ".join(k.split(".", 1)[1] for k in SPECS if k.startswith(section + "."))
         return f"unknown key '{key}' (section '{section}' has: {names})"
-    return f"unknown key '{key}' (sections: {', '.join(SECTIONS)})"
+    hint = f" Did you mean '{best}'?" if best else ""
+    return f"unknown key '{key}' (sections: {', '.join(SECTIONS)}).{hint}"
 
 
 _INT = re.compile(r"[+-]?\d+")
