@@ -14,6 +14,22 @@ import pytest
 from core.paths import RealmPaths, init_layout
 from core.training_queue import TrainingQueue
 
+# One thread per test process and per child it starts (inherited): the tiny models gain nothing
+# from a second thread, and two test workers (pytest -n 2) then share the two cores without
+# oversubscribing them.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Longest first: tests marked ``slow`` (heaviest first, by their ``seconds=``) run before
+    the rest, so under ``pytest -n 2`` the long ones overlap hundreds of short ones instead of
+    finishing alone at the end (longest-processing-time-first scheduling)."""
+    def weight(item):
+        marker = item.get_closest_marker("slow")
+        return 0 if marker is None else 1 + marker.kwargs.get("seconds", 0)
+
+    items.sort(key=weight, reverse=True)  # stable: collection order within equal weights
+
 
 @pytest.fixture(autouse=True)
 def no_leaks():

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import re
@@ -22,6 +24,7 @@ def realm_cmd(base, *args):
                           capture_output=True, text=True, env=env, timeout=600)
 
 
+@pytest.mark.slow
 def test_once_trains_good_jobs_and_fails_bad_ones_with_the_reason(tmp_path):
     paths = make_realm(tmp_path / "r")
     from trainer.data.synthetic import write_dataset
@@ -56,6 +59,7 @@ def test_stopped_child_requeues_with_its_priority(realm, queue):
     assert job.attempts == 0, "a warm stop does not use up an attempt"
 
 
+@pytest.mark.slow(seconds=90)
 def test_demo_end_to_end(tmp_path):
     out = realm_cmd(tmp_path, "demo", "--dir", str(tmp_path / "demo"))
     assert out.returncode == 0, out.stderr[-3000:]

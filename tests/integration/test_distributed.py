@@ -51,6 +51,7 @@ def step_losses(paths, job: Job) -> list[float]:
     return [e["loss"] for e in events(paths.logs / "jobs" / f"{job.id}.log", "train.step")]
 
 
+@pytest.mark.slow(seconds=20)
 def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     # 1 epoch of 149 unpacked rows: the last global microbatch (4 rows) holds a single row,
     # so rank 1 runs the zero-weight row there and the curves must still agree
@@ -107,6 +108,7 @@ def at_step(paths, daemon, step: int, act) -> tuple[str, str]:
             daemon.communicate()
 
 
+@pytest.mark.slow(seconds=19)
 def test_killing_one_rank_tears_the_group_down_and_the_retry_resumes(tmp_path):
     paths = realm(tmp_path / "r", micro_batch_size=2, max_steps=30, epochs=3)
     daemon = start_daemon(paths.base, "--once", "--devices", "cpu:2")
@@ -170,6 +172,7 @@ def final_weights(paths, job: Job) -> dict:
     return load_file(Path(job.metadata["checkpoint"]) / "model.safetensors")
 
 
+@pytest.mark.slow(seconds=25)
 def test_warm_stop_of_a_group_resumes_exactly(tmp_path):
     straight = realm(tmp_path / "straight", micro_batch_size=2, max_steps=16, epochs=3)
     assert realm_cmd(straight.base, "daemon", "--once", "--devices", "cpu:2").returncode == 0

@@ -6,6 +6,8 @@ in a terminal folder, waiting, or as a listed problem, and nothing outside the r
 
 from __future__ import annotations
 
+import pytest
+
 import json
 import os
 import signal
@@ -109,6 +111,7 @@ def test_random_files_never_break_the_queue(tmp_path_factory, files):
     assert not os.path.exists("/etc/passwd.job.json")
 
 
+@pytest.mark.slow
 def test_a_live_daemon_survives_random_files_and_changes_nothing_outside(tmp_path):
     import random
 

@@ -15,6 +15,7 @@ from tests.trainer.test_governor_engine import head_job, tree
 from tests.trainer.test_training import ckpt_root, make_realm
 
 
+@pytest.mark.slow(seconds=25)
 def test_daemon_once_at_learning_rate_50_saves_nothing_and_a_retry_starts_from_the_head(
         tmp_path):
     paths = make_realm(tmp_path / "r")

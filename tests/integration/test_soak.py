@@ -12,7 +12,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=30)
 def test_reduced_soak_loses_nothing_duplicates_nothing_and_saves_only_loadable_finite_weights(
         tmp_path):
     """4 jobs, 3 kills (daemon SIGKILL, daemon SIGTERM = warm stop, child SIGKILL = retry) and

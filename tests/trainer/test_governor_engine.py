@@ -329,6 +329,7 @@ FAULTS = st.dictionaries(st.integers(1, 16), st.sampled_from(["nan", "spike", "b
 @settings(max_examples=6, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture,
                                  HealthCheck.too_slow])
+@pytest.mark.slow
 def test_every_checkpoint_on_disk_is_healthy_and_approved(tmp_path_factory, plan, drift):
     paths = make_realm(tmp_path_factory.mktemp("prop") / "r", overrides(
         training={"max_steps": 16}, checkpoint={"save_steps": 2},

@@ -108,7 +108,7 @@ def test_stop_request_checkpoints_and_resume_matches_uninterrupted(tmp_path):
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-@pytest.mark.slow
+@pytest.mark.slow(seconds=20)
 def test_sigkill_after_first_checkpoint_then_resume_gives_identical_weights(tmp_path):
     overrides = json.loads(json.dumps(FAST))
     overrides["training"]["max_steps"] = 30
