@@ -543,9 +543,10 @@ class FileFaults:
                 except OSError:
                     continue
             left = self.disk.free()
-            # hold until a job met ENOSPC and was requeued (or a few seconds passed)
+            # hold until a job met ENOSPC and was requeued (or 30 s passed: on loaded shared cores
+            # a step of the tiny model can take seconds)
             no_space = []
-            while time.monotonic() - started < 12:
+            while time.monotonic() - started < 30:
                 no_space = self._no_space_since(ledger_before)
                 if no_space and time.monotonic() - started > 2:
                     break
