@@ -82,14 +82,15 @@ def build_spec(paths: RealmPaths, job: Job, cli=None):
                    checkpoint_root=campaign.path.parent / "checkpoints",
                    cache_root=paths.base / "cache" / "tokens", config_hash=resolved.config_hash,
                    status_path=JobFiles.of(paths.status, job.id).progress,
-                   base_dir=paths.base), resolved
+                   base_dir=paths.base, config_record=resolved.record()), resolved
 
 
 def _results(job: Job, result=None, resolved=None, governor: dict | None = None) -> dict:
     """The job fields this attempt reports (``daemon.protocol.RESULT_FIELDS``)."""
     out: dict = {}
     if resolved is not None:
-        out.update(config_hash=resolved.config_hash, git_commit=code_version())
+        out.update(config_hash=resolved.config_hash, git_commit=code_version(),
+                   resolved_config=resolved.record())
     if result is not None:
         out.update(start_step=result.start_step, final_step=result.final_step,
                    final_loss=result.final_loss, final_val_loss=result.final_val_loss,
@@ -295,8 +296,12 @@ def _run(paths: RealmPaths, job: Job, alive: Alive | None, cli, stop, group) -> 
     try:
         result = _train(paths, job, alive, cli, stop, group, box)
     except StoppedWaiting:
-        return Outcome(exitcodes.STOPPED, "stopped", "stopped while waiting for its campaign")
+        return _cancelled(paths, job, group, box, None) or Outcome(
+            exitcodes.STOPPED, "stopped", "stopped while waiting for its campaign")
     except StopRequested as stopped:
+        cancelled = _cancelled(paths, job, group, box, stopped.step)
+        if cancelled is not None:
+            return cancelled
         ckpt = stopped.checkpoint
         resume = {"checkpoint": paths.relative(ckpt.path), "step": ckpt.step} if ckpt else None
         return Outcome(exitcodes.STOPPED, "stopped", str(stopped), resume=resume,
@@ -310,9 +315,28 @@ def _run(paths: RealmPaths, job: Job, alive: Alive | None, cli, stop, group) -> 
         free = shutil.disk_usage(paths.base).free if kind == "no_space" else None
         resume = _own_resume_point(paths, box.get("spec"), job) if kind == "no_space" else None
         return Outcome(CODE_OF_KIND[kind], kind, reason, resume=resume, free_bytes=free,
-                       results=_results(job, governor=getattr(exc, "counts", None)))
+                       results=_results(job, resolved=box.get("resolved"),
+                                        governor=getattr(exc, "counts", None)))
     return Outcome(exitcodes.COMPLETED, "completed",
                    results=_results(job, result=result, resolved=box.get("resolved")))
+
+
+def _cancelled(paths: RealmPaths, job: Job, group, box: dict, step: int | None
+               ) -> Outcome | None:
+    """A stop that was a cancel (``realm queue cancel`` of this claim): rank 0 removes the
+    job's own resume points, the stop checkpoint included, as a failed job does, so nothing of
+    it becomes the campaign's starting point; the outcome says who cancelled it and where.
+    None when the stop was not a cancel (a daemon's warm stop: the job resumes later)."""
+    from trainer.checkpoint import remove_unfinished_of
+
+    request = JobFiles.of(paths.status, job.id).cancel_request(job.started_at)
+    if request is None or not group.main:
+        return None
+    spec = box.get("spec")
+    if spec is not None:
+        remove_unfinished_of(spec.checkpoint_root, job.id, "checkpoint.cancelled_job_removed")
+    return Outcome(CODE_OF_KIND["cancelled"], "cancelled", request.describe(step),
+                   results=_results(job, resolved=box.get("resolved")))
 
 
 # The trainer's modules (torch, seconds to import) are imported inside the functions that use them:
