@@ -147,8 +147,11 @@ def cmd_config_show(args) -> int:
                  f"{data['config_hash']}")
         if job is not None:
             data.update(job=job.id, recorded=False)
-            title = (f"# job {job.id} has not trained yet: today's resolution of its layers\n"
-                     f"{title}")
+            state = getattr(job.status, "value", "queued")
+            why = {"queued": "has not trained yet",
+                   "processing": "is training: it records its config when this attempt ends"
+                   }.get(state, f"is {state} and recorded no config (it ended before training)")
+            title = f"# job {job.id} {why}: today's resolution of its layers\n{title}"
     if not args.explain:
         data.pop("explain", None)
     if args.json:

@@ -272,7 +272,7 @@ def _rank_log(paths: RealmPaths, job: Job, group):
 
 
 def _train(paths: RealmPaths, job: Job, alive: Alive | None, cli, stop, group, box: dict):
-    from trainer.engine import Trainer
+    from trainer.engine import StopRequested, Trainer
 
     beat = _test_fault_hooks(alive)
     spec, resolved = build_spec(paths, job, cli)
@@ -286,7 +286,11 @@ def _train(paths: RealmPaths, job: Job, alive: Alive | None, cli, stop, group, b
         trainer.heartbeat = beat
         trainer.data_tick = (lambda: alive.tick("data")) if alive is not None else trainer.data_tick
         trainer.loss_hook = _test_nan_hook(group)
-        return trainer.train()
+        try:
+            return trainer.train()
+        except StopRequested:
+            _drop_if_cancelled(paths, job, group, box)  # still holding the campaign's lock
+            raise
 
 
 def _run(paths: RealmPaths, job: Job, alive: Alive | None, cli, stop, group) -> Outcome:
@@ -296,10 +300,10 @@ def _run(paths: RealmPaths, job: Job, alive: Alive | None, cli, stop, group) -> 
     try:
         result = _train(paths, job, alive, cli, stop, group, box)
     except StoppedWaiting:
-        return _cancelled(paths, job, group, box, None) or Outcome(
+        return _cancelled(paths, job, box, None) or Outcome(
             exitcodes.STOPPED, "stopped", "stopped while waiting for its campaign")
     except StopRequested as stopped:
-        cancelled = _cancelled(paths, job, group, box, stopped.step)
+        cancelled = _cancelled(paths, job, box, stopped.step)
         if cancelled is not None:
             return cancelled
         ckpt = stopped.checkpoint
@@ -321,20 +325,29 @@ def _run(paths: RealmPaths, job: Job, alive: Alive | None, cli, stop, group) -> 
                    results=_results(job, result=result, resolved=box.get("resolved")))
 
 
-def _cancelled(paths: RealmPaths, job: Job, group, box: dict, step: int | None
-               ) -> Outcome | None:
+def _drop_if_cancelled(paths: RealmPaths, job: Job, group, box: dict) -> None:
     """A stop that was a cancel (``realm queue cancel`` of this claim): rank 0 removes the
     job's own resume points, the stop checkpoint included, as a failed job does, so nothing of
-    it becomes the campaign's starting point; the outcome says who cancelled it and where.
-    None when the stop was not a cancel (a daemon's warm stop: the job resumes later)."""
+    it becomes the campaign's starting point. Called while the campaign's lock is held (another
+    job's pruning or retention never races it)."""
     from trainer.checkpoint import remove_unfinished_of
 
     request = JobFiles.of(paths.status, job.id).cancel_request(job.started_at)
-    if request is None or not group.main:
+    if request is not None and group.main:
+        box["cancel"] = request
+        remove_unfinished_of(box["spec"].checkpoint_root, job.id,
+                             "checkpoint.cancelled_job_removed")
+
+
+def _cancelled(paths: RealmPaths, job: Job, box: dict, step: int | None) -> Outcome | None:
+    """The outcome of a stop that was a cancel: who cancelled the job and at which step; None
+    for a warm stop (the job resumes later). A stop while the job waited for its campaign
+    wrote nothing to remove (its earlier attempt's resume point, if any, is pruned by the
+    campaign's next job: it is not on the lineage)."""
+    request = box.get("cancel") or JobFiles.of(paths.status, job.id).cancel_request(
+        job.started_at)
+    if request is None:
         return None
-    spec = box.get("spec")
-    if spec is not None:
-        remove_unfinished_of(spec.checkpoint_root, job.id, "checkpoint.cancelled_job_removed")
     return Outcome(CODE_OF_KIND["cancelled"], "cancelled", request.describe(step),
                    results=_results(job, resolved=box.get("resolved")))
 
