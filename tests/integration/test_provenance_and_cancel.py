@@ -213,3 +213,29 @@ def test_cancel_of_a_running_job_stops_it_and_the_next_job_starts_before_it(tmp_
     assert not [c for c in complete_checkpoints(ckpt_root(paths))
                 if c.lineage()[0] == long_job.id], "the cancelled job's checkpoints are gone"
     assert not JobFiles.of(paths.status, long_job.id).cancel.exists()
+
+
+def test_a_cancelled_child_that_did_not_stop_cleanly_is_still_cancelled(realm, queue):
+    """Killed after the grace (or crashed) with a cancel request: cancelled, not requeued as a
+    retryable failure; a child that completed first stays completed."""
+    from daemon.supervisor import ChildEnd
+
+    daemon = Daemon(realm, DaemonConfig(min_free_disk_gb=0.0001))
+    drop(realm, "normal", "a.jsonl")
+    drop(realm, "normal", "b.jsonl")
+    for name, outcome, state in (
+            ("a.jsonl", Outcome(exitcodes.CRASHED, "crash", "killed by signal 9"),
+             JobState.CANCELLED),
+            ("b.jsonl", Outcome(exitcodes.COMPLETED, "completed", results={"final_step": 4}),
+             JobState.COMPLETED)):
+        job = queue.claim_next(daemon.worker)
+        assert job.dataset_name == name
+        CancelRequest("ana@box", "enough", "now", job.started_at).write(
+            JobFiles.of(realm.status, job.id))
+        moved = daemon._record(job, ChildEnd(None, 9, "killed"), outcome)
+        assert moved.status is state and moved.attempts == 0
+        assert not JobFiles.of(realm.status, job.id).cancel.exists()
+    reason = queue.find("a.jsonl").history[-1]["reason"]
+    assert reason == ("cancelled by ana@box while processing: enough; the child did not stop "
+                      "cleanly (killed by signal 9): its checkpoints are discarded by the "
+                      "campaign's next job")
