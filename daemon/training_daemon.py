@@ -543,12 +543,10 @@ class Daemon:
             self.say(f"  lost {job.id}: another daemon reaped it (or its sidecar vanished); "
                      "its outcome here is dropped")
             return job
-        cancel = self._cancels.get(job.id) or \
-            JobFiles.of(self.paths.status, job.id).cancel_request(job.started_at)
-        if cancel is not None and outcome.kind not in ("completed", "cancelled") and \
-                not outcome.permanent:  # it did not stop cleanly (killed after the grace...)
-            note = (f"; the child did not stop cleanly ({outcome.reason or outcome.kind}): "
-                    "its checkpoints are discarded by the campaign's next job")
+        cancel = self._cancel_of(job, outcome)
+        if cancel is not None:
+            note = (f"; the child ended without removing its checkpoints ("
+                    f"{outcome.reason or outcome.kind}): the campaign's next job discards them")
             moved = self.queue.cancel(job, cancel.describe(note=note), running=True,
                                       results=outcome.results)
         elif end.signal is not None and self.stop_requests and outcome.kind != "completed":
@@ -566,6 +564,16 @@ class Daemon:
         log.info("job.finished", job_id=moved.id, status=moved.status.value,
                  kind=outcome.kind, reason=outcome.reason or end.reason)
         return moved
+
+    def _cancel_of(self, job: Job, outcome: Outcome) -> CancelRequest | None:
+        """The cancel request that decides this job's end when its child did not report
+        ``cancelled`` itself (killed after the grace, crashed, stopped before it saw the
+        request); None when there is none, or the outcome stands: completed, cancelled (the
+        child's own reason), or a permanent failure."""
+        if outcome.kind in ("completed", "cancelled") or outcome.permanent:
+            return None
+        return self._cancels.get(job.id) or \
+            JobFiles.of(self.paths.status, job.id).cancel_request(job.started_at)
 
     # --- signals and status ---------------------------------------------------------------
 

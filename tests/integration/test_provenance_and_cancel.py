@@ -236,6 +236,6 @@ def test_a_cancelled_child_that_did_not_stop_cleanly_is_still_cancelled(realm, q
         assert moved.status is state and moved.attempts == 0
         assert not JobFiles.of(realm.status, job.id).cancel.exists()
     reason = queue.find("a.jsonl").history[-1]["reason"]
-    assert reason == ("cancelled by ana@box while processing: enough; the child did not stop "
-                      "cleanly (killed by signal 9): its checkpoints are discarded by the "
-                      "campaign's next job")
+    assert reason == ("cancelled by ana@box while processing: enough; the child ended without "
+                      "removing its checkpoints (killed by signal 9): the campaign's next job "
+                      "discards them")
