@@ -12,7 +12,7 @@ import yaml
 from cli.common import print_json, realm_paths
 from config.flags import add_common_flags, cli_layer_from, parse_sets_checked
 from config.reader import MAX_YAML_BYTES
-from core.errors import ConfigError
+from core.errors import ConfigError, UsageError
 from core.job import Job
 from core.paths import SIDECAR_SUFFIX, sidecar_of
 from core.queue_scan import read_sidecar_json, unadopted_job
@@ -129,31 +129,56 @@ def _job_for(paths, ref: str):
 
 
 def cmd_config_show(args) -> int:
+    """The resolved config. With ``--job``: what the job recorded when it trained (values,
+    layers, sources and hash as its child resolved them), or, for a job not trained yet,
+    today's resolution of its layers (said in the output)."""
     paths = realm_paths(args, must_exist=False)
     job = _job_for(paths, args.job) if args.job else None
-    resolved = resolve_for(paths, hero_id=args.hero, campaign=args.campaign, job=job,
-                           cli=cli_layer_from(args))
-    data = {"schema": CONFIG_SCHEMA, "hero": resolved.hero_id, "campaign": resolved.campaign,
-            "config_hash": resolved.config_hash, **resolved.canonical()}
-    if args.explain:
-        data["explain"] = resolved.explain()
+    cli = cli_layer_from(args)
+    if job is not None and job.resolved_config:
+        _refuse_changes_to_record(args, cli, job)
+        data = {**job.resolved_config, "schema": CONFIG_SCHEMA, "job": job.id, "recorded": True}
+        title = (f"# job {job.id} as it trained (recorded by its last attempt): hero "
+                 f"{data['hero']}, campaign {data['campaign'] or '(none)'}, {data['config_hash']}")
+    else:
+        resolved = resolve_for(paths, hero_id=args.hero, campaign=args.campaign, job=job, cli=cli)
+        data = {**resolved.record(), "schema": CONFIG_SCHEMA}
+        title = (f"# hero {data['hero']}, campaign {data['campaign'] or '(none)'}, "
+                 f"{data['config_hash']}")
+        if job is not None:
+            data.update(job=job.id, recorded=False)
+            state = getattr(job.status, "value", "queued")
+            why = {"queued": "has not trained yet",
+                   "processing": "is training: it records its config when this attempt ends"
+                   }.get(state, f"is {state} and recorded no config (it ended before training)")
+            title = f"# job {job.id} {why}: today's resolution of its layers\n{title}"
+    if not args.explain:
+        data.pop("explain", None)
     if args.json:
         print_json(data)
     elif args.explain:
-        print(_explain_table(data))
+        print(_explain_table(data, title))
     else:
-        print(f"# hero {data['hero']}, campaign {data['campaign'] or '(none)'}, "
-              f"{data['config_hash']}")
+        print(title)
         print(yaml.safe_dump({**data["config"], "locked": data["locked"]}, sort_keys=False),
               end="")
     return 0
 
 
-def _explain_table(data: dict) -> str:
+def _refuse_changes_to_record(args, cli, job: Job) -> None:
+    given = [name for name, value in (("--hero", args.hero), ("--campaign", args.campaign))
+             if value] + sorted(set(cli.key_sources.values()))
+    if given:
+        raise UsageError(f"config show --job {args.job}: job {job.id} has trained, and prints the "
+                         f"config it recorded then; {', '.join(given)} cannot change that. Drop "
+                         f"{'them' if len(given) > 1 else 'it'}, or drop --job to resolve "
+                         "today's layers.")
+
+
+def _explain_table(data: dict, title: str) -> str:
     rows = [(r["key"], _show(r["value"]), r["layer"], r["source"]) for r in data["explain"]]
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
-    lines = [f"# hero {data['hero']}, campaign {data['campaign'] or '(none)'}, "
-             f"{data['config_hash']}",
+    lines = [title,
              f"{'key':<{widths[0]}}  {'value':<{widths[1]}}  {'layer':<{widths[2]}}  source"]
     lines += [f"{k:<{widths[0]}}  {v:<{widths[1]}}  {l:<{widths[2]}}  {s}" for k, v, l, s in rows]
     return "\n".join(lines)
@@ -201,7 +226,10 @@ def add_parsers(sub) -> None:
     p = config.add_parser("show", help="resolved config; --explain adds layer and source")
     p.add_argument("--hero")
     p.add_argument("--campaign", metavar="HERO/NAME")
-    p.add_argument("--job", metavar="FILE|JOB", help="a dataset, sidecar or queued job id")
+    p.add_argument("--job", metavar="FILE|JOB",
+                   help="a dataset, sidecar or job id: a job that trained prints the config it "
+                        "recorded (values, layers, sources, hash); one not trained yet, today's "
+                        "resolution of its layers")
     p.add_argument("--explain", action="store_true")
     p.add_argument("--json", action="store_true")
     add_common_flags(p)

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -12,9 +14,12 @@ from cli.common import print_json, realm_paths
 from cli.status import LIST_STATES, build_list, build_status, render_job, render_list, render_status
 from config.flags import parse_sets_checked
 from config.resolver import Layer, check_values
-from core.errors import ConfigError
+from core.errors import ConfigError, JobRunning
+from core.fsutil import host_name, process_alive
+from core.job import Job, JobState, utc_now
 from core.paths import PRIORITIES, check_name
 from core.training_queue import TrainingQueue
+from daemon.protocol import CancelRequest, JobFiles
 
 
 def _queue(args):
@@ -85,9 +90,51 @@ def cmd_queue_retry(args) -> int:
 
 def cmd_queue_cancel(args) -> int:
     queue = _queue(args)
-    job = queue.cancel(queue.find(args.job), reason=args.reason)
-    print(f"{job.id}: cancelled, now {job.dataset_path}")
+    _, said = cancel_job(queue, queue.find(args.job), args.reason)
+    print(said)
     return 0
+
+
+def cancel_job(queue: TrainingQueue, job: Job, reason: str, who: str | None = None
+               ) -> tuple[Job, str]:
+    """Cancel a job and say what happened. A queued job is cancelled at once. A processing one
+    gets a cancel request its daemon acts on within a heartbeat (the child stops at the next
+    step boundary and removes its own checkpoints); when its daemon is gone (same host, process
+    not running) it is cancelled here, and on another host the daemon that reaps its lease
+    cancels it instead of requeueing it."""
+    who = who or _person()
+    if job.status is not JobState.PROCESSING:
+        try:
+            moved = queue.cancel(job, reason=reason)
+            return moved, f"{moved.id}: cancelled, now {moved.dataset_path}"
+        except JobRunning:
+            job = queue.find(job.id)  # claimed since it was listed: ask its daemon
+    files = JobFiles.of(queue.paths.status, job.id)
+    worker = job.worker or {}
+    owner = f"{worker.get('host')}:{worker.get('pid')}"
+    if worker.get("host") == host_name() and not process_alive(worker.get("pid"),
+                                                               worker.get("started")):
+        moved = queue.cancel(job, f"cancelled by {who} while processing: {reason}; its daemon "
+                             f"{owner} is no longer running (the campaign's next job discards "
+                             "its checkpoints)", running=True, same_lease=True)
+        files.remove()
+        return moved, (f"{moved.id}: its daemon {owner} is no longer running; cancelled, now "
+                       f"{moved.dataset_path}")
+    CancelRequest(who, reason, utc_now(), job.started_at).write(files)
+    gone = "" if worker.get("host") == host_name() else (
+        f"; if {owner} is gone, the daemon that reaps its lease cancels it")
+    return job, (f"{job.id}: cancel requested; its daemon {owner} stops it at the next step "
+                 f"boundary and moves it to cancelled (its partial checkpoints are removed)"
+                 f"{gone}. `realm queue show {job.id}` shows when it has.")
+
+
+def _person() -> str:
+    """``user@host`` of whoever runs the command (recorded as who cancelled)."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):  # no passwd entry and no LOGNAME/USER (a bare container)
+        user = f"uid{os.getuid()}"
+    return f"{user}@{host_name()}"
 
 
 def cmd_queue_skip(args) -> int:
@@ -129,7 +176,8 @@ def add_parsers(sub) -> None:
 
     for name, handler, default, help_ in (
         ("retry", cmd_queue_retry, "retry requested by user", "failed/skipped/cancelled -> queued"),
-        ("cancel", cmd_queue_cancel, "cancelled by user", "queued -> cancelled (withdrawn)"),
+        ("cancel", cmd_queue_cancel, "cancelled by user",
+         "queued -> cancelled (withdrawn); a running job stops at its next step boundary"),
         ("skip", cmd_queue_skip, "skipped by user",
          "queued -> skipped (set aside, kept; retry queues it again)"),
     ):

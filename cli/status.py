@@ -212,11 +212,32 @@ def render_list(listing: dict) -> str:
 def render_job(job: Job) -> str:
     data = job.to_dict()
     history = data.pop("history")
+    recorded = data.pop("resolved_config")
     width = max(len(k) for k in data)
     lines = [f"{k:<{width}}  {_fmt(v)}" for k, v in data.items() if k != "schema"]
+    lines += ["", *_render_recorded(job.id, recorded)]
     lines += ["", "history"]
     lines += [f"  {h['at']}  {h['from'] or '-'} -> {h['to']}  {h['reason']}" for h in history]
     return "\n".join(lines)
+
+
+def _render_recorded(job_id: str, recorded: dict | None) -> list[str]:
+    """The config the job trained with: every key a layer above the schema set (value, layer,
+    source); the defaults are counted, ``config show --job --explain`` lists them all."""
+    if not recorded:
+        return ["config  - (not trained yet: `realm config show --job "
+                f"{job_id}` shows today's resolution of its layers)"]
+    rows = [r for r in recorded.get("explain", []) if r.get("layer") not in ("schema", "locked")]
+    defaults = len(recorded.get("explain", [])) - len(rows)
+    lines = [f"config  as it trained: hero {recorded.get('hero')}, campaign "
+             f"{recorded.get('campaign') or '-'}, {recorded.get('config_hash')}"]
+    if rows:
+        widths = [max(len(_fmt(r[k])) for r in rows) for k in ("key", "value", "layer")]
+        lines += [f"  {r['key']:<{widths[0]}}  {_fmt(r['value']):<{widths[1]}}  "
+                  f"{r['layer']:<{widths[2]}}  {r['source']}" for r in rows]
+    lines.append(f"  ({defaults} more at schema defaults or locked: `realm config show --job "
+                 f"{job_id} --explain` lists every key)")
+    return lines
 
 
 def _fmt(value: Any) -> str:

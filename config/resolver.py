@@ -31,6 +31,8 @@ from core.validate import MAX_DEPTH, closest
 
 LAYERS = ("schema", "hero", "campaign", "realm", "job", "cli")
 SPECS = field_specs()
+RECORD_SCHEMA = 1
+"""Version of ``Resolved.record()`` (the recorded config of a job and of a checkpoint)."""
 
 @dataclass
 class Layer:
@@ -78,6 +80,13 @@ class Resolved:
         canonical = {"config": to_nested(self.config), "locked": arch}
         blob = json.dumps(canonical, sort_keys=True, separators=(",", ":"))
         return "sha256:" + hashlib.sha256(blob.encode()).hexdigest()
+
+    def record(self) -> dict[str, Any]:
+        """What a job keeps of the config it trained with (``Job.resolved_config``, a
+        checkpoint's ``realm_config.json``): values, the locked block and each key's layer and
+        source, with the hash. ``realm config show --job`` prints it back as is."""
+        return {"schema": RECORD_SCHEMA, "hero": self.hero_id, "campaign": self.campaign,
+                "config_hash": self.config_hash, **self.canonical(), "explain": self.explain()}
 
     def explain(self) -> list[dict[str, Any]]:
         rows = [{"key": k, "value": self.get(k), "layer": layer, "source": src}

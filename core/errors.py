@@ -34,6 +34,10 @@ class JobNotFound(UsageError):
     """No job matches the identifier given on the command line."""
 
 
+class JobRunning(UsageError):
+    """The job is processing: this change needs its daemon (a cancel request) or a stop."""
+
+
 class IllegalTransition(RealmError):
     """A job state change that the transition table forbids."""
 

@@ -105,6 +105,10 @@ class Job:
     last_error: Optional[str] = None
     config_hash: Optional[str] = None
     git_commit: Optional[str] = None
+    resolved_config: Optional[dict] = None
+    """The config the last attempt trained with, as its child reported it
+    (``config.resolver.Resolved.record``: hero, campaign, config_hash, values, locked block and
+    every key's layer and source). None until the job has trained (or in an older sidecar)."""
     worker: Optional[dict] = None
     heartbeat_at: Optional[str] = None
     resume: Optional[dict] = None

@@ -22,7 +22,7 @@ from typing import Callable, Iterator
 
 import structlog
 
-from core.errors import ClaimLost, InputError, JobNotFound, SidecarError, UsageError
+from core.errors import ClaimLost, InputError, JobNotFound, JobRunning, SidecarError, UsageError
 from core.fsutil import host_name, locked, rename_noreplace, unique_name, write_json_atomic
 from core.job import TERMINAL, Job, JobState, check_user_sidecar, new_job_id, transition, utc_now
 from core.job_ledger import JobLedger
@@ -354,16 +354,31 @@ class TrainingQueue:
         return self._move(job, JobState.QUEUED, mutate=reset,
                           reason=f"{reason} (attempts reset from {previous})")
 
-    def cancel(self, job: Job, reason: str = "cancelled by user") -> Job:
-        self._refuse_running(job, "cancel")
-        return self._move(job, JobState.CANCELLED, reason=reason)
+    def cancel(self, job: Job, reason: str = "cancelled by user", *, running: bool = False,
+               same_lease: bool = False, results: dict | None = None) -> Job:
+        """-> cancelled. A queued job at once; a processing one only with ``running`` (its
+        daemon, after the child stopped, or the CLI when the owner is gone): everyone else asks
+        the owning daemon with a cancel request (``realm queue cancel``). Judged on the sidecar
+        as it is under the lock, so a job claimed since the caller looked is refused, never
+        pulled from under its daemon. ``same_lease`` as in ``fail``."""
+        def check(j: Job) -> None:
+            if not running:
+                self._refuse_running(j, "cancel")
+            if same_lease and (j.worker, j.heartbeat_at) != (job.worker, job.heartbeat_at):
+                raise ClaimLost(f"{job.id}: its lease changed after it was judged expired")
+
+        return self._move(job, JobState.CANCELLED, reason=reason, guard=check,
+                          mutate=lambda j: _apply_results(j, results or {}))
 
     @staticmethod
     def _refuse_running(job: Job, verb: str) -> None:
-        if job.status is JobState.PROCESSING:
-            raise UsageError(
-                f"job {job.id} is processing on {_who(job.worker)}; `queue {verb}` moves queued "
-                f"jobs only. Stop the daemon (SIGTERM returns the job to queued), then {verb} it.")
+        if job.status is not JobState.PROCESSING:
+            return
+        fix = ("`realm queue cancel` of a running job asks its daemon to stop it at the next "
+               "step boundary" if verb == "cancel" else
+               f"Stop the daemon (SIGTERM returns the job to queued), then {verb} it")
+        raise JobRunning(f"job {job.id} is processing on {_who(job.worker)}; `queue {verb}` "
+                         f"moves queued jobs only. {fix}.")
 
     def rewrite(self, job: Job, mutate: Callable[[Job], None]) -> Job:
         """Read-modify-write a job's sidecar in place (heartbeats, progress), under the lock."""

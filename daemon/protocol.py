@@ -17,6 +17,11 @@ other's):
   reason, results, resume point. The child never writes the job's sidecar: the daemon is the
   only writer of sidecars and applies the outcome when it moves the job.
 - ``<job>.progress.json``: the child's throttled training status for ``queue status``.
+- ``<job>.cancel``: a cancel request (``CancelRequest``), written by ``realm queue cancel`` for a
+  processing job. The owning daemon sees it within a heartbeat and asks the child to stop; the
+  child, stopped, finds it, removes its own checkpoints and reports kind ``cancelled``; the
+  daemon moves the job to ``cancelled``. It names the claim it was meant for (the job's
+  ``started_at``), so a request left over from an earlier claim never cancels a later one.
 
 Exit codes live in ``core.exitcodes``; ``KINDS`` says which outcome kinds are permanent. A child
 that dies without writing an outcome is a crash (retryable), named by its exit code or signal.
@@ -44,17 +49,19 @@ PERMANENT_KINDS = frozenset({"data", "config", "unsafe_checkpoint", "governor"})
 a checkpoint a safe load refuses, the governor gave up."""
 RETRYABLE_KINDS = frozenset({"crash", "oom", "timeout"})
 """Try again (counts as an attempt)."""
-OTHER_KINDS = frozenset({"completed", "stopped", "no_space"})
+OTHER_KINDS = frozenset({"completed", "stopped", "no_space", "cancelled"})
 """completed; stopped (warm stop, resumes); no_space (requeued with its resume point, not an
-attempt; the daemon then waits for free space)."""
+attempt; the daemon then waits for free space); cancelled (stopped at a step boundary for a
+cancel request, its own checkpoints removed: the job moves to cancelled)."""
 KINDS = PERMANENT_KINDS | RETRYABLE_KINDS | OTHER_KINDS
 
 RESULT_FIELDS = frozenset({"start_step", "final_step", "final_loss", "final_val_loss",
                            "tokens_per_sec_avg", "trained_tokens_per_sec_avg", "governor",
-                           "metadata", "config_hash", "git_commit"})
+                           "metadata", "config_hash", "git_commit", "resolved_config"})
 """Job fields a child may report; anything else in an outcome is ignored."""
 
 CODE_OF_KIND = {"completed": exitcodes.COMPLETED, "stopped": exitcodes.STOPPED,
+                "cancelled": exitcodes.STOPPED,
                 "crash": exitcodes.CRASHED, "oom": exitcodes.RETRYABLE,
                 "timeout": exitcodes.RETRYABLE, "no_space": exitcodes.NO_SPACE,
                 **{k: exitcodes.PERMANENT for k in PERMANENT_KINDS}}
@@ -126,21 +133,35 @@ class JobFiles:
     """Written by the child (rank 0 of a group) last: the ``Outcome`` as JSON."""
     progress: Path
     """The child's throttled training status (step, loss, ETA) for ``queue status``."""
+    cancel: Path
+    """Written by ``realm queue cancel``: a ``CancelRequest`` for the job's current claim."""
 
     @classmethod
     def of(cls, status_dir: Path, job_id: str) -> "JobFiles":
         d = status_dir / "jobs"
         return cls(d / f"{job_id}.alive", d / f"{job_id}.stop", d / f"{job_id}.outcome",
-                   d / f"{job_id}.progress.json")
+                   d / f"{job_id}.progress.json", d / f"{job_id}.cancel")
 
     def clear(self) -> None:
-        """Before a child starts: nothing from an earlier attempt may speak for it."""
+        """Before a child starts: nothing from an earlier attempt may speak for it (a cancel
+        request stays: it names the claim it is for, and may arrive before the child starts)."""
         for p in (self.alive, self.stop, self.outcome):
             p.unlink(missing_ok=True)
 
     def remove(self) -> None:
-        for p in (self.alive, self.stop, self.outcome, self.progress):
+        for p in (self.alive, self.stop, self.outcome, self.progress, self.cancel):
             p.unlink(missing_ok=True)
+
+    def cancel_request(self, started_at: str | None) -> "CancelRequest | None":
+        """The cancel request for the claim that started at ``started_at`` (None when there is
+        none, it is unreadable, or it was meant for another claim)."""
+        try:
+            data = json.loads(self.cancel.read_bytes()[:1 << 16])
+            request = CancelRequest(str(data["by"]), str(data["reason"]), str(data["at"]),
+                                    data.get("started_at"))
+        except (OSError, ValueError, KeyError, TypeError, RecursionError):
+            return None
+        return request if request.started_at == started_at else None
 
     def write_outcome(self, outcome: Outcome) -> None:
         outcome.pid = os.getpid()
@@ -152,6 +173,27 @@ class JobFiles:
             return Outcome.from_dict(json.loads(self.outcome.read_bytes()[:1 << 20]))
         except (OSError, ValueError, KeyError, TypeError, RecursionError):
             return None
+
+
+@dataclass
+class CancelRequest:
+    """``realm queue cancel`` of a processing job: who asked, why, and for which claim."""
+
+    by: str
+    """``user@host`` of the person (or script) who asked."""
+    reason: str
+    at: str
+    started_at: str | None
+    """The ``started_at`` of the claim it cancels (a later claim of the job ignores it)."""
+
+    def write(self, files: JobFiles) -> None:
+        files.cancel.parent.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(files.cancel, asdict(self), fsync=False)
+
+    def describe(self, step: int | None = None, note: str = "") -> str:
+        """The job's history reason: who cancelled it, at which (campaign) step, and why."""
+        at = f" at step {step}" if step is not None else ""
+        return f"cancelled by {self.by}{at} while processing: {self.reason}{note}"
 
 
 class Alive:

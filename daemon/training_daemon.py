@@ -43,7 +43,7 @@ from core.paths import PRIORITIES, RealmPaths, init_layout, layout_problems, sid
 from core.queue_scan import read_sidecar_json
 from core.training_queue import TrainingQueue
 from daemon.lock import DaemonLock, DeviceSet, device_label
-from daemon.protocol import JobFiles, Outcome
+from daemon.protocol import CancelRequest, JobFiles, Outcome
 from daemon.supervisor import Child, ChildEnd, child_command, setup_limit
 from guild.selection import CampaignOf
 
@@ -55,6 +55,8 @@ class DrainSummary:
     completed: list[Job] = field(default_factory=list)
     failed: list[Job] = field(default_factory=list)
     requeued: list[Job] = field(default_factory=list)
+    cancelled: list[Job] = field(default_factory=list)
+    """Running jobs cancelled by a request (``realm queue cancel``)."""
     left_queued: int = 0
     """--once: jobs still queued (or settling in an inbox) when the disk/memory guard stopped
     the drain."""
@@ -76,6 +78,8 @@ def record_outcome(queue: TrainingQueue, job: Job, outcome: Outcome | int,
     if outcome.kind == "completed":
         return queue.complete(job, reason=f"trained to step {results.get('final_step')}",
                               **results)
+    if outcome.kind == "cancelled":
+        return queue.cancel(job, reason, running=True, results=results)
     if outcome.kind == "stopped":
         return queue.requeue(job, "stopped at a step boundary; resumes from its checkpoint",
                              resume=outcome.resume, results=results)
@@ -184,6 +188,8 @@ class Daemon:
         """Outcomes whose recording failed (a damaged sidecar...): tried again every round."""
         self.keep_last = keep_last
         self.progress = ProgressView()
+        self._cancels: dict[str, CancelRequest] = {}
+        """Cancel requests seen for the jobs this daemon trains (job id -> request)."""
 
     # --- the spine ------------------------------------------------------------------------
 
@@ -310,14 +316,28 @@ class Daemon:
                    f"{'recovered at daemon start' if at_start else 'lease reaped'} by "
                    f"{host_name()}:{os.getpid()}")
             try:
-                moved = self.queue.fail(job, why, retryable=True,
-                                        max_attempts=self.cfg.max_attempts, same_lease=True)
+                moved = self._reap(job, why)
             except ClaimLost:
                 continue  # another daemon reaped it first, or its owner renewed it
             log.warning("job.reaped", job_id=job.id, reason=why, to=moved.status.value)
             self.say(f"recovered {job.id}: {why} -> {moved.status.value}")
             reaped.append(moved)
         return reaped
+
+    def _reap(self, job: Job, why: str) -> Job:
+        """A dead owner's job goes back to its queue (a retryable failure), or to cancelled
+        when someone asked to cancel it (its checkpoints: the campaign's next job discards
+        them, as any unfinished attempt's)."""
+        files = JobFiles.of(self.paths.status, job.id)
+        cancel = files.cancel_request(job.started_at)
+        if cancel is None:
+            return self.queue.fail(job, why, retryable=True, max_attempts=self.cfg.max_attempts,
+                                   same_lease=True)
+        moved = self.queue.cancel(job, cancel.describe(note=f"; {why}"), running=True,
+                                  same_lease=True)
+        with contextlib.suppress(OSError):
+            files.remove()
+        return moved
 
     # --- resource guard -------------------------------------------------------------------
 
@@ -415,9 +435,10 @@ class Daemon:
                 child.kill("lease lost: another daemon reaped this job (see logs/jobs.jsonl)")
                 return
             self.progress.update(job, child.files.progress)
+            self._notice_cancel(job, child)
             if self.stop_requests >= 2:
                 child.kill("second stop signal (cold stop)")
-            elif self.stop_requests == 1:
+            elif self.stop_requests == 1 or job.id in self._cancels:
                 child.request_stop()
                 if child.stop_sent_at is not None and \
                         time.monotonic() - child.stop_sent_at > self.cfg.stop_grace_seconds:
@@ -425,6 +446,19 @@ class Daemon:
                                f"({self.cfg.stop_grace_seconds:g} s)")
             else:
                 self._judge_liveness(child, limit_setup, setup_why)
+
+    def _notice_cancel(self, job: Job, child: Child) -> None:
+        """A cancel request for this claim (``realm queue cancel``): ask the child to stop at
+        the next step boundary; it removes its own checkpoints and reports ``cancelled``."""
+        if job.id in self._cancels:
+            return
+        request = child.files.cancel_request(job.started_at)
+        if request is not None:
+            self._cancels[job.id] = request
+            log.warning("job.cancel_requested", job_id=job.id, by=request.by,
+                        reason=request.reason, last_sign=child.alive.last_phase)
+            self.say(f"cancel of {job.id} requested by {request.by}: stopping it at the next "
+                     "step boundary")
 
     def _judge_liveness(self, child: Child, limit_setup: float, setup_why: str) -> None:
         """Kill a child whose counter has not changed for too long, by this daemon's clock."""
@@ -509,19 +543,37 @@ class Daemon:
             self.say(f"  lost {job.id}: another daemon reaped it (or its sidecar vanished); "
                      "its outcome here is dropped")
             return job
-        if end.signal is not None and self.stop_requests and outcome.kind != "completed":
+        cancel = self._cancel_of(job, outcome)
+        if cancel is not None:
+            note = (f"; the child ended without removing its checkpoints ("
+                    f"{outcome.reason or outcome.kind}): the campaign's next job discards them")
+            moved = self.queue.cancel(job, cancel.describe(note=note), running=True,
+                                      results=outcome.results)
+        elif end.signal is not None and self.stop_requests and outcome.kind != "completed":
             moved = self.queue.requeue(job, f"daemon stopped: {end.reason}",
                                        resume=outcome.resume, results=outcome.results)
         else:
             moved = record_outcome(self.queue, job, outcome, self.cfg.max_attempts)
+        self._cancels.pop(job.id, None)
         if outcome.kind == "no_space":
             self.no_space_seen(outcome)
-        bucket = {JobState.COMPLETED: self.summary.completed,
-                  JobState.FAILED: self.summary.failed}.get(moved.status, self.summary.requeued)
+        bucket = {JobState.COMPLETED: self.summary.completed, JobState.FAILED: self.summary.failed,
+                  JobState.CANCELLED: self.summary.cancelled}.get(moved.status,
+                                                                   self.summary.requeued)
         bucket.append(moved)
         log.info("job.finished", job_id=moved.id, status=moved.status.value,
                  kind=outcome.kind, reason=outcome.reason or end.reason)
         return moved
+
+    def _cancel_of(self, job: Job, outcome: Outcome) -> CancelRequest | None:
+        """The cancel request that decides this job's end when its child did not report
+        ``cancelled`` itself (killed after the grace, crashed, stopped before it saw the
+        request); None when there is none, or the outcome stands: completed, cancelled (the
+        child's own reason), or a permanent failure."""
+        if outcome.kind in ("completed", "cancelled") or outcome.permanent:
+            return None
+        return self._cancels.get(job.id) or \
+            JobFiles.of(self.paths.status, job.id).cancel_request(job.started_at)
 
     # --- signals and status ---------------------------------------------------------------
 

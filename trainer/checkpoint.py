@@ -2,9 +2,11 @@
 
 ``checkpoints/step-<N>/`` loads as is with ``AutoModelForCausalLM.from_pretrained`` (config,
 safetensors weights, tokenizer) and also holds ``trainer_state.pt`` (optimizer, scheduler, RNG;
-read back with ``weights_only=True``), ``trainer_state.json`` (step, job, data position),
-``locked.json`` and, written last, ``COMPLETE``. A checkpoint is assembled in
-``.step-<N>.tmp-<host>-<pid>``, fsynced, then renamed into place without replacing anything.
+read back with ``weights_only=True``), ``trainer_state.json`` (step, job, data position,
+config_hash), ``locked.json``, ``realm_config.json`` (the job's resolved config with each
+key's layer and source, the same config_hash) and, written last, ``COMPLETE``. A checkpoint is
+assembled in ``.step-<N>.tmp-<host>-<pid>``, fsynced, then renamed into place without replacing
+anything.
 Only folders with ``COMPLETE`` count.
 
 Lineage: a job's checkpoints are resume points until its final one, written with
@@ -41,6 +43,8 @@ from core.job import utc_now
 log = structlog.get_logger("realm.checkpoint")
 
 MARKER = "COMPLETE"
+CONFIG_FILE = "realm_config.json"
+"""The resolved config of the job that wrote the checkpoint (values, layers, sources, hash)."""
 STATE_SCHEMA = 1
 _STEP_DIR = re.compile(r"step-(\d+)")
 _TMP_DIR = re.compile(r"\.step-\d+\.tmp-(?P<host>.+)-(?P<pid>\d+)")
@@ -154,8 +158,10 @@ class Staged:
 
 
 def stage_checkpoint(root: Path, step: int, model, tokenizer, *, state: dict[str, Any],
-                     torch_state: dict[str, Any], locked: dict[str, Any]) -> Staged:
-    """Write everything but the completion marker into ``.step-<step>.tmp-<host>-<pid>``."""
+                     torch_state: dict[str, Any], locked: dict[str, Any],
+                     config: dict[str, Any] | None = None) -> Staged:
+    """Write everything but the completion marker into ``.step-<step>.tmp-<host>-<pid>``;
+    ``config`` (the job's ``Resolved.record()``) becomes ``realm_config.json``."""
     _check_finite(model)
     root.mkdir(parents=True, exist_ok=True)
     if (root / f"step-{step}").exists():
@@ -170,6 +176,8 @@ def stage_checkpoint(root: Path, step: int, model, tokenizer, *, state: dict[str
         write_json_atomic(tmp / "trainer_state.json",
                           {"schema": STATE_SCHEMA, "saved_at": utc_now(), **state, "step": step})
         write_json_atomic(tmp / "locked.json", locked)
+        if config is not None:
+            write_json_atomic(tmp / CONFIG_FILE, config)
         _fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -178,10 +186,11 @@ def stage_checkpoint(root: Path, step: int, model, tokenizer, *, state: dict[str
 
 
 def save_checkpoint(root: Path, step: int, model, tokenizer, *, state: dict[str, Any],
-                    torch_state: dict[str, Any], locked: dict[str, Any]) -> Checkpoint:
+                    torch_state: dict[str, Any], locked: dict[str, Any],
+                    config: dict[str, Any] | None = None) -> Checkpoint:
     """Stage and commit at once (the weights are already approved)."""
     return stage_checkpoint(root, step, model, tokenizer, state=state, torch_state=torch_state,
-                            locked=locked).commit()
+                            locked=locked, config=config).commit()
 
 
 def lineage_head(root: Path) -> Checkpoint | None:
@@ -195,6 +204,18 @@ def lineage_head(root: Path) -> Checkpoint | None:
 def remove_checkpoint(ckpt: Checkpoint, event: str, **why) -> None:
     log.warning(event, step=ckpt.step, path=str(ckpt.path), **why)
     shutil.rmtree(ckpt.path)
+
+
+def remove_unfinished_of(root: Path, job_id: str, event: str, **why) -> list[Path]:
+    """Remove every resume point (unfinished checkpoint) ``job_id`` wrote: a failed or cancelled
+    job leaves the campaign's lineage exactly as it found it. Its finished checkpoint, if any,
+    is kept (the job did train to the end)."""
+    removed = []
+    for ckpt in complete_checkpoints(root):
+        if ckpt.lineage() == (job_id, False):
+            remove_checkpoint(ckpt, event, job_id=job_id, **why)
+            removed.append(ckpt.path)
+    return removed
 
 
 def apply_retention(root: Path, keep_last: int, *, protect: set[Path] = frozenset(),

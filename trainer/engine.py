@@ -21,7 +21,7 @@ measures the validation loss (and samples ``eval.sample_prompts``) outside the s
 Lineage (``trainer.checkpoint``): a new job continues from the campaign's newest *finished*
 checkpoint; it resumes its own unfinished one only when job id and config hash match and no
 other job finished since; anything else above the head is a dead branch and is removed. A job
-that fails permanently removes what it wrote.
+that fails permanently removes what it wrote (a cancelled one too: ``trainer.run_job``).
 
 On several devices (``trainer.distributed.Group``) each rank takes its slice of every global
 microbatch (``micro_batch_size`` rows per rank), the step's token count is summed over the ranks
@@ -48,7 +48,7 @@ from core.validate import read_regular
 from trainer.attention import NAME as ATTENTION, use_packed_attention
 from trainer.checkpoint import (Checkpoint, Staged, apply_retention, clean_incomplete,
                                 complete_checkpoints, lineage_head, remove_checkpoint,
-                                stage_checkpoint)
+                                remove_unfinished_of, stage_checkpoint)
 from trainer.data.cache import load_or_build
 from trainer.data.packing import IGNORE, Batch, collate, pack_rows, packing_efficiency
 from trainer.data.reader import DataError
@@ -67,6 +67,7 @@ class StopRequested(Exception):
 
     def __init__(self, checkpoint: Checkpoint | None, step: int):
         super().__init__(f"stopped at step {step}")
+        self.step = step
         self.checkpoint = checkpoint
         """The resume point (None on ranks other than 0, which write nothing)."""
 
@@ -91,6 +92,8 @@ class JobSpec:
     status_path: Path | None = None
     base_dir: Path | None = None
     """The realm folder: a relative ``eval.sample_prompts`` path is read from it."""
+    config_record: dict | None = None
+    """``Resolved.record()``: written into every checkpoint as ``realm_config.json``."""
 
 
 @dataclass
@@ -586,14 +589,12 @@ class Trainer:
                        else None}
         return stage_checkpoint(self.spec.checkpoint_root, self.global_step, self.model,
                                 self.tokenizer, state=state, torch_state=torch_state,
-                                locked=self.spec.locked)
+                                locked=self.spec.locked, config=self.spec.config_record)
 
     def _discard_own_checkpoints(self) -> None:
-        if not self.group.main or not self.spec.checkpoint_root.is_dir():
-            return
-        for ckpt in complete_checkpoints(self.spec.checkpoint_root):
-            if ckpt.lineage() == (self.spec.job_id, False):
-                remove_checkpoint(ckpt, "checkpoint.failed_job_removed", job_id=self.spec.job_id)
+        if self.group.main:
+            remove_unfinished_of(self.spec.checkpoint_root, self.spec.job_id,
+                                 "checkpoint.failed_job_removed")
 
     # --- the end --------------------------------------------------------------------------
 

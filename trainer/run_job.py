@@ -82,14 +82,15 @@ def build_spec(paths: RealmPaths, job: Job, cli=None):
                    checkpoint_root=campaign.path.parent / "checkpoints",
                    cache_root=paths.base / "cache" / "tokens", config_hash=resolved.config_hash,
                    status_path=JobFiles.of(paths.status, job.id).progress,
-                   base_dir=paths.base), resolved
+                   base_dir=paths.base, config_record=resolved.record()), resolved
 
 
 def _results(job: Job, result=None, resolved=None, governor: dict | None = None) -> dict:
     """The job fields this attempt reports (``daemon.protocol.RESULT_FIELDS``)."""
     out: dict = {}
     if resolved is not None:
-        out.update(config_hash=resolved.config_hash, git_commit=code_version())
+        out.update(config_hash=resolved.config_hash, git_commit=code_version(),
+                   resolved_config=resolved.record())
     if result is not None:
         out.update(start_step=result.start_step, final_step=result.final_step,
                    final_loss=result.final_loss, final_val_loss=result.final_val_loss,
@@ -271,7 +272,7 @@ def _rank_log(paths: RealmPaths, job: Job, group):
 
 
 def _train(paths: RealmPaths, job: Job, alive: Alive | None, cli, stop, group, box: dict):
-    from trainer.engine import Trainer
+    from trainer.engine import StopRequested, Trainer
 
     beat = _test_fault_hooks(alive)
     spec, resolved = build_spec(paths, job, cli)
@@ -285,7 +286,11 @@ def _train(paths: RealmPaths, job: Job, alive: Alive | None, cli, stop, group, b
         trainer.heartbeat = beat
         trainer.data_tick = (lambda: alive.tick("data")) if alive is not None else trainer.data_tick
         trainer.loss_hook = _test_nan_hook(group)
-        return trainer.train()
+        try:
+            return trainer.train()
+        except StopRequested:
+            _drop_if_cancelled(paths, job, group, box)  # still holding the campaign's lock
+            raise
 
 
 def _run(paths: RealmPaths, job: Job, alive: Alive | None, cli, stop, group) -> Outcome:
@@ -295,8 +300,12 @@ def _run(paths: RealmPaths, job: Job, alive: Alive | None, cli, stop, group) -> 
     try:
         result = _train(paths, job, alive, cli, stop, group, box)
     except StoppedWaiting:
-        return Outcome(exitcodes.STOPPED, "stopped", "stopped while waiting for its campaign")
+        return _cancelled(paths, job, box, None) or Outcome(
+            exitcodes.STOPPED, "stopped", "stopped while waiting for its campaign")
     except StopRequested as stopped:
+        cancelled = _cancelled(paths, job, box, stopped.step)
+        if cancelled is not None:
+            return cancelled
         ckpt = stopped.checkpoint
         resume = {"checkpoint": paths.relative(ckpt.path), "step": ckpt.step} if ckpt else None
         return Outcome(exitcodes.STOPPED, "stopped", str(stopped), resume=resume,
@@ -310,9 +319,37 @@ def _run(paths: RealmPaths, job: Job, alive: Alive | None, cli, stop, group) -> 
         free = shutil.disk_usage(paths.base).free if kind == "no_space" else None
         resume = _own_resume_point(paths, box.get("spec"), job) if kind == "no_space" else None
         return Outcome(CODE_OF_KIND[kind], kind, reason, resume=resume, free_bytes=free,
-                       results=_results(job, governor=getattr(exc, "counts", None)))
+                       results=_results(job, resolved=box.get("resolved"),
+                                        governor=getattr(exc, "counts", None)))
     return Outcome(exitcodes.COMPLETED, "completed",
                    results=_results(job, result=result, resolved=box.get("resolved")))
+
+
+def _drop_if_cancelled(paths: RealmPaths, job: Job, group, box: dict) -> None:
+    """A stop that was a cancel (``realm queue cancel`` of this claim): rank 0 removes the
+    job's own resume points, the stop checkpoint included, as a failed job does, so nothing of
+    it becomes the campaign's starting point. Called while the campaign's lock is held (another
+    job's pruning or retention never races it)."""
+    from trainer.checkpoint import remove_unfinished_of
+
+    request = JobFiles.of(paths.status, job.id).cancel_request(job.started_at)
+    if request is not None and group.main:
+        box["cancel"] = request
+        remove_unfinished_of(box["spec"].checkpoint_root, job.id,
+                             "checkpoint.cancelled_job_removed")
+
+
+def _cancelled(paths: RealmPaths, job: Job, box: dict, step: int | None) -> Outcome | None:
+    """The outcome of a stop that was a cancel: who cancelled the job and at which step; None
+    for a warm stop (the job resumes later). A stop while the job waited for its campaign
+    wrote nothing to remove (its earlier attempt's resume point, if any, is pruned by the
+    campaign's next job: it is not on the lineage)."""
+    request = box.get("cancel") or JobFiles.of(paths.status, job.id).cancel_request(
+        job.started_at)
+    if request is None:
+        return None
+    return Outcome(CODE_OF_KIND["cancelled"], "cancelled", request.describe(step),
+                   results=_results(job, resolved=box.get("resolved")))
 
 
 # The trainer's modules (torch, seconds to import) are imported inside the functions that use them:

@@ -179,9 +179,11 @@ def test_illegal_move_changes_nothing_on_disk(realm, queue):
 
 
 def test_cancel_refuses_a_running_job(realm, queue):
+    """The queue moves queued jobs only; a running one is cancelled through its daemon (a
+    cancel request, tests/integration/test_provenance_and_cancel.py)."""
     drop(realm, "normal", "a.jsonl")
     job = queue.claim_next()
-    with pytest.raises(UsageError, match="Stop the daemon"):
+    with pytest.raises(UsageError, match="asks its daemon to stop it at the next step boundary"):
         queue.cancel(job)
 
 
