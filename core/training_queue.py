@@ -128,17 +128,27 @@ class TrainingQueue:
             yield from self.jobs_in(folder, problems)
 
     def find(self, ref: str) -> Job:
-        """A job by id, unique id prefix, or current dataset file name."""
+        """A job by id, current dataset file name or path, dataset stem (``addition-a`` for
+        ``addition-a.jsonl``, the name it was added under or the one it has now), or unique id
+        prefix; the first of these that matches anything decides."""
         jobs = list(self.all_jobs())
-        exact = [j for j in jobs if ref in (j.id, Path(j.dataset_path).name, j.dataset_path)]
-        matches = exact or [j for j in jobs if j.id.startswith(ref)]
+        for match in (lambda j: ref in (j.id, Path(j.dataset_path).name, j.dataset_path),
+                      lambda j: ref in (_stem(j.dataset_name), _stem(Path(j.dataset_path).name)),
+                      lambda j: j.id.startswith(ref)):
+            matches = [j for j in jobs if match(j)]
+            if matches:
+                break
         if len(matches) == 1:
             return matches[0]
         if not matches:
             raise JobNotFound(
-                f"no job matches {ref!r}; `realm queue list --state all` shows every job id.")
-        listed = ", ".join(f"{j.id} ({j.dataset_path})" for j in matches[:10])
-        raise JobNotFound(f"{ref!r} matches {len(matches)} jobs: {listed}; give the full job id.")
+                f"no job matches {ref!r} (by id, id prefix, dataset file name or stem); "
+                "`realm queue list --state all` shows every job.")
+        listed = "\n".join(f"  {j.id}  {j.status.value:<10} {j.dataset_path}"
+                           for j in matches[:10])
+        more = f"\n  ... and {len(matches) - 10} more" if len(matches) > 10 else ""
+        raise JobNotFound(f"{ref!r} matches {len(matches)} jobs:\n{listed}{more}\ngive one of "
+                          "these job ids (or a longer prefix of one).")
 
     # --- adoption -----------------------------------------------------------------------------
 
@@ -573,6 +583,10 @@ def _claim_candidates(jobs: list[Job]) -> Iterator[Job]:
     first = min(jobs, key=_order_key)
     yield first
     yield from (j for j in claim_order(jobs) if j is not first)
+
+
+def _stem(name: str) -> str:
+    return name.removesuffix(DATASET_SUFFIX)
 
 
 def _who(worker: dict | None) -> str:
