@@ -1,4 +1,4 @@
-"""``realm queue ...``: status, list, show, add, retry, cancel, skip."""
+"""``realm queue ...``: status, list, show, add, retry, hold, release, cancel, skip."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from cli.common import positive_seconds, print_json, realm_paths
 from cli.status import LIST_STATES, build_list, build_status, render_job, render_list, render_status
 from config.flags import parse_sets_checked
 from config.resolver import Layer, check_values
-from core.errors import ConfigError
+from core.errors import ConfigError, UsageError
 from core.paths import PRIORITIES, check_name
 from core.training_queue import TrainingQueue
 from guild.campaigns import find_campaign
@@ -81,9 +81,36 @@ def cmd_queue_add(args) -> int:
 
 
 def cmd_queue_retry(args) -> int:
+    if (args.job is None) == (not args.all_failed):
+        raise UsageError("queue retry: give one JOB or --all-failed (not both, not neither).")
     queue = _queue(args)
-    job = queue.retry(queue.find(args.job), reason=args.reason)
-    print(f"{job.id}: requeued as {job.dataset_path}")
+    if not args.all_failed:
+        job = queue.retry(queue.find(args.job), reason=args.reason)
+        print(f"{job.id}: requeued as {job.dataset_path}")
+        return 0
+    failed = queue.jobs_in("failed")
+    if not failed:
+        print("no failed jobs: nothing to retry")
+        return 0
+    for job in sorted(failed, key=lambda j: j.finished_at or ""):
+        moved = queue.retry(job, reason=args.reason)
+        print(f"{moved.id}: requeued as {moved.dataset_path} (failed: {job.last_error})")
+    print(f"requeued {len(failed)} failed job(s)")
+    return 0
+
+
+def cmd_queue_hold(args) -> int:
+    queue = _queue(args)
+    job = queue.hold(queue.find(args.job), reason=args.reason)
+    print(f"{job.id}: held in {job.dataset_path}; never claimed until "
+          f"`realm queue release {job.id}`")
+    return 0
+
+
+def cmd_queue_release(args) -> int:
+    queue = _queue(args)
+    job = queue.release(queue.find(args.job), reason=args.reason)
+    print(f"{job.id}: released; claimable again in its place in queue/{job.priority}/")
     return 0
 
 
@@ -140,8 +167,19 @@ def add_parsers(sub) -> None:
                    help="config override stored on the job (repeatable)")
     p.set_defaults(handler=cmd_queue_add)
 
+    p = qsub.add_parser("retry", help="failed/skipped/cancelled -> queued (one job, or every "
+                                      "failed one)")
+    p.add_argument("job", nargs="?", help=JOB_HELP)
+    p.add_argument("--all-failed", action="store_true",
+                   help="requeue every job in queue/failed/ (instead of one JOB)")
+    p.add_argument("--reason", default="retry requested by user",
+                   help="recorded in history and the ledger")
+    p.set_defaults(handler=cmd_queue_retry)
+
     for name, handler, default, help_ in (
-        ("retry", cmd_queue_retry, "retry requested by user", "failed/skipped/cancelled -> queued"),
+        ("hold", cmd_queue_hold, "held by user",
+         "keep a queued job in place but never claim it until released"),
+        ("release", cmd_queue_release, "released by user", "make a held job claimable again"),
         ("cancel", cmd_queue_cancel, "cancelled by user", "queued -> cancelled (withdrawn)"),
         ("skip", cmd_queue_skip, "skipped by user",
          "queued -> skipped (set aside, kept; retry queues it again)"),

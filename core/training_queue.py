@@ -287,7 +287,7 @@ class TrainingQueue:
         self.adopt_new(splits)
         for skip in ([defer, None] if defer is not None else [None]):
             for priority in PRIORITIES:
-                for job in _claim_candidates(splits[priority].jobs):
+                for job in _claim_candidates([j for j in splits[priority].jobs if not j.held]):
                     if skip is not None and skip(job):
                         continue
                     if not self._unchanged_since_adoption(job):
@@ -353,6 +353,35 @@ class TrainingQueue:
                 j.resume = resume
 
         return self._move(job, JobState.QUEUED, reason=reason, mutate=keep_resume)
+
+    def hold(self, job: Job, reason: str = "held by user") -> Job:
+        """Keep a queued job where it is but never claim it until ``release``; recorded in the
+        sidecar (``held``) and its history, under the queue lock like every other write."""
+        return self._mark_held(job, reason, hold=True)
+
+    def release(self, job: Job, reason: str = "released by user") -> Job:
+        """A held job becomes claimable again, in its old place (its claim order is unchanged)."""
+        return self._mark_held(job, reason, hold=False)
+
+    def _mark_held(self, job: Job, reason: str, *, hold: bool) -> Job:
+        verb = "hold" if hold else "release"
+        with self._locked():
+            fresh = self._fresh(job)
+            if fresh.status is not JobState.QUEUED:
+                raise UsageError(f"job {job.id} is {fresh.status.value}; `queue {verb}` applies "
+                                 "to queued jobs only"
+                                 + (" (`realm queue retry` queues it again)."
+                                    if fresh.status in TERMINAL else "."))
+            if bool(fresh.held) == hold:
+                raise UsageError(f"job {job.id} is {'already held: ' + fresh.held if hold else 'not held'}"
+                                 f"; nothing to {verb}.")
+            fresh.held = reason if hold else None
+            entry = {"from": "queued", "to": "queued", "at": utc_now(),
+                     "reason": f"{'held' if hold else 'released'}: {reason}"}
+            fresh.history.append(entry)
+            self._write_sidecar(sidecar_of(self.paths.queue_entry(fresh.dataset_path)), fresh)
+            self.ledger.append(fresh, entry)
+            return fresh
 
     def retry(self, job: Job, reason: str = "retry requested") -> Job:
         """failed, skipped or cancelled -> queued; the attempt budget starts again."""
@@ -468,6 +497,8 @@ class TrainingQueue:
                 if to is JobState.QUEUED:
                     to, reason = JobState.FAILED, f"{reason}; it cannot be queued again"
             entry = transition(fresh, to, reason=reason)  # raises before anything moves
+            if to is not JobState.QUEUED:
+                fresh.held = None  # a hold belongs to the queue: cancel or skip ends it
             if mutate:
                 mutate(fresh)
             if vanished and to is JobState.FAILED:
