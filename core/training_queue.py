@@ -295,7 +295,8 @@ class TrainingQueue:
                     try:
                         return self._move(job, JobState.PROCESSING,
                                           reason=f"claimed by {_who(worker)}",
-                                          mutate=lambda j: _stamp_worker(j, worker))
+                                          mutate=lambda j: _stamp_worker(j, worker),
+                                          guard=_not_held)
                     except ClaimLost:
                         continue  # another process won this one: take the next
                     except SidecarError:  # changed in place since it was cached: re-read later
@@ -614,6 +615,12 @@ def _claim_candidates(jobs: list[Job]) -> Iterator[Job]:
     first = min(jobs, key=_order_key)
     yield first
     yield from (j for j in claim_order(jobs) if j is not first)
+
+
+def _not_held(job: Job) -> None:
+    """Checked under the lock at claim: a hold written after the claimer's listing wins."""
+    if job.held:
+        raise ClaimLost(f"{job.id} was held after it was listed")
 
 
 def _stem(name: str) -> str:

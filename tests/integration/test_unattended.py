@@ -16,7 +16,8 @@ import time
 import pytest
 
 from core.job import JobState
-from core.training_queue import TrainingQueue
+from core.errors import ClaimLost
+from core.training_queue import TrainingQueue, _not_held
 from tests.conftest import drop, write_dataset
 from tests.integration.test_cli import realm_cmd
 from tests.trainer.test_training import make_realm
@@ -207,3 +208,13 @@ def test_a_hook_that_cannot_start_or_hangs_is_logged_and_the_daemon_goes_on(real
                             0.5, realm, job, said.append) is None
     assert "could not start: [Errno 2]" in said[0]
     assert "did not finish within daemon.on_job_end_timeout (0.5 s)" in said[1]
+
+
+def test_a_hold_written_after_the_claimers_listing_still_wins(realm, queue):
+    drop(realm, "normal", "a.jsonl")
+    queue.adopt_new()
+    listed = queue.queued()  # what a claimer saw before the hold
+    TrainingQueue(realm.base).hold(listed[0], "just now")
+    with pytest.raises(ClaimLost, match="was held after it was listed"):
+        queue._move(listed[0], JobState.PROCESSING, reason="claim", guard=_not_held)
+    assert queue.claim_next() is None and queue.find("a").held == "just now"
