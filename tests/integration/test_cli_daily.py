@@ -131,7 +131,11 @@ def test_the_help_walker_notices_an_option_without_help():
 def test_completion_scripts_name_the_subcommands():
     bash = bare("completion", "bash")
     assert bash.returncode == 0, bash.stderr
-    for word in ("queue", "daemon", "campaign", "completion", "--base-dir", "retry"):
+    sub = next(a for a in build_parser()._actions if isinstance(a, argparse._SubParsersAction))
+    commands = set(sub.choices)
+    assert {"init", "queue", "daemon", "campaign", "config", "completion"} <= commands
+    for word in sorted(commands) + ["hold", "release", "pause", "resume", "--all-failed",
+                                    "--base-dir"]:
         assert word in bash.stdout, word
     assert "complete" in bash.stdout and "_shtab_realm" in bash.stdout
     zsh = bare("completion", "zsh")
