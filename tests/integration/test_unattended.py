@@ -102,7 +102,7 @@ def _daemon_state(paths) -> str | None:
     return None
 
 
-@pytest.mark.slow(seconds=30)
+@pytest.mark.slow(seconds=45)
 def test_pause_and_resume_a_running_daemon_without_restarting_it(tmp_path):
     paths = make_realm(tmp_path / "r")
     (paths.base / "config.json").write_text(json.dumps({"daemon": {"settle_seconds": 0.1}}))
@@ -124,8 +124,18 @@ def test_pause_and_resume_a_running_daemon_without_restarting_it(tmp_path):
         assert "paused: claiming paused" in status, "the daemon's own line says paused too"
         out = realm_cmd(paths.base, "daemon", "resume")
         assert out.returncode == 0 and "claiming resumed" in out.stdout
+        _wait(lambda: _daemon_state(paths) == "training", 60, "the job to be claimed")
+        # paused while a job trains: that job goes on to the end, the next one waits
+        assert realm_cmd(paths.base, "daemon", "pause").returncode == 0
+        later = queue.add(write_dataset(tmp_path / "later.jsonl", n=8))
         _wait(lambda: queue.find(job.id).status is JobState.COMPLETED, 120,
-              "the job to train after resume")
+              "the running job to finish despite the pause")
+        _wait(lambda: _daemon_state(paths) == "paused", 30, "the daemon to pause after it")
+        time.sleep(1.0)
+        assert queue.find(later.id).status is JobState.QUEUED
+        assert realm_cmd(paths.base, "daemon", "resume").returncode == 0
+        _wait(lambda: queue.find(later.id).status is JobState.COMPLETED, 120,
+              "the second job after the second resume")
     finally:
         daemon.send_signal(signal.SIGTERM)
         output = daemon.communicate(timeout=60)[0]
