@@ -14,6 +14,7 @@ from config.schema import BOUNDS
 from core.logsetup import configure
 from core.paths import RealmPaths, init_layout
 from core.training_queue import TrainingQueue
+from daemon.pause import describe, pause, resume
 from guild.campaigns import active_ref, create_campaign
 from guild.heroes import install_shipped
 from guild.selection import resolve_for
@@ -64,9 +65,28 @@ def cmd_daemon(args) -> int:
         stream.close()
     left = f"; {summary.left_queued} job(s) left queued: not claiming: {summary.guard}" \
         if summary.guard and summary.left_queued else ""
+    cancelled = f", {len(summary.cancelled)} cancelled" if summary.cancelled else ""
     print(f"daemon stopped: {len(summary.completed)} completed, {len(summary.failed)} failed, "
-          f"{len(summary.requeued)} requeued{left}")
+          f"{len(summary.requeued)} requeued{cancelled}{left}")
     return 3 if left else 1 if args.once and summary.failed else 0  # 3: exitcodes.ONCE_LEFT_QUEUED
+
+
+def cmd_daemon_pause(args) -> int:
+    paths = realm_paths(args)
+    already = pause(paths, args.reason)
+    if already is not None:
+        print(f"already paused: {describe(already)}")
+        return 0
+    print(f"claiming paused for every daemon of {paths.base}; the running job (if any) goes on. "
+          "`realm daemon resume` claims again.")
+    return 0
+
+
+def cmd_daemon_resume(args) -> int:
+    was = resume(realm_paths(args))
+    print(f"claiming resumed (was {describe(was)})" if was else
+          "not paused: daemons are claiming already")
+    return 0
 
 
 DEMO_OVERRIDES = {"training": {"epochs": 20, "learning_rate": 3e-3, "warmup_steps": 10},
@@ -157,6 +177,15 @@ def add_parsers(sub) -> None:
     p.add_argument("--json", action="store_true", help="with --plan: machine-readable")
     add_common_flags(p)
     p.set_defaults(handler=cmd_daemon)
+    dsub = p.add_subparsers(dest="daemon_command", metavar="[pause|resume]",
+                            help="without one: run the daemon")
+    q = dsub.add_parser("pause", help="every daemon of this realm stops claiming (the running "
+                                      "job goes on); no restart")
+    q.add_argument("--reason", default="paused by user",
+                   help="shown in `realm queue status` and the daemon's output")
+    q.set_defaults(handler=cmd_daemon_pause)
+    q = dsub.add_parser("resume", help="claiming starts again (within daemon.poll_interval)")
+    q.set_defaults(handler=cmd_daemon_resume)
     p = sub.add_parser("demo", help="the embedded default end to end: tiny-qwen3, generated "
                                     "data, the queue drained")
     p.add_argument("--dir", default="realm-demo", help="realm to create or reuse")

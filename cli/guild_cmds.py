@@ -194,43 +194,48 @@ def add_parsers(sub) -> None:
     hero = sub.add_parser("hero", help="model profiles").add_subparsers(
         dest="hero_command", required=True, metavar="COMMAND")
     p = hero.add_parser("list", help="every hero this realm knows")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
     p.set_defaults(handler=cmd_hero_list)
     p = hero.add_parser("show", help="one hero profile")
-    p.add_argument("hero")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("hero", help="the hero's name (realm hero list shows them)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
     p.set_defaults(handler=cmd_hero_show)
 
     camp = sub.add_parser("campaign", help="training lineages").add_subparsers(
         dest="campaign_command", required=True, metavar="COMMAND")
     p = camp.add_parser("create", help="create (and activate) a campaign")
-    p.add_argument("name")
-    p.add_argument("--hero", required=True)
-    p.add_argument("--description")
+    p.add_argument("name", help="the campaign's name (letters, digits, '.', '_', '-')")
+    p.add_argument("--hero", required=True, help="the hero this campaign trains (fixed for life)")
+    p.add_argument("--description", help="a line of text kept in campaign.json")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="campaign override")
-    p.add_argument("--no-activate", action="store_true")
+    p.add_argument("--no-activate", action="store_true",
+                   help="create it without making it the active campaign")
     p.set_defaults(handler=cmd_campaign_create)
     p = camp.add_parser("list", help="every campaign; * marks the active one")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
     p.set_defaults(handler=cmd_campaign_list)
     p = camp.add_parser("activate", help="make HERO/NAME the active campaign")
-    p.add_argument("ref", metavar="HERO/NAME")
+    p.add_argument("ref", metavar="HERO/NAME", help="the campaign (NAME alone when one hero "
+                                                     "has it)")
     p.set_defaults(handler=cmd_campaign_activate)
     p = camp.add_parser("show", help="one campaign (default: the active one)")
-    p.add_argument("ref", nargs="?", metavar="HERO/NAME")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("ref", nargs="?", metavar="HERO/NAME",
+                   help="the campaign (NAME alone when one hero has it); default: the active one")
+    p.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
     p.set_defaults(handler=cmd_campaign_show)
 
     config = sub.add_parser("config", help="the resolved configuration").add_subparsers(
         dest="config_command", required=True, metavar="COMMAND")
     p = config.add_parser("show", help="resolved config; --explain adds layer and source")
-    p.add_argument("--hero")
-    p.add_argument("--campaign", metavar="HERO/NAME")
+    p.add_argument("--hero", help="resolve for this hero (default: the campaign's)")
+    p.add_argument("--campaign", metavar="HERO/NAME",
+                   help="resolve for this campaign (default: the active one)")
     p.add_argument("--job", metavar="FILE|JOB",
                    help="a dataset, sidecar or job id: a job that trained prints the config it "
                         "recorded (values, layers, sources, hash); one not trained yet, today's "
                         "resolution of its layers")
-    p.add_argument("--explain", action="store_true")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--explain", action="store_true",
+                   help="one row per key with its value, layer and source")
+    p.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
     add_common_flags(p)
     p.set_defaults(handler=cmd_config_show)

@@ -11,11 +11,13 @@ import argparse
 import os
 import sys
 import traceback
+from importlib import metadata
 
 from cli import daemon_cmds, guild_cmds, queue_cmds
 from cli.common import realm_paths
 from core.errors import RealmError
-from core.paths import init_layout
+from core.errors import UsageError
+from core.paths import init_layout, resolve_base
 from guild.heroes import install_shipped
 
 
@@ -24,6 +26,11 @@ def _debug_wanted(argv: list[str]) -> bool:
 
 
 def cmd_init(args) -> int:
+    if args.dir is not None:
+        if args.base_dir is not None and resolve_base(args.base_dir) != resolve_base(args.dir):
+            raise UsageError(f"realm init {args.dir} --base-dir {args.base_dir}: two different "
+                             "realms named; give the directory once (either form).")
+        args.base_dir = args.dir
     paths = realm_paths(args, must_exist=False)
     paths.base.mkdir(parents=True, exist_ok=True)
     created = init_layout(paths)
@@ -34,18 +41,62 @@ def cmd_init(args) -> int:
     return 0
 
 
+def version_text() -> str:
+    """realm's version and, when installed, torch's and transformers': read from the installed
+    packages' metadata, so ``--version`` never imports torch (it answers in milliseconds)."""
+    parts = []
+    for dist, label in (("realm-trainer", "realm"), ("torch", "torch"),
+                        ("transformers", "transformers")):
+        try:
+            parts.append(f"{label} {metadata.version(dist)}")
+        except metadata.PackageNotFoundError:
+            parts.append(f"{label} (not installed)")
+    return ", ".join(parts)
+
+
+def cmd_completion(args) -> int:
+    """The shell completion script for ``realm``, generated from this parser by shtab."""
+    import shtab  # only this command needs it
+
+    print(shtab.complete(build_parser(), shell=args.shell))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="realm", description="realm: a training daemon with a file-backed job queue.")
     parser.add_argument("--base-dir", help="the realm directory (default: $REALM_HOME or cwd)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument("--version", action=_VersionAction,
+                        help="print realm's version (and torch's, transformers') and exit")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     p = sub.add_parser("init", help="create or repair a realm layout (idempotent)")
+    p.add_argument("dir", nargs="?", default=None, metavar="DIR",
+                   help="the realm directory to create (same as --base-dir; default: "
+                        "$REALM_HOME or cwd)")
     p.set_defaults(handler=cmd_init)
     queue_cmds.add_parsers(sub)
     guild_cmds.add_parsers(sub)
     daemon_cmds.add_parsers(sub)
+    p = sub.add_parser("completion", help="print a shell completion script (bash or zsh)",
+                       description="Print the completion script; for bash: "
+                                   "realm completion bash > ~/.local/share/bash-completion/"
+                                   "completions/realm (zsh: a file _realm on $fpath).")
+    p.add_argument("shell", choices=("bash", "zsh"), help="the shell to complete for")
+    p.set_defaults(handler=cmd_completion)
     _global_options_everywhere(sub)
     return parser
+
+
+class _VersionAction(argparse.Action):
+    """argparse's ``version`` action, but the text is read only when ``--version`` is given
+    (reading three packages' metadata costs ~90 ms that no other command should pay)."""
+
+    def __init__(self, option_strings, dest, **kwargs):
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(version_text())
+        parser.exit()
 
 
 def _global_options_everywhere(sub) -> None:

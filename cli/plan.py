@@ -20,6 +20,7 @@ from core.queue_scan import estimate_tokens, unadopted_job
 from core.training_queue import TrainingQueue, claim_order
 from core.validate import open_regular
 from daemon.lock import DeviceSet
+from daemon.pause import describe, paused
 from guild.selection import resolve_for
 
 PLAN_SCHEMA = 1
@@ -105,11 +106,14 @@ def build_plan(paths: RealmPaths, cli_args=None) -> dict[str, Any]:
         where = "--devices" if devices else "config"
         problems.append({"path": where, "problem": str(exc)})
         device_set = DeviceSet("cpu", 1, "")
+    entries = _entries(queue, problems)
     rows = [_plan_row(paths, p, path, job, cli, throughput, device_set.ranks)
-            for p, path, job in _entries(queue, problems)]
+            for p, path, job in entries if not (job and job.held)]
+    held = [{"job_id": job.id, "file": job.dataset_path, "reason": job.held}
+            for _, _, job in entries if job and job.held]
     return {"schema": PLAN_SCHEMA, "realm": str(paths.base), "tokens_per_sec": throughput,
             "devices": device_set.spec, "ranks_per_job": device_set.ranks,
-            "jobs": rows, "problems": problems}
+            "jobs": rows, "held": held, "paused": paused(paths), "problems": problems}
 
 
 def render_plan(plan: dict[str, Any]) -> str:
@@ -125,5 +129,10 @@ def render_plan(plan: dict[str, Any]) -> str:
         for key, s in (r.get("settings") or {}).items():
             lines.append(f"       {key} = {s['value']} ({s['layer']})")
         lines += [f"       problem: {p}" for p in r["problems"]]
+    lines += [f"held, not claimed until `realm queue release {h['job_id']}`: {h['file']} "
+              f"({h['reason']})" for h in plan.get("held", [])]
+    if plan.get("paused"):
+        lines.append(f"nothing is claimed now: {describe(plan['paused'])}; "
+                     "`realm daemon resume` claims again")
     lines += [f"problem: {problem_line(p)}" for p in plan["problems"]]
     return "\n".join(lines)

@@ -1,8 +1,7 @@
-"""``realm queue ...``: status, list, show, add, retry, cancel, skip."""
+"""``realm queue ...``: status, list, show, add, retry, hold, release, cancel, skip."""
 
 from __future__ import annotations
 
-import argparse
 import getpass
 import json
 import os
@@ -10,16 +9,17 @@ import sys
 import time
 from pathlib import Path
 
-from cli.common import print_json, realm_paths
+from cli.common import positive_seconds, print_json, realm_paths
 from cli.status import LIST_STATES, build_list, build_status, render_job, render_list, render_status
 from config.flags import parse_sets_checked
 from config.resolver import Layer, check_values
-from core.errors import ConfigError, JobRunning
+from core.errors import ConfigError, JobRunning, UsageError
 from core.fsutil import host_name, process_alive
 from core.job import Job, JobState, utc_now
 from core.paths import PRIORITIES, check_name
 from core.training_queue import TrainingQueue
 from daemon.protocol import CancelRequest, JobFiles
+from guild.campaigns import find_campaign
 
 
 def _queue(args):
@@ -68,23 +68,54 @@ def _check_overrides(overrides: dict) -> None:
 
 
 def cmd_queue_add(args) -> int:
-    for value, what in ((args.hero, "--hero"), (args.campaign, "--campaign")):
-        if value is not None:
-            for part in value.split("/", 1) if what == "--campaign" else [value]:
-                check_name(part, what)
+    paths = realm_paths(args)
+    if args.hero is not None:
+        check_name(args.hero, "--hero")
+    campaign = None
+    if args.campaign is not None:  # the same reader as campaign activate / config show
+        campaign = find_campaign(paths, args.campaign, hero_id=args.hero,
+                                 what="--campaign").ref
     overrides = parse_sets_checked(args.set)
     _check_overrides(overrides)
-    job = _queue(args).add(Path(args.file), priority=args.priority, hero_id=args.hero,
-                           campaign_id=args.campaign, overrides=overrides)
+    job = TrainingQueue(paths.base).add(Path(args.file), priority=args.priority,
+                                        hero_id=args.hero, campaign_id=campaign,
+                                        overrides=overrides)
     print(f"queued {job.id} as {job.dataset_path} ({job.num_examples} examples, "
           f"{job.num_bytes} bytes)")
     return 0
 
 
 def cmd_queue_retry(args) -> int:
+    if (args.job is None) == (not args.all_failed):
+        raise UsageError("queue retry: give one JOB or --all-failed (not both, not neither).")
     queue = _queue(args)
-    job = queue.retry(queue.find(args.job), reason=args.reason)
-    print(f"{job.id}: requeued as {job.dataset_path}")
+    if not args.all_failed:
+        job = queue.retry(queue.find(args.job), reason=args.reason)
+        print(f"{job.id}: requeued as {job.dataset_path}")
+        return 0
+    failed = queue.jobs_in("failed")
+    if not failed:
+        print("no failed jobs: nothing to retry")
+        return 0
+    for job in sorted(failed, key=lambda j: j.finished_at or ""):
+        moved = queue.retry(job, reason=args.reason)
+        print(f"{moved.id}: requeued as {moved.dataset_path} (failed: {job.last_error})")
+    print(f"requeued {len(failed)} failed job(s)")
+    return 0
+
+
+def cmd_queue_hold(args) -> int:
+    queue = _queue(args)
+    job = queue.hold(queue.find(args.job), reason=args.reason)
+    print(f"{job.id}: held in {job.dataset_path}; never claimed until "
+          f"`realm queue release {job.id}`")
+    return 0
+
+
+def cmd_queue_release(args) -> int:
+    queue = _queue(args)
+    job = queue.release(queue.find(args.job), reason=args.reason)
+    print(f"{job.id}: released; claimable again in its place in queue/{job.priority}/")
     return 0
 
 
@@ -145,6 +176,9 @@ def cmd_queue_skip(args) -> int:
     return 0
 
 
+JOB_HELP = "job id, unique id prefix, dataset file name, or dataset stem (addition-a)"
+
+
 def add_parsers(sub) -> None:
     queue = sub.add_parser("queue", help="inspect and change the job queue")
     qsub = queue.add_subparsers(dest="queue_command", required=True, metavar="COMMAND")
@@ -152,37 +186,54 @@ def add_parsers(sub) -> None:
     p = qsub.add_parser("status", help="counts, the running job, recent results, problems")
     p.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
     p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
-    p.add_argument("--interval", type=float, default=2.0, help=argparse.SUPPRESS)
+    p.add_argument("--interval", type=positive_seconds("--interval"), default=2.0,
+                   metavar="SECONDS", help="with --watch: seconds between refreshes (default 2)")
     p.set_defaults(handler=cmd_queue_status)
 
     p = qsub.add_parser("list", help="jobs in one state; queued ones in claim order")
-    p.add_argument("--state", choices=LIST_STATES, default="queued")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("--state", choices=LIST_STATES, default="queued",
+                   help="which jobs: one state, or all (default: queued, in claim order)")
+    p.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
     p.set_defaults(handler=cmd_queue_list)
 
     p = qsub.add_parser("show", help="one job's full record and history")
-    p.add_argument("job", help="job id, unique id prefix, or dataset file name")
-    p.add_argument("--json", action="store_true")
+    p.add_argument("job", help=JOB_HELP)
+    p.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
     p.set_defaults(handler=cmd_queue_show)
 
     p = qsub.add_parser("add", help="copy a dataset into the queue atomically")
-    p.add_argument("file")
-    p.add_argument("--priority", choices=PRIORITIES, default="normal")
-    p.add_argument("--hero")
-    p.add_argument("--campaign")
+    p.add_argument("file", help="the .jsonl dataset to queue (copied; the source is kept)")
+    p.add_argument("--priority", choices=PRIORITIES, default="normal",
+                   help="queue tier: high jobs are claimed before normal, normal before low")
+    p.add_argument("--hero", help="the hero (model profile) to train; default: the campaign's "
+                                  "hero, else the active campaign's")
+    p.add_argument("--campaign", metavar="HERO/NAME",
+                   help="the campaign to train in (HERO/NAME, or NAME when one hero has it); "
+                        "default: the active campaign")
     p.add_argument("--set", action="append", metavar="KEY=VALUE",
                    help="config override stored on the job (repeatable)")
     p.set_defaults(handler=cmd_queue_add)
 
+    p = qsub.add_parser("retry", help="failed/skipped/cancelled -> queued (one job, or every "
+                                      "failed one)")
+    p.add_argument("job", nargs="?", help=JOB_HELP)
+    p.add_argument("--all-failed", action="store_true",
+                   help="requeue every job in queue/failed/ (instead of one JOB)")
+    p.add_argument("--reason", default="retry requested by user",
+                   help="recorded in history and the ledger")
+    p.set_defaults(handler=cmd_queue_retry)
+
     for name, handler, default, help_ in (
-        ("retry", cmd_queue_retry, "retry requested by user", "failed/skipped/cancelled -> queued"),
+        ("hold", cmd_queue_hold, "held by user",
+         "keep a queued job in place but never claim it until released"),
+        ("release", cmd_queue_release, "released by user", "make a held job claimable again"),
         ("cancel", cmd_queue_cancel, "cancelled by user",
          "queued -> cancelled (withdrawn); a running job stops at its next step boundary"),
         ("skip", cmd_queue_skip, "skipped by user",
          "queued -> skipped (set aside, kept; retry queues it again)"),
     ):
         p = qsub.add_parser(name, help=help_)
-        p.add_argument("job", help="job id, unique id prefix, or dataset file name")
+        p.add_argument("job", help=JOB_HELP)
         p.add_argument("--reason", default=default, help="recorded in history and the ledger")
         p.set_defaults(handler=handler)
 

@@ -14,6 +14,7 @@ from core.fsutil import host_name, process_alive
 from core.job import Job
 from core.paths import PRIORITIES, STATE_FOLDERS, layout_problems
 from core.training_queue import TrainingQueue, claim_order
+from daemon.pause import describe, paused
 from daemon.supervisor import JobFiles
 
 STATUS_SCHEMA = 1
@@ -34,27 +35,28 @@ def _recent(queue: TrainingQueue, folder: str, limit: int, problems: list) -> li
     return [j.summary() for j in sorted(jobs, key=lambda j: j.finished_at or "", reverse=True)]
 
 
-def _counts(queue: TrainingQueue, problems: list) -> tuple[dict, dict, int]:
-    counts, by_priority, waiting = {}, {}, 0
+def _counts(queue: TrainingQueue, problems: list) -> tuple[dict, dict, int, int]:
+    counts, by_priority, waiting, held = {}, {}, 0, 0
     for priority in PRIORITIES:
         listing = queue.listing(priority)
         problems.extend(listing.problems)
         by_priority[priority] = len(listing.datasets)
         waiting += sum(1 for n in listing.datasets if n not in listing.sidecars)
         for name, entry in listing.sidecars.items():
-            queue._load(entry, problems)  # surfaces malformed sidecars as problems
+            loaded = queue._load(entry, problems)  # surfaces malformed sidecars as problems
+            held += isinstance(loaded, Job) and bool(loaded.held)
     counts["queued"] = sum(by_priority.values())
     for folder in STATE_FOLDERS:
         listing = queue.listing(folder)
         problems.extend(listing.problems)
         counts[folder] = len(listing.sidecars)
-    return counts, by_priority, waiting
+    return counts, by_priority, waiting, held
 
 
 def build_status(queue: TrainingQueue, recent: int = 5) -> dict[str, Any]:
     problems: list[dict] = [{"path": p.split(" ", 1)[0], "problem": p}
                             for p in layout_problems(queue.paths)]
-    counts, by_priority, waiting = _counts(queue, problems)
+    counts, by_priority, waiting, held = _counts(queue, problems)
     in_progress = []
     for job in queue.jobs_in("processing", problems):
         row = job.summary()
@@ -69,6 +71,8 @@ def build_status(queue: TrainingQueue, recent: int = 5) -> dict[str, Any]:
         "counts": counts,
         "queued_by_priority": by_priority,
         "waiting_for_adoption": waiting,
+        "held": held,
+        "paused": paused(queue.paths),
         "in_progress": in_progress,
         "recent_completed": _recent(queue, "completed", recent, problems),
         "recent_failed": _recent(queue, "failed", recent, problems),
@@ -149,9 +153,13 @@ def render_status(status: dict) -> str:
     tiers = " · ".join(f"{p} {q[p]}" for p in PRIORITIES)
     waiting = status["waiting_for_adoption"]
     lines.append(f"  queued      {c['queued']:>6}   ({tiers})"
-                 + (f"   {waiting} waiting for adoption" if waiting else ""))
+                 + (f"   {waiting} waiting for adoption" if waiting else "")
+                 + (f"   {status['held']} held (`realm queue release JOB`)"
+                    if status.get("held") else ""))
     for folder in STATE_FOLDERS:
         lines.append(f"  {folder:<11} {c[folder]:>6}")
+    if status.get("paused"):
+        lines += ["", f"PAUSED: {describe(status['paused'])}; `realm daemon resume` claims again"]
     lines += _section("Daemons", status["daemons"], _daemon_line)
     lines += _section("In progress", status["in_progress"], _progress_line)
     lines += _section("Recently completed", status["recent_completed"], _finished_line)
@@ -203,7 +211,8 @@ def render_list(listing: dict) -> str:
         return f"no {listing['state']} jobs"
     lines = [f"{'#':>4}  {'state':<10} {'priority':<8} {'job id':<40} dataset"]
     for r in listing["jobs"]:
-        lines.append(f"{r['position']:>4}  {r['status']:<10} {r['priority']:<8} "
+        state = "held" if r.get("held") else r["status"]
+        lines.append(f"{r['position']:>4}  {state:<10} {r['priority']:<8} "
                      f"{r['id'] or '(no sidecar yet)':<40} {r['path']}")
     lines += [f"problem: {problem_line(p)}" for p in listing["problems"]]
     return "\n".join(lines)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import shlex
 import textwrap
 import typing
 from dataclasses import dataclass, field
@@ -163,6 +164,15 @@ class DaemonConfig:
     """Do not claim a job while the realm's file system has less free space."""
     min_free_memory_gb: float = 0.5
     """Do not claim a job while less memory is available."""
+    on_job_end: Optional[str] = None
+    """A command run after each job attempt ends, for example ``notify-send realm`` or
+    ``/usr/local/bin/realm-notify --channel ops``: split into words with shell quoting rules
+    (shlex) but never run by a shell (no pipes, redirections or $VARS). Its environment holds
+    REALM_JOB_ID, REALM_JOB_STATE (completed, failed, queued...), REALM_JOB_REASON,
+    REALM_JOB_DATASET and REALM_BASE_DIR. A failure is logged; the daemon goes on."""
+    on_job_end_timeout: float = 60.0
+    """Seconds daemon.on_job_end may run before it is killed (the daemon claims nothing
+    meanwhile)."""
 
 
 @dataclass
@@ -229,7 +239,7 @@ BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "daemon.lease_seconds": (0.1, MAX_SECONDS), "daemon.job_timeout": (1, MAX_SECONDS),
     "daemon.setup_timeout": (1, MAX_SECONDS),
     "daemon.stop_grace_seconds": (0, MAX_SECONDS), "daemon.min_free_disk_gb": (0, None),
-    "daemon.min_free_memory_gb": (0, None),
+    "daemon.min_free_memory_gb": (0, None), "daemon.on_job_end_timeout": (0.1, MAX_SECONDS),
     "logging.log_every_steps": (1, None), "logging.status_every_seconds": (0, MAX_SECONDS),
 }
 
@@ -247,6 +257,14 @@ def string_problem(key: str, value: Any) -> str | None:
         if bad or not roles:
             return (f"data.train_on: {value!r} is not all_assistant, last_assistant or a "
                     f"comma-separated list of roles ({', '.join(ROLES)})")
+    if key == "daemon.on_job_end" and value is not None:
+        try:
+            words = shlex.split(value)
+        except ValueError as exc:
+            return (f"daemon.on_job_end: {value!r} cannot be split into words ({exc}); close "
+                    "the quote, or give the command without one")
+        if not words:
+            return "daemon.on_job_end: empty command; give a program and its arguments, or null"
     if key == "training.no_decay" and value is not None:
         bad = [k for k in str(value).split(",") if k.strip() not in NO_DECAY_KINDS]
         if bad:

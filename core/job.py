@@ -112,6 +112,9 @@ class Job:
     worker: Optional[dict] = None
     heartbeat_at: Optional[str] = None
     resume: Optional[dict] = None
+    held: Optional[str] = None
+    """Why a person held this queued job (``realm queue hold``): it stays in its queue folder
+    and is never claimed until ``realm queue release``; cleared when the job leaves the queue."""
     governor: Optional[dict] = None
     history: list = field(default_factory=list)
     metadata: dict = field(default_factory=dict)
@@ -152,6 +155,7 @@ class Job:
             "finished_at": self.finished_at,
             "last_error": self.last_error,
             "worker": self.worker,
+            "held": self.held,
         }
 
 

@@ -128,17 +128,27 @@ class TrainingQueue:
             yield from self.jobs_in(folder, problems)
 
     def find(self, ref: str) -> Job:
-        """A job by id, unique id prefix, or current dataset file name."""
+        """A job by id, current dataset file name or path, dataset stem (``addition-a`` for
+        ``addition-a.jsonl``, the name it was added under or the one it has now), or unique id
+        prefix; the first of these that matches anything decides."""
         jobs = list(self.all_jobs())
-        exact = [j for j in jobs if ref in (j.id, Path(j.dataset_path).name, j.dataset_path)]
-        matches = exact or [j for j in jobs if j.id.startswith(ref)]
+        for match in (lambda j: ref in (j.id, Path(j.dataset_path).name, j.dataset_path),
+                      lambda j: ref in (_stem(j.dataset_name), _stem(Path(j.dataset_path).name)),
+                      lambda j: j.id.startswith(ref)):
+            matches = [j for j in jobs if match(j)]
+            if matches:
+                break
         if len(matches) == 1:
             return matches[0]
         if not matches:
             raise JobNotFound(
-                f"no job matches {ref!r}; `realm queue list --state all` shows every job id.")
-        listed = ", ".join(f"{j.id} ({j.dataset_path})" for j in matches[:10])
-        raise JobNotFound(f"{ref!r} matches {len(matches)} jobs: {listed}; give the full job id.")
+                f"no job matches {ref!r} (by id, id prefix, dataset file name or stem); "
+                "`realm queue list --state all` shows every job.")
+        listed = "\n".join(f"  {j.id}  {j.status.value:<10} {j.dataset_path}"
+                           for j in matches[:10])
+        more = f"\n  ... and {len(matches) - 10} more" if len(matches) > 10 else ""
+        raise JobNotFound(f"{ref!r} matches {len(matches)} jobs:\n{listed}{more}\ngive one of "
+                          "these job ids (or a longer prefix of one).")
 
     # --- adoption -----------------------------------------------------------------------------
 
@@ -277,7 +287,7 @@ class TrainingQueue:
         self.adopt_new(splits)
         for skip in ([defer, None] if defer is not None else [None]):
             for priority in PRIORITIES:
-                for job in _claim_candidates(splits[priority].jobs):
+                for job in _claim_candidates([j for j in splits[priority].jobs if not j.held]):
                     if skip is not None and skip(job):
                         continue
                     if not self._unchanged_since_adoption(job):
@@ -285,7 +295,8 @@ class TrainingQueue:
                     try:
                         return self._move(job, JobState.PROCESSING,
                                           reason=f"claimed by {_who(worker)}",
-                                          mutate=lambda j: _stamp_worker(j, worker))
+                                          mutate=lambda j: _stamp_worker(j, worker),
+                                          guard=_not_held)
                     except ClaimLost:
                         continue  # another process won this one: take the next
                     except SidecarError:  # changed in place since it was cached: re-read later
@@ -343,6 +354,35 @@ class TrainingQueue:
                 j.resume = resume
 
         return self._move(job, JobState.QUEUED, reason=reason, mutate=keep_resume)
+
+    def hold(self, job: Job, reason: str = "held by user") -> Job:
+        """Keep a queued job where it is but never claim it until ``release``; recorded in the
+        sidecar (``held``) and its history, under the queue lock like every other write."""
+        return self._mark_held(job, reason, hold=True)
+
+    def release(self, job: Job, reason: str = "released by user") -> Job:
+        """A held job becomes claimable again, in its old place (its claim order is unchanged)."""
+        return self._mark_held(job, reason, hold=False)
+
+    def _mark_held(self, job: Job, reason: str, *, hold: bool) -> Job:
+        verb = "hold" if hold else "release"
+        with self._locked():
+            fresh = self._fresh(job)
+            if fresh.status is not JobState.QUEUED:
+                raise UsageError(f"job {job.id} is {fresh.status.value}; `queue {verb}` applies "
+                                 "to queued jobs only"
+                                 + (" (`realm queue retry` queues it again)."
+                                    if fresh.status in TERMINAL else "."))
+            if bool(fresh.held) == hold:
+                raise UsageError(f"job {job.id} is {'already held: ' + fresh.held if hold else 'not held'}"
+                                 f"; nothing to {verb}.")
+            fresh.held = reason if hold else None
+            entry = {"from": "queued", "to": "queued", "at": utc_now(),
+                     "reason": f"{'held' if hold else 'released'}: {reason}"}
+            fresh.history.append(entry)
+            self._write_sidecar(sidecar_of(self.paths.queue_entry(fresh.dataset_path)), fresh)
+            self.ledger.append(fresh, entry)
+            return fresh
 
     def retry(self, job: Job, reason: str = "retry requested") -> Job:
         """failed, skipped or cancelled -> queued; the attempt budget starts again."""
@@ -473,6 +513,8 @@ class TrainingQueue:
                 if to is JobState.QUEUED:
                     to, reason = JobState.FAILED, f"{reason}; it cannot be queued again"
             entry = transition(fresh, to, reason=reason)  # raises before anything moves
+            if to is not JobState.QUEUED:
+                fresh.held = None  # a hold belongs to the queue: cancel or skip ends it
             if mutate:
                 mutate(fresh)
             if vanished and to is JobState.FAILED:
@@ -588,6 +630,16 @@ def _claim_candidates(jobs: list[Job]) -> Iterator[Job]:
     first = min(jobs, key=_order_key)
     yield first
     yield from (j for j in claim_order(jobs) if j is not first)
+
+
+def _not_held(job: Job) -> None:
+    """Checked under the lock at claim: a hold written after the claimer's listing wins."""
+    if job.held:
+        raise ClaimLost(f"{job.id} was held after it was listed")
+
+
+def _stem(name: str) -> str:
+    return name.removesuffix(DATASET_SUFFIX)
 
 
 def _who(worker: dict | None) -> str:

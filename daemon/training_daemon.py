@@ -42,7 +42,9 @@ from core.job import Job, JobState, utc_now
 from core.paths import PRIORITIES, RealmPaths, init_layout, layout_problems, sidecar_of
 from core.queue_scan import read_sidecar_json
 from core.training_queue import TrainingQueue
+from daemon.hooks import run_job_end_hook
 from daemon.lock import DaemonLock, DeviceSet, device_label
+from daemon.pause import describe, paused
 from daemon.protocol import CancelRequest, JobFiles, Outcome
 from daemon.supervisor import Child, ChildEnd, child_command, setup_limit
 from guild.selection import CampaignOf
@@ -181,6 +183,8 @@ class Daemon:
         self.others_training: list[Job] = []
         """Jobs other live daemons are training, as of the last reaping round."""
         self._guard_said: str | None = None
+        self._paused_said: str | None = None
+        """Why claiming is paused (realm daemon pause), while it is."""
         self._round_failed = False
         self._space_wanted: tuple[float, str] | None = None
         """After a job met ENOSPC: (free GB to wait for, why), until the disk has it."""
@@ -209,17 +213,19 @@ class Daemon:
             while not self.stop_requests:
                 trained = self._one_round()
                 failures = failures + 1 if self._round_failed else 0
-                if self.once and not trained and (self._guard_said or failures >= 3 or
+                held_back = self._paused_said or self._guard_said
+                if self.once and not trained and (held_back or failures >= 3 or
                                                   not self._guarded(self._has_work, True)):
                     break  # --once: nothing left to train (or nothing may be claimed now)
                 if not self.stop_requests:
                     wakeups.wait(self._wait_seconds())
-            if self.once and self._guard_said:
-                self.summary.guard = self._guard_said
+            if self.once and (self._paused_said or self._guard_said):
+                self.summary.guard = self._paused_said or self._guard_said
                 self.summary.left_queued = self._guarded(self._left_queued, 0)
         finally:
             wakeups.close()
-            last = {"reason": f"not claiming: {self._guard_said}"} if self._guard_said else {}
+            held_back = self._paused_said or self._guard_said
+            last = {"reason": f"not claiming: {held_back}"} if held_back else {}
             self._write_status("stopped", **last)
             self.lock.release()
             log.info("daemon.stop", **{k: len(v) for k, v in vars(self.summary).items()
@@ -249,7 +255,7 @@ class Daemon:
             log.warning("daemon.layout_recreated", folders=[str(p) for p in created])
         self._record_again()
         self.reap_dead_leases()
-        if not self.resources_ok():
+        if self.claiming_paused() or not self.resources_ok():
             return False
         job = self.queue.claim_next(self.worker, defer=self._campaign_busy())
         if job is None:
@@ -277,12 +283,12 @@ class Daemon:
     def _has_work(self) -> bool:
         """Files still settling, or queued jobs (another daemon may have adopted them between
         our scan and our claim)."""
-        return self._settling() or bool(self.queue.queued())
+        return self._settling() or any(not job.held for job in self.queue.queued())
 
     def _left_queued(self) -> int:
         """Queued jobs and files still settling in an inbox."""
         settling = sum(why == "waiting" for p in PRIORITIES for _, why in self.queue.waiting(p))
-        return len(self.queue.queued()) + settling
+        return sum(not job.held for job in self.queue.queued()) + settling
 
     def _settling(self) -> bool:
         return any(why == "waiting" for p in PRIORITIES for _, why in self.queue.waiting(p))
@@ -339,7 +345,26 @@ class Daemon:
             files.remove()
         return moved
 
-    # --- resource guard -------------------------------------------------------------------
+    # --- pause and resource guard ------------------------------------------------------
+
+    def claiming_paused(self) -> bool:
+        """``realm daemon pause`` (status/paused.json): claim nothing, say so once, and show
+        ``paused`` in the status file; --once stops as it does for the resource guard."""
+        info = paused(self.paths)
+        if info is None:
+            if self._paused_said:
+                self.say("resumed: claiming again")
+                log.info("daemon.resumed")
+                self._paused_said = None
+            return False
+        why = describe(info)
+        if why != self._paused_said:
+            log.warning("daemon.paused", reason=why)
+            self.say(f"{why}; `realm daemon resume` claims again")
+        self._paused_said = why
+        self._write_status("paused", reason=why)
+        return True
+
 
     def disk_floor_gb(self) -> tuple[float, str]:
         """max(daemon.min_free_disk_gb, room for the checkpoints still to be written): the
@@ -426,7 +451,19 @@ class Daemon:
         outcome = child.outcome(end)
         moved = self._record(job, end, outcome)
         self.say(_describe(moved, outcome))
+        self._job_ended(moved)
         return moved
+
+    def _job_ended(self, job: Job) -> None:
+        """daemon.on_job_end, once the job's outcome is recorded (never fatal)."""
+        if job.status is JobState.PROCESSING or not self.cfg.on_job_end:
+            return
+        try:
+            run_job_end_hook(self.cfg.on_job_end, self.cfg.on_job_end_timeout, self.paths, job,
+                             self.say)
+        except Exception as exc:  # noqa: BLE001 - a notice must never stop the daemon
+            log.error("hook.failed", job_id=job.id, hook="on_job_end",
+                      error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
 
     def _supervise(self, job: Job, child: Child) -> None:
         limit_setup, setup_why = setup_limit(self.cfg)
@@ -532,7 +569,9 @@ class Daemon:
         pending, self._unrecorded = self._unrecorded, []
         for job, end, outcome in pending:
             try:
-                self.say(_describe(self._move_by_outcome(job, end, outcome), outcome))
+                moved = self._move_by_outcome(job, end, outcome)
+                self.say(_describe(moved, outcome))
+                self._job_ended(moved)
             except Exception as exc:  # noqa: BLE001 - still blocked: keep it, quietly
                 log.debug("job.record_still_failing", job_id=job.id, error=str(exc))
                 self._unrecorded.append((job, end, outcome))

@@ -134,27 +134,45 @@ def active_ref(paths: RealmPaths) -> str | None:
         raise ConfigError(f"{pointer}: {exc} Then {fix}.") from None
 
 
-def find_campaign(paths: RealmPaths, ref: str | None = None) -> Campaign:
-    """A campaign by ``hero/name``, by a name unique across heroes, or the active one."""
+def parse_campaign_ref(ref: str, what: str = "campaign") -> tuple[str | None, str]:
+    """``HERO/NAME`` -> (hero, name); ``NAME`` -> (None, name). The one reader of a campaign
+    reference: ``--campaign`` of every command, ``campaign activate|show`` and a sidecar's
+    ``campaign_id`` all go through it. Each part must be a safe name."""
+    if not isinstance(ref, str) or not ref or ref.count("/") > 1:
+        raise UsageError(f"{what} {ref!r}: name a campaign as HERO/NAME (for example "
+                         "tiny-qwen3/demo) or as NAME alone when only one hero has it.")
+    hero_id, _, name = ref.rpartition("/")
+    return (check_name(hero_id, f"{what} hero") if hero_id else None,
+            check_name(name, f"{what} name"))
+
+
+def find_campaign(paths: RealmPaths, ref: str | None = None, *, hero_id: str | None = None,
+                  what: str = "campaign") -> Campaign:
+    """A campaign by ``HERO/NAME``, by a name unique across heroes (or under ``hero_id``), or
+    the active one."""
     ref = ref or active_ref(paths)
     if ref is None:
         raise UsageError("no campaign is active; create one with `realm campaign create NAME "
                          "--hero HERO` or name one with --campaign HERO/NAME.")
-    if "/" in ref:
-        hero_id, _, name = ref.partition("/")
-        path = campaign_dir(paths, hero_id, name) / "campaign.json"
+    ref_hero, name = parse_campaign_ref(ref, what)
+    if ref_hero and hero_id and ref_hero != hero_id:
+        raise UsageError(f"{what} {ref!r} belongs to hero '{ref_hero}', not '{hero_id}'; name "
+                         "one or the other.")
+    ref_hero = ref_hero or hero_id
+    if ref_hero:
+        path = campaign_dir(paths, ref_hero, name) / "campaign.json"
         if not path.exists():
-            raise UsageError(f"no campaign '{ref}' ({path} does not exist); "
+            raise UsageError(f"no campaign '{ref_hero}/{name}' ({path} does not exist); "
                              "`realm campaign list` shows the campaigns.")
         return read_campaign(path)
-    check_name(ref, "campaign")  # a safe name: no glob characters
     # only the folders of that name are read: another campaign's broken file does not matter
-    found = [p for p in sorted(paths.campaigns.glob(f"*/{ref}/campaign.json"))
+    found = [p for p in sorted(paths.campaigns.glob(f"*/{name}/campaign.json"))
              if not p.parent.name.startswith(".")]
     matches = [read_campaign(found[0])] if len(found) == 1 else found
     if len(matches) != 1:
-        what = "no campaign" if not matches else f"{len(matches)} campaigns"
-        raise UsageError(f"{what} named '{ref}'; give it as HERO/NAME "
+        which = "no campaign" if not matches else f"{len(matches)} campaigns"
+        heroes = f" (heroes: {', '.join(p.parent.parent.name for p in found)})" if found else ""
+        raise UsageError(f"{which} named '{name}'{heroes}; give it as HERO/NAME "
                          "(`realm campaign list` shows them).")
     return matches[0]
 
