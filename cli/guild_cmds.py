@@ -5,6 +5,7 @@ Heavy modules (yaml, the resolver) are imported inside the handlers; none of the
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 
 import yaml
@@ -12,6 +13,8 @@ import yaml
 from cli.common import print_json, realm_paths
 from config.flags import add_common_flags, cli_layer_from, parse_sets_checked
 from config.reader import MAX_YAML_BYTES
+from config.locked import LOCKED_DOCS
+from config.resolver import SPECS
 from core.errors import ConfigError, UsageError
 from core.job import Job
 from core.paths import SIDECAR_SUFFIX, sidecar_of
@@ -152,8 +155,14 @@ def cmd_config_show(args) -> int:
                    "processing": "is training: it records its config when this attempt ends"
                    }.get(state, f"is {state} and recorded no config (it ended before training)")
             title = f"# job {job.id} {why}: today's resolution of its layers\n{title}"
+    args.explain = args.explain or args.doc
     if not args.explain:
         data.pop("explain", None)
+    elif args.doc:
+        for row in data["explain"]:
+            spec = SPECS.get(row["key"])
+            doc = spec.doc if spec else LOCKED_DOCS.get(row["key"].removeprefix("locked."), "")
+            row["doc"] = " ".join(doc.split())
     if args.json:
         print_json(data)
     elif args.explain:
@@ -180,7 +189,11 @@ def _explain_table(data: dict, title: str) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     lines = [title,
              f"{'key':<{widths[0]}}  {'value':<{widths[1]}}  {'layer':<{widths[2]}}  source"]
-    lines += [f"{k:<{widths[0]}}  {v:<{widths[1]}}  {l:<{widths[2]}}  {s}" for k, v, l, s in rows]
+    for (k, v, l, s), row in zip(rows, data["explain"]):
+        lines.append(f"{k:<{widths[0]}}  {v:<{widths[1]}}  {l:<{widths[2]}}  {s}")
+        if row.get("doc"):
+            lines += textwrap.wrap(row["doc"], 96, initial_indent="    ",
+                                   subsequent_indent="    ")
     return "\n".join(lines)
 
 
@@ -236,6 +249,8 @@ def add_parsers(sub) -> None:
                         "resolution of its layers")
     p.add_argument("--explain", action="store_true",
                    help="one row per key with its value, layer and source")
+    p.add_argument("--doc", action="store_true",
+                   help="with each key, its documentation from the schema (implies --explain)")
     p.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
     add_common_flags(p)
     p.set_defaults(handler=cmd_config_show)

@@ -2,7 +2,7 @@
 
     hero      configs/heroes/<hero>.yaml  training_defaults (with line numbers)
     campaign  campaigns/<hero>/<campaign>/campaign.json  overrides
-    realm     <realm>/config.json
+    realm     <realm>/config.json (or config.yaml / config.yml: one of them)
     job       <dataset>.job.json  overrides
     cli       flags and --set (``config.flags``)
 
@@ -17,8 +17,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from config.reader import load_json_object
+from config.reader import load_json_object, load_yaml
 from config.resolver import Layer, Resolved, resolve
+from core.errors import ConfigError
 from core.job import Job
 from core.paths import RealmPaths, sidecar_of
 
@@ -41,12 +42,29 @@ def campaign_layer(paths: RealmPaths, campaign) -> Layer:
     return Layer("campaign", source, {**campaign.overrides, **campaign.stray})
 
 
+REALM_CONFIG_NAMES = ("config.json", "config.yaml", "config.yml")
+"""The realm layer's file: JSON or YAML (read with line numbers), one of them."""
+
+
 def realm_layer(paths: RealmPaths) -> Layer | None:
-    path = paths.base / "config.json"
-    if not os.path.lexists(path):
+    found = [paths.base / n for n in REALM_CONFIG_NAMES if os.path.lexists(paths.base / n)]
+    if not found:
         return None
-    values = load_json_object(path, "realm config.json", '{"training": {"epochs": 2}}')
-    return Layer("realm", _rel(paths, path), values)
+    if len(found) > 1:
+        raise ConfigError(f"{paths.base}: {' and '.join(p.name for p in found)} both exist; the "
+                          "realm layer is read from one file. Merge them into one and remove the "
+                          "other.")
+    path = found[0]
+    if path.suffix == ".json":
+        values = load_json_object(path, "realm config.json", '{"training": {"epochs": 2}}')
+        return Layer("realm", _rel(paths, path), values)
+    values, lines = load_yaml(path, f"realm {path.name}")
+    if values is None:
+        values = {}
+    if not isinstance(values, dict):
+        raise ConfigError(f"{path}: realm {path.name} must be a mapping of sections (for example "
+                          f"'training: {{epochs: 2}}'), got {type(values).__name__}.")
+    return Layer("realm", _rel(paths, path), values, lines=lines)
 
 
 def job_layer(paths: RealmPaths, job: Job) -> Layer:

@@ -13,6 +13,18 @@ from typing import Any
 
 LOCKED_FIELDS = ("base_model", "model_architecture", "max_context_length", "vocab_size",
                  "model_version")
+LOCKED_DOCS = {
+    "base_model": "Where the weights started: the hero's model.path or model.hf_name, or "
+                  "random-init:HERO; fixed for the campaign.",
+    "model_architecture": "The transformers class the weights belong to (the hero's "
+                          "model.architecture); fixed for the campaign.",
+    "max_context_length": "The longest sequence the model takes (the hero's "
+                          "model.context_length); data.max_length may not exceed it.",
+    "vocab_size": "Rows of the embedding matrix (the hero's model.vocab_size); fixed for the "
+                  "campaign.",
+    "model_version": "realm's version of the locked block itself.",
+}
+"""What each locked field means (``config show --doc``); no config layer may set one."""
 
 
 def build_locked_config(hero, model_path: str | None,
