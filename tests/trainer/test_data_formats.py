@@ -87,10 +87,18 @@ def test_a_daemon_trains_an_alpaca_and_a_sharegpt_file(tmp_path):
                                    {"from": "gpt", "value": f"{2 * i}"}]} for i in range(12)]
     for name, rows in (("alpaca.jsonl", alpaca), ("sharegpt.jsonl", sharegpt)):
         (paths.state_dir("normal") / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+    bad = [{"conversations": [{"from": "robot", "value": "x"}]}] + sharegpt
+    (paths.state_dir("low") / "bad.jsonl").write_text("".join(json.dumps(r) + "\n" for r in bad))
     (paths.base / "config.json").write_text(json.dumps({"daemon": {"settle_seconds": 0.2}}))
     out = realm_cmd(paths.base, "daemon", "--once", "--max-steps", "2")
-    assert out.returncode == 0, out.stdout[-2000:] + out.stderr[-3000:]
-    done = TrainingQueue(paths.base).jobs_in("completed")
+    assert out.returncode == 1, out.stdout[-2000:] + out.stderr[-3000:]  # bad.jsonl failed
+    queue = TrainingQueue(paths.base)
+    [failed] = queue.jobs_in("failed")
+    # the reason names the file where it lies now, not queue/processing/ where the child read it
+    assert "queue/failed/bad.jsonl:1: conversations[0].from is 'robot'" in failed.last_error
+    assert "processing" not in failed.last_error
+    assert "queue/failed/bad.jsonl:1" in failed.history[-1]["reason"]
+    done = queue.jobs_in("completed")
     assert sorted(j.dataset_name for j in done) == ["alpaca.jsonl", "sharegpt.jsonl"]
     steps = sorted(j.final_step for j in done)
     assert steps[0] >= 1 and steps[1] > steps[0], "each trained, the second from the first"
