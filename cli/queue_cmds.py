@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from cli.common import print_json, realm_paths
-from cli.status import LIST_STATES, build_list, build_status, render_job, render_list, render_status
+from cli.status import (LIST_STATES, build_list, build_status, fit_width, render_job, render_list,
+                        render_status, watch_header)
 from config.flags import parse_sets_checked
 from config.resolver import Layer, check_values
 from core.errors import ConfigError
@@ -23,20 +25,35 @@ def _queue(args):
 
 def cmd_queue_status(args) -> int:
     queue = _queue(args)
+    tty = sys.stdout.isatty()
     try:
         while True:
             status = build_status(queue)
             if args.json:
                 print(json.dumps(status, ensure_ascii=False), flush=True)  # one line per refresh
             else:
-                if args.watch and sys.stdout.isatty():
-                    print("\033[2J\033[H", end="")
-                print(render_status(status), flush=True)
+                text = render_status(status)
+                if args.watch:
+                    text = f"{watch_header(args.interval)}\n{text}"
+                if args.watch and tty:  # a screen, not a log: clear it, never wrap a line
+                    text = "\033[2J\033[H" + fit_width(text, shutil.get_terminal_size().columns)
+                print(text, flush=True)
             if not args.watch:
                 return 0
             time.sleep(args.interval)
     except KeyboardInterrupt:
         return 0  # Ctrl-C is how a person ends --watch
+
+
+def _interval(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not value > 0 or value == float("inf"):
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive number of seconds "
+                                         "(for example --interval 5)")
+    return value
 
 
 def cmd_queue_list(args) -> int:
@@ -104,8 +121,10 @@ def add_parsers(sub) -> None:
 
     p = qsub.add_parser("status", help="counts, the running job, recent results, problems")
     p.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
-    p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
-    p.add_argument("--interval", type=float, default=2.0, help=argparse.SUPPRESS)
+    p.add_argument("--watch", action="store_true",
+                   help="redraw every --interval seconds until Ctrl-C")
+    p.add_argument("--interval", type=_interval, default=2.0, metavar="SECONDS",
+                   help="seconds between refreshes under --watch (default: 2)")
     p.set_defaults(handler=cmd_queue_status)
 
     p = qsub.add_parser("list", help="jobs in one state; queued ones in claim order")

@@ -17,6 +17,7 @@ import termios
 import time
 
 from core.training_queue import TrainingQueue
+from tests.conftest import drop
 from tests.integration.test_daemon_once import realm_cmd
 from tests.trainer.test_training import make_realm
 from trainer.data.synthetic import write_dataset
@@ -129,3 +130,43 @@ def test_ctrl_c_message_is_on_its_own_line_not_on_the_bar(tmp_path):
     assert "daemon stopped: 0 completed, 0 failed, 1 requeued" in text
     [job] = TrainingQueue(paths.base).jobs_in("high")
     assert job.resume, "the warm stop kept a resume point"
+
+
+def test_status_watch_says_interval_and_quit_fits_the_width_and_shows_finished_jobs(realm):
+    queue = TrainingQueue(realm.base, settle_seconds=0)
+    drop(realm, "high", "done.jsonl")
+    drop(realm, "normal", "broke.jsonl")
+    ckpt = str(realm.base / "campaigns/tiny-qwen3/c1/checkpoints/step-20")
+    queue.complete(queue.claim_next(), start_step=0, final_step=20, final_loss=1.23456,
+                   metadata={"checkpoint": ckpt})
+    queue.fail(queue.claim_next(), "a reason long enough to wrap on a narrow terminal: " * 3)
+    argv = [sys.executable, "-m", "cli", "--base-dir", str(realm.base), "queue", "status",
+            "--watch", "--interval", "0.3"]
+    pid, fd = pty.fork()
+    if pid == 0:
+        os.execvpe(argv[0], argv, dict(os.environ))
+    fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 110, 0, 0))
+    out = b""
+    deadline = time.monotonic() + 60
+    while out.count(b"Ctrl-C to quit") < 3 and time.monotonic() < deadline:
+        if select.select([fd], [], [], 0.2)[0]:
+            out += os.read(fd, 65536)
+    os.write(fd, b"\x03")
+    try:
+        while select.select([fd], [], [], 2)[0]:
+            out += os.read(fd, 65536)
+    except OSError:
+        pass
+    _, code = os.waitpid(pid, 0)
+    os.close(fd)
+    assert os.waitstatus_to_exitcode(code) == 0, "Ctrl-C ends --watch with 0"
+    screen = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", out.decode("utf-8", "replace"))
+    lines = [line for line in re.split(r"\r?\n", screen) if line and line != "^C"]
+    assert "refreshing every 0.3 s (--interval) · Ctrl-C to quit" in screen
+    assert max(len(line) for line in lines) <= 110, "a line wrapped"
+    assert any(line.endswith("…") and "failed" in line for line in lines), "cut, not wrapped"
+    done = next(line for line in lines if "done.jsonl" in line)
+    assert "done.jsonl  steps 0->20  loss 1.2346  tiny-qwen3/c1  finished" in done
+    assert "--interval SECONDS" in realm_cmd(realm.base, "queue", "status", "--help").stdout
+    bad = realm_cmd(realm.base, "queue", "status", "--watch", "--interval", "0")
+    assert bad.returncode == 2 and "'0' is not a positive number of seconds" in bad.stderr
