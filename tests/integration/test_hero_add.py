@@ -26,6 +26,7 @@ def model_folder(tmp_path_factory):
     return folder
 
 
+@pytest.mark.slow(seconds=30)
 def test_hero_add_reads_the_folder_and_a_job_trains_on_it(tmp_path, model_folder):
     paths = make_realm(tmp_path / "r")
     out = realm_cmd(paths.base, "hero", "add", "mine", "--from", str(model_folder))

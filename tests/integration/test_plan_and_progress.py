@@ -16,6 +16,8 @@ import sys
 import termios
 import time
 
+import pytest
+
 from core.training_queue import TrainingQueue
 from tests.conftest import drop
 from tests.integration.test_daemon_once import realm_cmd
@@ -97,6 +99,7 @@ def daemon_argv(base, *args) -> list[str]:
     return [sys.executable, "-m", "cli", "--base-dir", str(base), "daemon", *args]
 
 
+@pytest.mark.slow(seconds=20)
 def test_progress_bar_shows_the_childs_step_and_eta_from_the_first_step(tmp_path):
     paths = make_realm(tmp_path / "r")
     write_dataset(paths.state_dir("high") / "five.jsonl", 400)
@@ -116,6 +119,7 @@ def test_progress_bar_shows_the_childs_step_and_eta_from_the_first_step(tmp_path
     assert any(line.startswith("daemon stopped: 1 completed") for line in shown)
 
 
+@pytest.mark.slow(seconds=15)
 def test_ctrl_c_message_is_on_its_own_line_not_on_the_bar(tmp_path):
     paths = make_realm(tmp_path / "r")
     write_dataset(paths.state_dir("high") / "long.jsonl", 400)

@@ -79,6 +79,7 @@ def test_bad_lines_name_the_problem_and_the_fix(line, message):
         parse_line(json.dumps(line).encode())
 
 
+@pytest.mark.slow(seconds=25)
 def test_a_daemon_trains_an_alpaca_and_a_sharegpt_file(tmp_path):
     paths = make_realm(tmp_path / "r")
     alpaca = [{"instruction": f"Add {i} and {i + 1}.", "input": "", "output": f"{2 * i + 1}"}
