@@ -26,7 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from core.errors import ConfigError, InputError
 from core.validate import read_regular
 from guild.heroes import MAX_TEMPLATE_BYTES, chat_template_path
-from guild.heroes.from_folder import ARCHITECTURES
+from guild.heroes.model_folder import ARCHITECTURES
 from trainer.checkpoint import UnsafeCheckpoint
 from trainer.data.tokenize import stop_token_ids
 

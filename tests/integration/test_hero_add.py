@@ -70,3 +70,18 @@ def test_hero_add_refuses_a_folder_without_config_or_of_an_unknown_architecture(
     out = realm_cmd(paths.base, "hero", "add", "x", "--from", str(empty))
     assert "'max_position_embeddings' is missing" in out.stderr
     assert not (paths.heroes / "x.yaml").exists()
+
+
+def test_a_hero_with_only_model_path_reads_the_rest_from_the_folder(tmp_path, model_folder):
+    paths = make_realm(tmp_path / "r")
+    (paths.heroes / "bare.yaml").write_text(f"id: bare\nmodel:\n  path: {model_folder}\n")
+    out = realm_cmd(paths.base, "hero", "show", "bare", "--json")
+    assert out.returncode == 0, out.stderr
+    shown = json.loads(out.stdout)
+    assert (shown["architecture"], shown["vocab_size"], shown["context_length"]) == (
+        "Qwen3ForCausalLM", 512, 1024)
+    (paths.heroes / "nowhere.yaml").write_text(f"id: nowhere\nmodel:\n  path: {tmp_path}/x\n")
+    out = realm_cmd(paths.base, "hero", "show", "nowhere")
+    assert out.returncode == 2
+    assert f"nowhere.yaml: model.path {tmp_path}/x: no such folder" in out.stderr
+    assert "read from the folder's config.json" in out.stderr
