@@ -73,6 +73,9 @@ def test_sharegpt_tool_variants_map_to_roles():
     ({**SHAREGPT, "messages": []}, "mixes formats .ShareGPT 'conversations', 'messages'"),
     ({"instruction": "x", "output": 3}, "alpaca 'output' must be a string, got int"),
     ({"instruction": "x", "output": ""}, "alpaca 'output' is empty"),
+    ({"instruction": "x", "input": "y"}, "an alpaca line needs both 'instruction' and 'output'; "
+                                         r"this one has only 'instruction' \(keys: instruction, "
+                                         "input\\)"),
 ])
 def test_bad_lines_name_the_problem_and_the_fix(line, message):
     with pytest.raises(BadLine, match=message):

@@ -103,6 +103,10 @@ def to_messages(obj: dict) -> dict:
     alpaca = "instruction" in obj and "output" in obj
     sharegpt = "conversations" in obj
     if not (alpaca or sharegpt):
+        half = [k for k in ("instruction", "output") if k in obj]
+        if half and not any(k in obj for k in ("text", "prompt", "messages")):
+            raise BadLine(f"an alpaca line needs both 'instruction' and 'output'; this one has "
+                          f"only '{half[0]}' (keys: {', '.join(obj)})")
         return obj
     found = [name for name, here in (("alpaca 'instruction'+'output'", alpaca),
                                      ("ShareGPT 'conversations'", sharegpt),
