@@ -23,6 +23,7 @@ from core.training_queue import TrainingQueue
 from core.validate import read_regular
 from guild.campaigns import activate, active_ref, create_campaign, find_campaign, survey_campaigns
 from guild.heroes import list_heroes, load_hero
+from guild.heroes.from_folder import add_hero_from_folder
 from guild.selection import resolve_for
 
 CONFIG_SCHEMA = 1
@@ -56,6 +57,18 @@ def cmd_hero_show(args) -> int:
         return 0
     print(f"# {hero.source}")
     print(read_regular(hero.source, MAX_YAML_BYTES, "hero profile").decode("utf-8"), end="")
+    return 0
+
+
+def cmd_hero_add(args) -> int:
+    """Write configs/heroes/NAME.yaml from a model folder's config.json."""
+    paths = realm_paths(args)
+    target = add_hero_from_folder(paths, args.name, Path(args.source), force=args.force)
+    hero = load_hero(paths, args.name)
+    m = hero.model
+    print(f"hero {hero.id} written to {target}: {m.architecture}, vocab {m.vocab_size}, "
+          f"context {m.context_length}, weights and tokenizer from {m.path}")
+    print(f"next: realm campaign create NAME --hero {hero.id}")
     return 0
 
 
@@ -213,6 +226,12 @@ def add_parsers(sub) -> None:
     p.add_argument("hero", help="the hero's name (realm hero list shows them)")
     p.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
     p.set_defaults(handler=cmd_hero_show)
+    p = hero.add_parser("add", help="a hero from a model folder (reads its config.json)")
+    p.add_argument("name", metavar="NAME", help="the new hero's id (configs/heroes/NAME.yaml)")
+    p.add_argument("--from", dest="source", required=True, metavar="PATH",
+                   help="model folder with config.json, weights and tokenizer files")
+    p.add_argument("--force", action="store_true", help="replace an existing NAME.yaml")
+    p.set_defaults(handler=cmd_hero_add)
 
     camp = sub.add_parser("campaign", help="training lineages").add_subparsers(
         dest="campaign_command", required=True, metavar="COMMAND")

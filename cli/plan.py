@@ -21,6 +21,7 @@ from core.training_queue import TrainingQueue, claim_order
 from core.validate import open_regular
 from daemon.lock import DeviceSet
 from daemon.pause import describe, paused
+from guild.heroes import load_hero
 from guild.selection import resolve_for
 
 PLAN_SCHEMA = 1
@@ -46,9 +47,11 @@ def _entries(queue: TrainingQueue, problems: list) -> list[tuple[str, Path, Job 
 
 
 def _first_line_problems(path: Path) -> list[str]:
+    """Problems of the first ``CHECK_LINES`` lines, one line per distinct reason: the first
+    line it occurs on, how often, and the first few line numbers."""
     from trainer.data.reader import BadLine, iter_lines, parse_line
 
-    problems = []
+    seen: dict[str, list[int]] = {}
     with open_regular(path, "the dataset") as fh:
         numbered = ((n, raw) for n, raw in enumerate(iter_lines(fh), 1)
                     if not isinstance(raw, bytes) or raw.strip())
@@ -58,8 +61,31 @@ def _first_line_problems(path: Path) -> list[str]:
                     raise BadLine(f"the line is {raw.size:,} bytes, over the line limit")
                 parse_line(raw)
             except BadLine as bad:
-                problems.append(f"{path}:{number}: {bad}")
-    return problems
+                seen.setdefault(str(bad), []).append(number)
+    return [_grouped(path, reason, numbers) for reason, numbers in seen.items()]
+
+
+def _grouped(path: Path, reason: str, numbers: list[int]) -> str:
+    if len(numbers) == 1:
+        return f"{path}:{numbers[0]}: {reason}"
+    shown = ", ".join(map(str, numbers[:5])) + (", ..." if len(numbers) > 5 else "")
+    return f"{path}:{numbers[0]}: {reason} (x {len(numbers)} of the first {CHECK_LINES} " \
+           f"lines: {shown})"
+
+
+def _sampled_tokens(paths: RealmPaths, hero_id: str, path: Path, num_bytes: int
+                    ) -> tuple[int, str] | None:
+    """(tokens, how) counted with the hero's tokenizer on a sample of the file, or None (the
+    caller keeps bytes/4). Imports ``tokenizers`` only, never torch."""
+    from trainer.data.token_estimate import SAMPLE_BYTES, estimate_tokens_sampled, \
+        tokenizer_counter
+
+    count = tokenizer_counter(load_hero(paths, hero_id))
+    found = estimate_tokens_sampled(path, num_bytes, count) if count else None
+    if found is None:
+        return None
+    tokens, lines = found
+    return tokens, f"{hero_id} tokenizer on {lines} lines (first {SAMPLE_BYTES >> 10} KiB)"
 
 
 def _throughput(queue: TrainingQueue) -> float | None:
@@ -76,8 +102,12 @@ def _plan_row(paths: RealmPaths, priority: str, path: Path, job: Job | None, cli
         record = job or unadopted_job(paths, path)
         tokens = record.estimated_tokens or estimate_tokens(record.num_bytes or 0)
         row.update(job_id=record.id, examples=record.num_examples, estimated_tokens=tokens,
-                   problems=_first_line_problems(path))
+                   token_estimate="bytes/4", problems=_first_line_problems(path))
         resolved = resolve_for(paths, job=record, cli=cli)
+        sampled = _sampled_tokens(paths, resolved.hero_id, path, record.num_bytes or 0)
+        if sampled:
+            tokens = sampled[0]
+            row.update(estimated_tokens=tokens, token_estimate=sampled[1])
     except _REPORTED as exc:
         row["problems"].append(str(exc))
         return row
@@ -116,6 +146,12 @@ def build_plan(paths: RealmPaths, cli_args=None) -> dict[str, Any]:
             "jobs": rows, "held": held, "paused": paused(paths), "problems": problems}
 
 
+def _shown_value(key: str, value: Any) -> Any:
+    if key == "training.max_steps" and value is None:
+        return "none (all epochs)"
+    return value
+
+
 def render_plan(plan: dict[str, Any]) -> str:
     lines = [f"plan for {plan['realm']} ({len(plan['jobs'])} jobs; devices {plan['devices']}, "
              f"{plan['ranks_per_job']} process(es) per job; throughput "
@@ -126,8 +162,10 @@ def render_plan(plan: dict[str, Any]) -> str:
                      f"~{r['estimated_tokens'] or 0:,} tokens, ~{r.get('estimated_steps', '?')} steps"
                      f" of {r.get('global_batch', '?')} rows"
                      f"{eta}; {r.get('hero', '?')} / {r.get('campaign') or '(no campaign)'}")
+        if r.get("token_estimate"):
+            lines.append(f"       tokens estimated by {r['token_estimate']}")
         for key, s in (r.get("settings") or {}).items():
-            lines.append(f"       {key} = {s['value']} ({s['layer']})")
+            lines.append(f"       {key} = {_shown_value(key, s['value'])} ({s['layer']})")
         lines += [f"       problem: {p}" for p in r["problems"]]
     lines += [f"held, not claimed until `realm queue release {h['job_id']}`: {h['file']} "
               f"({h['reason']})" for h in plan.get("held", [])]

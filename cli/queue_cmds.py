@@ -5,12 +5,14 @@ from __future__ import annotations
 import getpass
 import json
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
 
 from cli.common import positive_seconds, print_json, realm_paths
-from cli.status import LIST_STATES, build_list, build_status, render_job, render_list, render_status
+from cli.status import (LIST_STATES, build_list, build_status, fit_width, render_job, render_list,
+                        render_status, watch_header)
 from config.flags import parse_sets_checked
 from config.resolver import Layer, check_values
 from core.errors import ConfigError, JobRunning, UsageError
@@ -28,15 +30,19 @@ def _queue(args):
 
 def cmd_queue_status(args) -> int:
     queue = _queue(args)
+    tty = sys.stdout.isatty()
     try:
         while True:
             status = build_status(queue)
             if args.json:
                 print(json.dumps(status, ensure_ascii=False), flush=True)  # one line per refresh
             else:
-                if args.watch and sys.stdout.isatty():
-                    print("\033[2J\033[H", end="")
-                print(render_status(status), flush=True)
+                text = render_status(status)
+                if args.watch:
+                    text = f"{watch_header(args.interval)}\n{text}"
+                if args.watch and tty:  # a screen, not a log: clear it, never wrap a line
+                    text = "\033[2J\033[H" + fit_width(text, shutil.get_terminal_size().columns)
+                print(text, flush=True)
             if not args.watch:
                 return 0
             time.sleep(args.interval)
@@ -185,9 +191,10 @@ def add_parsers(sub) -> None:
 
     p = qsub.add_parser("status", help="counts, the running job, recent results, problems")
     p.add_argument("--json", action="store_true", help="machine-readable output (schema 1)")
-    p.add_argument("--watch", action="store_true", help="refresh until Ctrl-C")
+    p.add_argument("--watch", action="store_true",
+                   help="redraw every --interval seconds until Ctrl-C")
     p.add_argument("--interval", type=positive_seconds("--interval"), default=2.0,
-                   metavar="SECONDS", help="with --watch: seconds between refreshes (default 2)")
+                   metavar="SECONDS", help="seconds between refreshes under --watch (default: 2)")
     p.set_defaults(handler=cmd_queue_status)
 
     p = qsub.add_parser("list", help="jobs in one state; queued ones in claim order")

@@ -7,6 +7,7 @@ are versioned (``"schema": 1``) and documented in README.md.
 from __future__ import annotations
 
 import json
+import re
 from datetime import datetime, timezone
 from typing import Any
 
@@ -32,7 +33,20 @@ def _recent(queue: TrainingQueue, folder: str, limit: int, problems: list) -> li
             continue  # moved on since the listing
     newest = [e for _, e in sorted(stamped, key=lambda x: x[0], reverse=True)[:limit]]
     jobs = [j for e in newest if isinstance(j := queue._load(e, problems), Job)]
-    return [j.summary() for j in sorted(jobs, key=lambda j: j.finished_at or "", reverse=True)]
+    return [finished_row(j) for j in sorted(jobs, key=lambda j: j.finished_at or "",
+                                            reverse=True)]
+
+
+_CAMPAIGN_IN_PATH = re.compile(r"(?:^|/)campaigns/([^/]+)/([^/]+)/checkpoints/")
+
+
+def finished_row(job: Job) -> dict[str, Any]:
+    """A finished job's summary with what it trained: steps, final loss, campaign."""
+    checkpoint = (job.metadata or {}).get("checkpoint") or (job.resume or {}).get("checkpoint")
+    found = _CAMPAIGN_IN_PATH.search(str(checkpoint or ""))
+    campaign = job.campaign_id or (f"{found[1]}/{found[2]}" if found else None)
+    return {**job.summary(), "start_step": job.start_step, "final_step": job.final_step,
+            "final_loss": job.final_loss, "campaign": campaign}
 
 
 def _counts(queue: TrainingQueue, problems: list) -> tuple[dict, dict, int, int]:
@@ -198,12 +212,39 @@ def _progress_line(r: dict) -> str:
     return line
 
 
+def _trained(r: dict) -> str:
+    """``steps 0->20  loss 1.2345  hero/name`` for what a finished job recorded."""
+    parts = []
+    if r.get("final_step") is not None:
+        parts.append(f"steps {r.get('start_step') if r.get('start_step') is not None else '?'}"
+                     f"->{r['final_step']}")
+    if isinstance(r.get("final_loss"), (int, float)):
+        parts.append(f"loss {r['final_loss']:.4f}")
+    if r.get("campaign"):
+        parts.append(r["campaign"])
+    return "".join(f"  {p}" for p in parts)
+
+
 def _finished_line(r: dict) -> str:
-    return f"  {r['id']}  {r['dataset']}  finished {_ago(r['finished_at'])}"
+    return f"  {r['id']}  {r['dataset']}{_trained(r)}  finished {_ago(r['finished_at'])}"
 
 
 def _failed_line(r: dict) -> str:
-    return f"  {r['id']}  {r['dataset']}  failed {_ago(r['finished_at'])}: {r['last_error']}"
+    return (f"  {r['id']}  {r['dataset']}{_trained(r)}  failed {_ago(r['finished_at'])}: "
+            f"{r['last_error']}")
+
+
+def watch_header(interval: float) -> str:
+    now = datetime.now().astimezone().strftime("%H:%M:%S")
+    return f"refreshing every {interval:g} s (--interval) · Ctrl-C to quit · {now}"
+
+
+def fit_width(text: str, columns: int) -> str:
+    """Each line cut to ``columns`` characters (an ellipsis marks the cut): a watched screen
+    never wraps a line mid-word."""
+    columns = max(columns, 20)
+    return "\n".join(line if len(line) <= columns else line[:columns - 1] + "…"
+                     for line in text.split("\n"))
 
 
 def render_list(listing: dict) -> str:

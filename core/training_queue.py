@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -522,9 +523,27 @@ class TrainingQueue:
             folder = fresh.priority if to is JobState.QUEUED else to.value
             dst = self._move_pair(src, self.paths.state_dir(folder))
             fresh.dataset_path = self.paths.relative(dst)
+            self._relocate_reasons(fresh, entry, src, dst)
             self._write_sidecar(sidecar_of(dst), fresh)
             self.ledger.append(fresh, entry)
             return fresh
+
+    def _relocate_reasons(self, job: Job, entry: dict, src: Path, dst: Path) -> None:
+        """A reason written before the move (a child's ``queue/processing/x.jsonl:2: ...``)
+        names the file where it lies now, so a person can open the line it names."""
+        if src == dst:
+            return
+        pairs = [(str(src), str(dst)), (self.paths.relative(src), self.paths.relative(dst))]
+
+        def moved(text: str | None) -> str | None:
+            if not text:
+                return text
+            for old, new in pairs:
+                text = re.sub(re.escape(old) + r"(?![\w-]|\.\w)", new.replace("\\", r"\\"), text)
+            return text
+
+        entry["reason"] = moved(entry["reason"])
+        job.last_error = moved(job.last_error)
 
     def _move_pair(self, src: Path, dst_dir: Path) -> Path:
         """Sidecar first (it is the record and the claim), then the dataset; never overwrite.

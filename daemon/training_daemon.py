@@ -194,6 +194,7 @@ class Daemon:
         self.progress = ProgressView()
         self._cancels: dict[str, CancelRequest] = {}
         """Cancel requests seen for the jobs this daemon trains (job id -> request)."""
+        self.say = self.progress.writer(say)
 
     # --- the spine ------------------------------------------------------------------------
 
@@ -467,11 +468,17 @@ class Daemon:
 
     def _supervise(self, job: Job, child: Child) -> None:
         limit_setup, setup_why = setup_limit(self.cfg)
-        while not child.wait(timeout=self.cfg.heartbeat_seconds):
+        beat = self.cfg.heartbeat_seconds
+        tick = min(beat, PROGRESS_SECONDS) if self.progress.enabled else beat
+        next_beat = time.monotonic() + beat
+        while not child.wait(timeout=tick):
+            self.progress.update(job, child.files.progress)
+            if time.monotonic() < next_beat and self.stop_requests == 0:
+                continue  # a bar-only tick: stop requests are still acted on at once
+            next_beat = time.monotonic() + beat
             if not self._renew_lease(job):
                 child.kill("lease lost: another daemon reaped this job (see logs/jobs.jsonl)")
                 return
-            self.progress.update(job, child.files.progress)
             self._notice_cancel(job, child)
             if self.stop_requests >= 2:
                 child.kill("second stop signal (cold stop)")
@@ -637,14 +644,47 @@ class Daemon:
             log.error("daemon.status_not_written", state=state, error=str(exc))
 
 
+PROGRESS_SECONDS = 0.2
+"""How often the terminal bar reads the child's progress file (the lease is still renewed every
+``daemon.heartbeat_seconds``)."""
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None:
+        return "?"
+    seconds = int(round(seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60:02d}:{rest % 60:02d}"
+
+
 class ProgressView:
-    """A progress bar with ETA for the running job, on a terminal only (tqdm), fed from the
-    child's ``status/jobs/<job>.progress.json``."""
+    """A progress bar for the running job, on a terminal only (tqdm), fed from the child's
+    ``status/jobs/<job>.progress.json``: the child's own step, total, step time and ETA (tqdm's
+    rate guess is never shown: a first frame would read thousands of steps a second). The bar
+    appears with the child's first step. ``say`` messages go above the bar (``external_write_mode``
+    clears it first, also wiping an echoed ``^C``), so they never tear it."""
+
+    BAR_FORMAT = "{desc}: {percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} [{elapsed}{postfix}]"
 
     def __init__(self, stream=None):
         self.stream = stream or sys.stdout
         self.enabled = self.stream.isatty()
         self.bar = None
+
+    def writer(self, say):
+        """``say`` that clears the bar, prints, and draws the bar again below the message."""
+        def write(message: str) -> None:
+            if self.bar is None:
+                if self.enabled:  # a bar being drawn, or an echoed ^C: start on a clean line
+                    self.stream.write("\r\x1b[2K")
+                say(message)
+                return
+            import tqdm
+
+            with tqdm.tqdm.external_write_mode(file=self.stream):
+                say(message)
+                self.stream.flush()
+        return write
 
     def update(self, job: Job, status_file: Path) -> None:
         if not self.enabled:
@@ -653,19 +693,35 @@ class ProgressView:
             status = json.loads(status_file.read_text())
         except (OSError, ValueError):
             return
-        if status.get("job_id") != job.id or "total_steps" not in status:
+        if status.get("job_id") != job.id or not isinstance(status.get("total_steps"), int):
             return
         if self.bar is None:
             import tqdm
 
             tqdm.tqdm.monitor_interval = 0  # no monitor thread
+            # the first frame already shows the child's step and numbers (never 0/N, no rate)
             self.bar = tqdm.tqdm(total=status["total_steps"], desc=job.dataset_name,
-                                 unit="step", file=self.stream, leave=False)
-        self.bar.n = status["job_step"]
-        metrics = status.get("metrics") or {}
-        self.bar.set_postfix(loss=f"{metrics.get('loss', float('nan')):.4f}",
-                             tok_s=f"{metrics.get('tokens_per_sec', 0):,.0f}", refresh=False)
+                                 initial=status.get("job_step") or 0, unit="step",
+                                 postfix=self.postfix(status), file=self.stream, leave=False,
+                                 bar_format=self.BAR_FORMAT, dynamic_ncols=True)
+            return
+        self.bar.total = status["total_steps"]
+        self.bar.n = status.get("job_step") or 0
+        self.bar.set_postfix_str(self.postfix(status), refresh=False)
         self.bar.refresh()
+
+    @staticmethod
+    def postfix(status: dict) -> str:
+        """The child's ETA and step time, then loss and throughput."""
+        metrics = status.get("metrics") or {}
+        parts = [f"eta {_clock(status.get('eta_seconds'))}"]
+        if metrics.get("step_latency_ms"):
+            parts.append(f"{metrics['step_latency_ms'] / 1000:.2f} s/step")
+        if isinstance(metrics.get("loss"), (int, float)):
+            parts.append(f"loss {metrics['loss']:.4f}")
+        if metrics.get("tokens_per_sec"):
+            parts.append(f"{metrics['tokens_per_sec']:,.0f} tok/s")
+        return ", ".join(parts)
 
     def close(self) -> None:
         if self.bar is not None:

@@ -904,7 +904,8 @@ class EpochRunner:
             t.log.info("train.progress", line=line)
         t.status.write(status_payload(t.spec.job_id, m, job_step=job_step,
                                       total_steps=t.total_steps, stats=t.stats,
-                                      evaluation=last_eval))
+                                      evaluation=last_eval),
+                       force=job_step == t.total_steps)  # the bar and status see the last step
 
     def _finalize_epoch(self) -> None:
         self.t.state.new_epoch()

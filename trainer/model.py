@@ -26,6 +26,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 from core.errors import ConfigError, InputError
 from core.validate import read_regular
 from guild.heroes import MAX_TEMPLATE_BYTES, chat_template_path
+from guild.heroes.model_folder import ARCHITECTURES
 from trainer.checkpoint import UnsafeCheckpoint
 from trainer.data.tokenize import stop_token_ids
 
@@ -34,8 +35,7 @@ transformers.utils.logging.disable_progress_bar()
 
 # Architecture name -> transformers model_type, for heroes built from a config (a registry, not a
 # dotted path from a file: an unknown name lists the known ones).
-MODEL_TYPES = {"Qwen3ForCausalLM": "qwen3", "Qwen2ForCausalLM": "qwen2",
-               "LlamaForCausalLM": "llama", "MistralForCausalLM": "mistral"}
+MODEL_TYPES = ARCHITECTURES
 
 BYTE_SPECIALS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
 # Minimal ChatML-style template for the byte tokenizer, rendering tool calls as Qwen does

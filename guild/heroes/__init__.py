@@ -21,6 +21,7 @@ from config.resolver import check_hero_defaults
 from core.errors import ConfigError, RealmError, UsageError
 from core.paths import RealmPaths, check_name
 from core.validate import closest, did_you_mean
+from guild.heroes.model_folder import read_model_config
 
 DEFAULT_HERO = "tiny-qwen3"
 
@@ -153,9 +154,31 @@ def _validate(data: Any, path: Path, lines: dict) -> list[str]:
     return problems
 
 
+FROM_FOLDER = ("architecture", "vocab_size", "context_length")
+"""Model keys a hero with ``model.path`` may leave out: they are read from the folder."""
+
+
+def _filled_from_folder(data: Any, path: Path) -> Any:
+    """A profile whose ``model.path`` is given and some of ``FROM_FOLDER`` are not gets them
+    from the folder's config.json (values the file gives win; the trainer checks them against
+    the model)."""
+    model = data.get("model") if isinstance(data, dict) else None
+    if not isinstance(model, dict) or not isinstance(model.get("path"), str) or \
+            all(model.get(k) is not None for k in FROM_FOLDER):
+        return data
+    try:
+        facts = read_model_config(Path(model["path"]).expanduser(), what=f"{path}: model.path")
+    except UsageError as exc:
+        raise ConfigError([f"{exc} (the model keys {', '.join(FROM_FOLDER)} left out of the "
+                           "profile are read from the folder's config.json)"]) from None
+    filled = {k: v for k, v in facts.items() if model.get(k) is None}
+    return {**data, "model": {**model, **filled}}
+
+
 def load_hero_file(path: Path) -> HeroProfile:
     path = Path(path)
     data, lines = load_yaml(path)
+    data = _filled_from_folder(data, path)
     problems = _validate(data, path, lines)
     if not problems and data.get("training_defaults"):
         problems = check_hero_defaults(data["training_defaults"], path, lines)

@@ -23,14 +23,18 @@ class Terminal(io.StringIO):
 def test_progress_bar_on_a_terminal_shows_step_total_and_loss(tmp_path):
     status = tmp_path / "training_status.json"
     status.write_text(json.dumps({"job_id": "j1", "job_step": 12, "total_steps": 40,
-                                  "metrics": {"loss": 3.2109, "tokens_per_sec": 7012.0}}))
+                                  "eta_seconds": 75.0,
+                                  "metrics": {"loss": 3.2109, "tokens_per_sec": 7012.0,
+                                              "step_latency_ms": 2500.0}}))
     out = Terminal()
     view = ProgressView(stream=out)
     view.update(Job(id="j1", dataset_path="queue/processing/a.jsonl", dataset_name="a.jsonl"),
                 status)
     view.close()
     text = out.getvalue()
-    assert "a.jsonl" in text and "12/40" in text and "loss=3.2109" in text
+    assert "a.jsonl" in text and "12/40" in text and "0/40" not in text  # the first frame
+    assert "eta 01:15, 2.50 s/step, loss 3.2109, 7,012 tok/s" in text  # the child's numbers
+    assert "step/s" not in text and "it/s" not in text  # never tqdm's own rate
 
 
 def test_no_progress_bar_when_not_a_terminal(tmp_path):

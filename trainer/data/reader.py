@@ -1,7 +1,9 @@
 """Streaming JSONL reader: one example per line, bad lines named by file:line and reason.
 
 Formats, detected per line unless ``data.format`` forces one: ``{"text"}``,
-``{"prompt", "completion"}``, ``{"messages": [{"role", "content"}, ...]}``. Memory holds one line
+``{"prompt", "completion"}``, ``{"messages": [{"role", "content"}, ...]}``. Two common formats of
+other trainers are mapped to messages first (``to_messages``): alpaca (``instruction``, optional
+``input`` and ``system``, ``output``) and ShareGPT (``conversations`` of ``{from, value}``). Memory holds one line
 at a time, and never more than ``MAX_LINE_BYTES`` of it: a longer line is a bad line (it is
 skipped through without being held). A line nested deeper than ``MAX_DEPTH`` is a bad line too
 (never a RecursionError). Under ``on_bad_line: fail`` the first bad line raises ``DataError``;
@@ -55,6 +57,75 @@ class BadLineCounter:
         self.bad += 1
         if len(self.samples) < 5:
             self.samples.append(f"{where}: {reason}")
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "function_call": "assistant", "tool": "tool",
+                  "observation": "tool", "function_response": "tool"}
+"""ShareGPT's ``from`` values (FastChat, Axolotl, LLaMA-Factory) and the role each one is."""
+
+
+def _alpaca(obj: dict) -> list[dict]:
+    for key in ("instruction", "input", "output", "system"):
+        if key in obj and not isinstance(obj[key], str):
+            raise BadLine(f"alpaca '{key}' must be a string, got {type(obj[key]).__name__}")
+    if not obj["output"]:
+        raise BadLine("alpaca 'output' is empty: there is nothing to learn from")
+    user = obj["instruction"] + (f"\n\n{obj['input']}" if obj.get("input") else "")
+    head = [{"role": "system", "content": obj["system"]}] if obj.get("system") else []
+    return head + [{"role": "user", "content": user},
+                   {"role": "assistant", "content": obj["output"]}]
+
+
+def _sharegpt(obj: dict) -> list[dict]:
+    turns = obj["conversations"]
+    if not isinstance(turns, list) or not turns:
+        raise BadLine("'conversations' must be a non-empty list of {from, value} objects")
+    system = obj.get("system")
+    if system is not None and not isinstance(system, str):
+        raise BadLine(f"'system' must be a string, got {type(system).__name__}")
+    messages = [{"role": "system", "content": system}] if system else []
+    for i, turn in enumerate(turns):
+        if not isinstance(turn, dict) or not isinstance(turn.get("value"), str):
+            raise BadLine(f"conversations[{i}] must be an object with a string 'value'")
+        role = SHAREGPT_ROLES.get(turn.get("from"))
+        if role is None:
+            raise BadLine(f"conversations[{i}].from is {turn.get('from')!r}; use one of "
+                          f"{', '.join(SHAREGPT_ROLES)} (ShareGPT roles)")
+        messages.append({"role": role, "content": turn["value"]})
+    return messages
+
+
+def to_messages(obj: dict) -> dict:
+    """An alpaca or ShareGPT line as a messages line (the others as they are): alpaca's
+    instruction (and input) is the user turn, its output the trained assistant turn; ShareGPT's
+    turns map by ``SHAREGPT_ROLES``. A line that mixes formats is a bad line."""
+    alpaca = "instruction" in obj and "output" in obj
+    sharegpt = "conversations" in obj
+    if not (alpaca or sharegpt):
+        half = [k for k in ("instruction", "output") if k in obj]
+        if half and not any(k in obj for k in ("text", "prompt", "messages")):
+            raise BadLine(f"an alpaca line needs both 'instruction' and 'output'; this one has "
+                          f"only '{half[0]}' (keys: {', '.join(obj)})")
+        return obj
+    found = [name for name, here in (("alpaca 'instruction'+'output'", alpaca),
+                                     ("ShareGPT 'conversations'", sharegpt),
+                                     ("'text'", "text" in obj), ("'prompt'", "prompt" in obj),
+                                     ("'messages'", "messages" in obj)) if here]
+    if len(found) > 1:
+        raise BadLine(f"the line mixes formats ({', '.join(found)}); keep one per line")
+    messages = _alpaca(obj) if alpaca else _sharegpt(obj)
+    out = {"messages": messages}
+    tools = obj.get("tools")
+    if isinstance(tools, str):  # LLaMA-Factory writes the tool list as a JSON string
+        try:
+            tools = json.loads(tools)
+        except json.JSONDecodeError as exc:
+            raise BadLine(f"'tools' is a string but not JSON ({exc.msg}); write a list of "
+                          "function schemas") from None
+    if tools is not None:
+        out["tools"] = tools
+    return out
 
 
 def _kind(obj: dict, forced: str) -> str:
@@ -142,6 +213,7 @@ def parse_line(raw: bytes, forced: str = "auto") -> tuple[str, dict]:
         raise BadLine(f"a line must be a JSON object, got {type(obj).__name__}")
     if _SURROGATE.search(raw):
         _check_encodable(obj, "the line")
+    obj = to_messages(obj)
     kind = _kind(obj, forced)
     if kind == "messages":
         _check_messages(obj["messages"], obj.get("tools"))
