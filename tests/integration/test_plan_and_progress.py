@@ -25,6 +25,12 @@ from tests.trainer.test_training import make_realm
 from trainer.data.synthetic import write_dataset
 
 
+def _terminal_env() -> dict:
+    """The environment of a program on the pseudo-terminal: its size comes from the terminal
+    (TIOCSWINSZ), never from a COLUMNS/LINES that pytest or a worker process left behind."""
+    return {k: v for k, v in os.environ.items() if k not in ("REALM_DEBUG", "COLUMNS", "LINES")}
+
+
 def test_plan_groups_problems_counts_tokens_with_the_hero_tokenizer_and_shows_all_epochs(
         tmp_path):
     paths = make_realm(tmp_path / "r", overrides={"training": {"micro_batch_size": 4}})
@@ -64,7 +70,7 @@ def run_in_terminal(argv: list[str], *, interrupt_when: bytes | None = None,
     foreground group, as in a shell) once those bytes have appeared."""
     pid, fd = pty.fork()
     if pid == 0:  # the child: the pty is its controlling terminal
-        os.execvpe(argv[0], argv, {k: v for k, v in os.environ.items() if k != "REALM_DEBUG"})
+        os.execvpe(argv[0], argv, _terminal_env())
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 120, 0, 0))
     out, sent, deadline = b"", False, time.monotonic() + timeout
     try:
@@ -148,7 +154,7 @@ def test_status_watch_says_interval_and_quit_fits_the_width_and_shows_finished_j
             "--watch", "--interval", "0.3"]
     pid, fd = pty.fork()
     if pid == 0:
-        os.execvpe(argv[0], argv, dict(os.environ))
+        os.execvpe(argv[0], argv, _terminal_env())
     fcntl.ioctl(fd, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 110, 0, 0))
     out = b""
     deadline = time.monotonic() + 60
