@@ -39,7 +39,11 @@ def test_reduced_soak_loses_nothing_duplicates_nothing_and_saves_only_loadable_f
     assert outcomes["corrupt"] == {"restored by its owner, completed": 1}, result
     if result["fill_skipped"] is None:  # root and a tmpfs: the disk was filled while one trained
         assert faults["fill"] == 1, result
-        assert outcomes["fill"] == {"ENOSPC met, job requeued": 1}, result
+        # On a loaded machine the job may write its last checkpoint before the disk is full:
+        # the fault then misses its moment (reported, never judged wrong). ENOSPC handling itself
+        # is checked deterministically in test_child_protocol (REALM_TEST_ENOSPC).
+        assert sum(outcomes["fill"].values()) == 1 and set(outcomes["fill"]) <= {
+            "ENOSPC met, job requeued", "no job met ENOSPC while full"}, result
     else:
         print(f"fill fault skipped: {result['fill_skipped']}")
     assert result["unexpected_daemon_exits"] == [] and result["queue_problems"] == [], result
