@@ -15,8 +15,8 @@ from core.paths import RealmPaths, init_layout
 from core.training_queue import TrainingQueue
 
 # One thread per test process and per child it starts (inherited): the tiny models gain nothing
-# from a second thread, and two test workers (pytest -n 2) then share the two cores without
-# oversubscribing them.
+# from a second thread, and the test workers (scripts/test.sh: pytest -n 3) share the cores
+# instead of each asking for all of them.
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 
