@@ -329,6 +329,7 @@ class Daemon:
             log.warning("job.reaped", job_id=job.id, reason=why, to=moved.status.value)
             self.say(f"recovered {job.id}: {why} -> {moved.status.value}")
             reaped.append(moved)
+            self._job_ended(moved)
         return reaped
 
     def _reap(self, job: Job, why: str) -> Job:
@@ -438,8 +439,10 @@ class Daemon:
         except OSError as exc:  # e.g. ENOSPC on the job log: the job goes back, visibly
             why = f"could not start the training child: {exc}"
             kind = "no_space" if exc.errno == errno.ENOSPC else "crash"
-            return self._record(job, ChildEnd(None, None, why), Outcome(
+            moved = self._record(job, ChildEnd(None, None, why), Outcome(
                 exitcodes.CRASHED, kind, why, resume=job.resume))
+            self._job_ended(moved)
+            return moved
         log.info("job.started", job_id=job.id, child_pid=child.pid)
         self._write_status("training", job_id=job.id, child_pid=child.pid)
         try:
@@ -459,9 +462,12 @@ class Daemon:
         """daemon.on_job_end, once the job's outcome is recorded (never fatal)."""
         if job.status is JobState.PROCESSING or not self.cfg.on_job_end:
             return
+        # while stopping, the hook gets a few seconds at most: the service manager's stop
+        # timeout (contrib/realm-daemon.service) budgets the child's grace, not the hook's
+        timeout = min(self.cfg.on_job_end_timeout, 5.0) if self.stop_requests else \
+            self.cfg.on_job_end_timeout
         try:
-            run_job_end_hook(self.cfg.on_job_end, self.cfg.on_job_end_timeout, self.paths, job,
-                             self.say)
+            run_job_end_hook(self.cfg.on_job_end, timeout, self.paths, job, self.say)
         except Exception as exc:  # noqa: BLE001 - a notice must never stop the daemon
             log.error("hook.failed", job_id=job.id, hook="on_job_end",
                       error=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc())
@@ -473,16 +479,18 @@ class Daemon:
         next_beat = time.monotonic() + beat
         while not child.wait(timeout=tick):
             self.progress.update(job, child.files.progress)
-            if time.monotonic() < next_beat and self.stop_requests == 0:
+            on_beat = time.monotonic() >= next_beat
+            if not on_beat and self.stop_requests == 0:
                 continue  # a bar-only tick: stop requests are still acted on at once
-            next_beat = time.monotonic() + beat
-            if not self._renew_lease(job):
-                child.kill("lease lost: another daemon reaped this job (see logs/jobs.jsonl)")
-                return
-            self._notice_cancel(job, child)
+            if on_beat:  # the lease and the cancel check stay on the heartbeat
+                next_beat = time.monotonic() + beat
+                if not self._renew_lease(job):
+                    child.kill("lease lost: another daemon reaped this job (see logs/jobs.jsonl)")
+                    return
+                self._notice_cancel(job, child)
             if self.stop_requests >= 2:
                 child.kill("second stop signal (cold stop)")
-            elif self.stop_requests == 1 or job.id in self._cancels:
+            elif self.stop_requests == 1 or self._cancel_for(job) is not None:
                 child.request_stop()
                 if child.stop_sent_at is not None and \
                         time.monotonic() - child.stop_sent_at > self.cfg.stop_grace_seconds:
@@ -491,10 +499,16 @@ class Daemon:
             else:
                 self._judge_liveness(child, limit_setup, setup_why)
 
+    def _cancel_for(self, job: Job) -> CancelRequest | None:
+        """The cancel request seen for this claim of ``job`` (a request is for one claim: one
+        left from an earlier attempt of the same job never stops a retry)."""
+        request = self._cancels.get(job.id)
+        return request if request is not None and request.started_at == job.started_at else None
+
     def _notice_cancel(self, job: Job, child: Child) -> None:
         """A cancel request for this claim (``realm queue cancel``): ask the child to stop at
         the next step boundary; it removes its own checkpoints and reports ``cancelled``."""
-        if job.id in self._cancels:
+        if self._cancel_for(job) is not None:
             return
         request = child.files.cancel_request(job.started_at)
         if request is not None:
@@ -584,6 +598,14 @@ class Daemon:
                 self._unrecorded.append((job, end, outcome))
 
     def _move_by_outcome(self, job: Job, end: ChildEnd, outcome: Outcome) -> Job:
+        try:
+            return self._move_ours(job, end, outcome)
+        finally:
+            if self._cancels.get(job.id) is not None and \
+                    self._cancels[job.id].started_at == job.started_at:
+                del self._cancels[job.id]  # whatever happened to it, this claim is over
+
+    def _move_ours(self, job: Job, end: ChildEnd, outcome: Outcome) -> Job:
         if not self._still_ours(job):  # fenced: never move a job another daemon holds now
             log.error("job.lease_lost", job_id=job.id, reason=end.reason)
             self.say(f"  lost {job.id}: another daemon reaped it (or its sidecar vanished); "
@@ -595,12 +617,12 @@ class Daemon:
                     f"{outcome.reason or outcome.kind}): the campaign's next job discards them")
             moved = self.queue.cancel(job, cancel.describe(note=note), running=True,
                                       results=outcome.results)
-        elif end.signal is not None and self.stop_requests and outcome.kind != "completed":
+        elif end.signal is not None and self.stop_requests and \
+                outcome.kind not in ("completed", "cancelled"):
             moved = self.queue.requeue(job, f"daemon stopped: {end.reason}",
                                        resume=outcome.resume, results=outcome.results)
         else:
             moved = record_outcome(self.queue, job, outcome, self.cfg.max_attempts)
-        self._cancels.pop(job.id, None)
         if outcome.kind == "no_space":
             self.no_space_seen(outcome)
         bucket = {JobState.COMPLETED: self.summary.completed, JobState.FAILED: self.summary.failed,
@@ -618,7 +640,7 @@ class Daemon:
         child's own reason), or a permanent failure."""
         if outcome.kind in ("completed", "cancelled") or outcome.permanent:
             return None
-        return self._cancels.get(job.id) or \
+        return self._cancel_for(job) or \
             JobFiles.of(self.paths.status, job.id).cancel_request(job.started_at)
 
     # --- signals and status ---------------------------------------------------------------
@@ -687,8 +709,17 @@ class ProgressView:
         return write
 
     def update(self, job: Job, status_file: Path) -> None:
+        """Never raises: a terminal that goes away (EIO after a hang-up) turns the bar off, it
+        does not take the job down."""
         if not self.enabled:
             return
+        try:
+            self._update(job, status_file)
+        except Exception as exc:  # noqa: BLE001 - a display must not stop training
+            log.warning("progress.disabled", error=f"{type(exc).__name__}: {exc}")
+            self.enabled = False
+
+    def _update(self, job: Job, status_file: Path) -> None:
         try:
             status = json.loads(status_file.read_text())
         except (OSError, ValueError):

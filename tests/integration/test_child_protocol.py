@@ -207,8 +207,16 @@ def test_faults_in_the_middle_of_a_job_leave_the_daemon_running(tmp_path):
         shutil.rmtree(paths.state_dir("processing"))  # queue/processing removed
         (paths.state_dir("normal") / "next.jsonl.job.json").write_text('{"campaign_id": "nope"}')
         write_dataset(paths.state_dir("normal") / "next.jsonl", 4)
-        wait_for(lambda: (paths.state_dir("failed") / "next.jsonl.job.json").exists(),
-                 what="the next job to run and fail on its unknown campaign")
+        failed_record = paths.state_dir("failed") / "next.jsonl.job.json"
+        # the record is final once rewritten after the pair moved (readers take no lock)
+        def final() -> bool:
+            try:
+                record = json.loads(failed_record.read_text())
+            except (OSError, ValueError):
+                return False
+            return record.get("status") == "failed" and bool(record.get("last_error"))
+
+        wait_for(final, what="the next job to run and fail on its unknown campaign")
         assert daemon.poll() is None and paths.state_dir("processing").is_dir()
         failed = json.loads((paths.state_dir("failed") / "next.jsonl.job.json").read_text())
         assert "nope" in failed["last_error"]
