@@ -73,14 +73,17 @@ def _grouped(path: Path, reason: str, numbers: list[int]) -> str:
            f"lines: {shown})"
 
 
-def _sampled_tokens(paths: RealmPaths, hero_id: str, path: Path, num_bytes: int
-                    ) -> tuple[int, str] | None:
+def _sampled_tokens(paths: RealmPaths, hero_id: str, path: Path, num_bytes: int,
+                    counters: dict) -> tuple[int, str] | None:
     """(tokens, how) counted with the hero's tokenizer on a sample of the file, or None (the
-    caller keeps bytes/4). Imports ``tokenizers`` only, never torch."""
+    caller keeps bytes/4). Imports ``tokenizers`` only, never torch. ``counters`` keeps each
+    hero's tokenizer for the whole plan: a queue of many jobs loads it once."""
     from trainer.data.token_estimate import SAMPLE_BYTES, estimate_tokens_sampled, \
         tokenizer_counter
 
-    count = tokenizer_counter(load_hero(paths, hero_id))
+    if hero_id not in counters:
+        counters[hero_id] = tokenizer_counter(load_hero(paths, hero_id))
+    count = counters[hero_id]
     found = estimate_tokens_sampled(path, num_bytes, count) if count else None
     if found is None:
         return None
@@ -94,7 +97,8 @@ def _throughput(queue: TrainingQueue) -> float | None:
 
 
 def _plan_row(paths: RealmPaths, priority: str, path: Path, job: Job | None, cli,
-              throughput: float | None, ranks: int = 1) -> dict[str, Any]:
+              throughput: float | None, ranks: int = 1,
+              counters: dict | None = None) -> dict[str, Any]:
     row: dict[str, Any] = {"priority": priority, "file": paths.relative(path),
                            "job_id": job.id if job else None, "examples": None,
                            "estimated_tokens": None, "problems": []}
@@ -104,7 +108,8 @@ def _plan_row(paths: RealmPaths, priority: str, path: Path, job: Job | None, cli
         row.update(job_id=record.id, examples=record.num_examples, estimated_tokens=tokens,
                    token_estimate="bytes/4", problems=_first_line_problems(path))
         resolved = resolve_for(paths, job=record, cli=cli)
-        sampled = _sampled_tokens(paths, resolved.hero_id, path, record.num_bytes or 0)
+        sampled = _sampled_tokens(paths, resolved.hero_id, path, record.num_bytes or 0,
+                                  {} if counters is None else counters)
         if sampled:
             tokens = sampled[0]
             row.update(estimated_tokens=tokens, token_estimate=sampled[1])
@@ -137,7 +142,8 @@ def build_plan(paths: RealmPaths, cli_args=None) -> dict[str, Any]:
         problems.append({"path": where, "problem": str(exc)})
         device_set = DeviceSet("cpu", 1, "")
     entries = _entries(queue, problems)
-    rows = [_plan_row(paths, p, path, job, cli, throughput, device_set.ranks)
+    counters: dict = {}  # hero id -> its token counter, loaded once per plan
+    rows = [_plan_row(paths, p, path, job, cli, throughput, device_set.ranks, counters)
             for p, path, job in entries if not (job and job.held)]
     held = [{"job_id": job.id, "file": job.dataset_path, "reason": job.held}
             for _, _, job in entries if job and job.held]
