@@ -23,12 +23,29 @@ LOCKED_DOCS = {
     "vocab_size": "Rows of the embedding matrix (the hero's model.vocab_size); fixed for the "
                   "campaign.",
     "model_version": "realm's version of the locked block itself.",
+    "adapter": "The adapter's shape (adapter.method, r, alpha, target_modules, "
+               "modules_to_save) as the campaign's first job trained it: a checkpoint's "
+               "adapter only fits that shape.",
 }
 """What each locked field means (``config show --doc``); no config layer may set one."""
 
 
+ADAPTER_SHAPE = ("method", "r", "alpha", "target_modules", "modules_to_save")
+"""The adapter keys a campaign's checkpoints depend on (dropout may change between jobs)."""
+NO_ADAPTER = {"method": "none"}
+
+
+def adapter_shape(values: dict[str, Any]) -> dict[str, Any]:
+    """The locked ``adapter`` entry from resolved dotted values: ``{"method": "none"}`` for full
+    fine-tuning, else the shape keys."""
+    if values.get("adapter.method", "none") == "none":
+        return dict(NO_ADAPTER)
+    return {k: values[f"adapter.{k}"] for k in ADAPTER_SHAPE}
+
+
 def build_locked_config(hero, model_path: str | None,
-                        max_length: int, model_version: str = "v1") -> dict[str, Any]:
+                        max_length: int, model_version: str = "v1",
+                        adapter: dict[str, Any] | None = None) -> dict[str, Any]:
     """The locked block for a hero (a ``guild.heroes.HeroProfile``, preferred) or, without one,
     for a bare model path.
 
@@ -44,6 +61,7 @@ def build_locked_config(hero, model_path: str | None,
             "max_context_length": model.context_length,
             "vocab_size": model.vocab_size,
             "model_version": model_version,
+            "adapter": adapter or dict(NO_ADAPTER),
         }
     if not model_path:
         raise ValueError("build_locked_config needs a hero profile or a model path")
@@ -53,6 +71,7 @@ def build_locked_config(hero, model_path: str | None,
         "max_context_length": max_length,
         "vocab_size": None,  # unknown until the model config is read; verified on load
         "model_version": model_version,
+        "adapter": adapter or dict(NO_ADAPTER),
     }
 
 
@@ -64,7 +83,13 @@ def verify_locked(stored: dict[str, Any], current: dict[str, Any], *,
         a, b = stored.get(key), current.get(key)
         if a != b:
             lines.append(f"  {key}: {stored_name} has {a!r}, {current_name} has {b!r}")
-    extra = sorted((set(stored) ^ set(current)) - set(LOCKED_FIELDS))
+    # blocks written before adapters existed are full fine-tuning
+    a, b = (block.get("adapter") or NO_ADAPTER for block in (stored, current))
+    for key in sorted(set(a) | set(b), key=lambda k: (k not in ADAPTER_SHAPE, k)):
+        if a.get(key) != b.get(key):
+            lines.append(f"  adapter.{key}: {stored_name} has {a.get(key)!r}, {current_name} has "
+                         f"{b.get(key)!r}")
+    extra = sorted((set(stored) ^ set(current)) - set(LOCKED_FIELDS) - {"adapter"})
     lines += [f"  {key}: present in only one block" for key in extra]
     if not lines:
         return None

@@ -22,7 +22,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from config.locked import LOCKED_FIELDS, build_locked_config
+from config.locked import LOCKED_FIELDS, adapter_shape, build_locked_config
 from config.reader import number_problem
 from config.schema import (BOUNDS, SECTIONS, FieldSpec, RealmConfig, field_specs, from_flat,
                            string_problem, to_nested)
@@ -220,7 +220,7 @@ def resolve(layers: list[Layer], hero, *, campaign: str | None = None) -> Resolv
             values[key] = value
             provenance[key] = (layer.name, layer.where(key))
     locked = build_locked_config(hero, None, values["data.max_length"],
-                                 model_version=campaign or hero.id)
+                                 model_version=campaign or hero.id, adapter=adapter_shape(values))
     problems += _check_bounds(values, provenance) + _cross_field(values, provenance, locked, hero)
     if problems:
         raise ConfigError(problems)

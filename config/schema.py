@@ -10,6 +10,7 @@ from __future__ import annotations
 import ast
 import dataclasses
 import inspect
+import re
 import shlex
 import textwrap
 import typing
@@ -66,6 +67,34 @@ class TrainingConfig:
     carry_optimizer: bool = True
     """Continue a campaign's AdamW moments from the checkpoint the job starts from (false: every
     job starts with fresh moments)."""
+    param_dtype: Literal["fp32", "bf16"] = "fp32"
+    """Weights in memory: fp32, or bf16 (half the memory; AdamW moments then follow the weights'
+    dtype; pretrained weights are loaded in it). With an adapter only the frozen base is bf16:
+    the adapter trains in fp32."""
+    gradient_checkpointing: bool = False
+    """Recompute each decoder layer's activations in the backward pass instead of keeping them:
+    less memory for longer rows, about a third more compute per step."""
+
+
+@dataclass
+class AdapterConfig:
+    method: Literal["none", "lora", "qlora"] = "none"
+    """none: train every weight (full fine-tuning); lora: freeze the base and train low-rank
+    adapters (peft); qlora: lora on a 4-bit base (bitsandbytes, CUDA only: pip install
+    'realm-trainer[qlora]'). Part of the campaign's locked block: fixed once it trained."""
+    r: int = 16
+    """LoRA rank: the inner size of each adapter pair (locked per campaign)."""
+    alpha: float = 32.0
+    """LoRA scale numerator: the update is scaled by alpha / r (locked per campaign)."""
+    dropout: float = 0.05
+    """Dropout on the adapter's input while training (may change between jobs)."""
+    target_modules: str = "all-linear"
+    """Modules that get an adapter: all-linear (every linear layer of the decoder, not the
+    output head) or comma-separated module names such as q_proj,k_proj,v_proj,o_proj (locked
+    per campaign)."""
+    modules_to_save: Optional[str] = None
+    """Comma-separated modules trained in full and saved beside the adapter, for example
+    embed_tokens,lm_head after adding tokens (locked per campaign)."""
 
 
 @dataclass
@@ -201,6 +230,7 @@ class LoggingConfig:
 class RealmConfig:
     training: TrainingConfig = field(default_factory=TrainingConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    adapter: AdapterConfig = field(default_factory=AdapterConfig)
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     governor: GovernorConfig = field(default_factory=GovernorConfig)
     daemon: DaemonConfig = field(default_factory=DaemonConfig)
@@ -224,6 +254,7 @@ BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "training.epochs": (1, None), "training.max_steps": (1, None),
     "training.max_grad_norm": (0, None), "training.seed": (0, MAX_SEED),
     "training.campaign_tokens": (1, None), "training.decay_fraction": (0, 1),
+    "adapter.r": (1, 4096), "adapter.alpha": (1e-6, None), "adapter.dropout": (0, 0.9),
     "eval.every_steps": (1, None), "eval.sample_max_new_tokens": (1, 4096),
     "data.max_length": (8, None), "data.max_bad_fraction": (0, 1), "data.val_fraction": (0, 0.5),
     "checkpoint.save_steps": (1, None), "checkpoint.keep_last": (1, None),
@@ -245,6 +276,7 @@ BOUNDS: dict[str, tuple[float | None, float | None]] = {
 
 
 NO_DECAY_KINDS = ("bias", "norm", "embedding")
+_MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 
 
 def string_problem(key: str, value: Any) -> str | None:
@@ -265,6 +297,13 @@ def string_problem(key: str, value: Any) -> str | None:
                     "the quote, or give the command without one")
         if not words:
             return "daemon.on_job_end: empty command; give a program and its arguments, or null"
+    if key in ("adapter.target_modules", "adapter.modules_to_save") and value is not None:
+        names = [n.strip() for n in str(value).split(",")]
+        if key == "adapter.target_modules" and value.strip() == "all-linear":
+            return None
+        if not all(_MODULE_NAME.fullmatch(n) for n in names):
+            return (f"{key}: {value!r} is not a comma-separated list of module names such as "
+                    "q_proj,v_proj" + (" (or all-linear)" if key.endswith("modules") else ""))
     if key == "training.no_decay" and value is not None:
         bad = [k for k in str(value).split(",") if k.strip() not in NO_DECAY_KINDS]
         if bad:

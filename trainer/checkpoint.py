@@ -1,7 +1,9 @@
 """Campaign checkpoints: complete or absent, never half, never non-finite.
 
 ``checkpoints/step-<N>/`` loads as is with ``AutoModelForCausalLM.from_pretrained`` (config,
-safetensors weights, tokenizer) and also holds ``trainer_state.pt`` (optimizer, scheduler, RNG;
+safetensors weights, tokenizer; an adapter campaign's holds the adapter in PEFT format instead,
+``adapter_config.json`` and ``adapter_model.safetensors``, which ``PeftModel.from_pretrained(base,
+folder)`` loads: ``trainer.adapters``) and also holds ``trainer_state.pt`` (optimizer, scheduler, RNG;
 read back with ``weights_only=True``), ``trainer_state.json`` (step, job, data position,
 config_hash), ``locked.json``, ``realm_config.json`` (the job's resolved config with each
 key's layer and source, the same config_hash) and, written last, ``COMPLETE``. A checkpoint is
@@ -114,8 +116,9 @@ def latest_checkpoint(root: Path) -> Checkpoint | None:
 
 
 def _check_finite(model: torch.nn.Module) -> None:
-    for name, p in model.state_dict().items():
-        if p.is_floating_point() and not torch.isfinite(p).all():
+    """Every trained weight is finite (frozen ones, such as an adapter's base, never change)."""
+    for name, p in model.named_parameters():
+        if p.requires_grad and p.is_floating_point() and not torch.isfinite(p).all():
             raise NonFiniteWeights(f"parameter {name} holds NaN/Inf; checkpoint not written")
 
 
@@ -171,6 +174,9 @@ def stage_checkpoint(root: Path, step: int, model, tokenizer, *, state: dict[str
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         model.save_pretrained(tmp, safe_serialization=True)
+        generation = getattr(model, "generation_config", None)
+        if generation is not None and not (tmp / "generation_config.json").exists():
+            generation.save_pretrained(tmp)  # an adapter's folder: its stop tokens go along
         tokenizer.save_pretrained(tmp)
         torch.save(torch_state, tmp / "trainer_state.pt")
         write_json_atomic(tmp / "trainer_state.json",

@@ -57,6 +57,8 @@ from trainer.governor import GovernorGaveUp, GovernorGuard
 from trainer.guard import Action, Decision, FiniteGuard, NonFiniteLoss
 from trainer.metrics import (STEP_METRICS, RunningStats, StatusWriter, StepMetrics, get_logger,
                              progress_line, status_payload)
+from trainer.adapters import (adapter_summary, causal_lm, is_adapter_folder, is_quantized,
+                              load_adapter_model, qlora_problem)
 from trainer.model import load_model
 from trainer.optim import Schedule, load_moments, moments_problem, param_groups
 from trainer.state import TrainState, campaign_tokens_of
@@ -125,6 +127,23 @@ def pick_device(precision: str, device: torch.device | None = None
         use_bf16 = precision in ("bf16", "auto") and torch.cuda.is_bf16_supported()
         return device or torch.device("cuda"), torch.bfloat16 if use_bf16 else None
     return torch.device("cpu"), None
+
+
+PARAM_DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
+"""``training.param_dtype`` -> the dtype weights are loaded and kept in."""
+ADAPTER_FIX = ("\nThe adapter's shape is fixed once a campaign trained: set adapter.* back to the "
+               "checkpoint's values, or create a new campaign for the new shape (`realm campaign "
+               "create NAME --hero HERO`).")
+
+
+def _state_dtype(optimizer) -> str | None:
+    """The dtype of the AdamW moments (they follow their parameter's dtype)."""
+    for state in optimizer.state.values():
+        moment = state.get("exp_avg")
+        if isinstance(moment, torch.Tensor):
+            return str(moment.dtype).removeprefix("torch.")
+    params = [p for g in optimizer.param_groups for p in g["params"]]
+    return str(params[0].dtype).removeprefix("torch.") if params else None
 
 
 MAX_PROMPTS_BYTES = 1 << 20
@@ -251,6 +270,8 @@ class Trainer:
         """What can be checked before anything loads: the precision that will really be used,
         and the sample prompts file (read now: a bad path fails the job at once)."""
         requested = self.cfg.training.precision
+        if self.cfg.adapter.method == "qlora" and qlora_problem():
+            raise ConfigError(qlora_problem())
         if requested == "bf16" and self.precision != "bf16":
             why = ("bf16 autocast runs on CUDA only" if self.device.type == "cpu" else
                    f"{torch.cuda.get_device_name(self.device)} does not support bf16")
@@ -275,19 +296,28 @@ class Trainer:
         if self.start_checkpoint is not None:
             diff = verify_locked(self.start_checkpoint.locked(), self.spec.locked)
             if diff:
-                raise ConfigError(f"refusing to continue from {self.start_checkpoint.path}: {diff}")
-        self.model, self.tokenizer = load_model(
-            self.spec.hero, self.spec.locked, seed=self.cfg.training.seed,
-            checkpoint=self.start_checkpoint.path if self.start_checkpoint else None)
-        self.model.to(self.device)
+                raise ConfigError(f"refusing to continue from {self.start_checkpoint.path}: {diff}"
+                                  + (ADAPTER_FIX if "adapter." in diff else ""))
+        self.model, self.tokenizer = self._load_model()
+        self.lm = causal_lm(self.model)
+        """The transformers model the loss calls (under the peft wrapper, when there is one)."""
+        if not is_quantized(self.model):  # a 4-bit base was placed on its GPU as it loaded
+            self.model.to(self.device)
+        if self.cfg.training.gradient_checkpointing:
+            self.lm.gradient_checkpointing_enable(
+                gradient_checkpointing_kwargs={"use_reentrant": False})
         if self.device.type == "cpu":
             # Span-wise attention skips the masked-out blocks: faster on CPU. On CUDA the
             # per-span kernel launches cost more than they save, so the 4D block-diagonal mask
             # with fused sdpa is used there (measured: scripts/check_cuda.py).
-            use_packed_attention(self.model)
+            use_packed_attention(self.lm)
         if self.cfg.training.compile:
-            self.model.model.compile()  # in place: token_loss_sum calls model.model directly
-        self.loss_module = TokenLoss(self.model, self.autocast_dtype)
+            self.lm.model.compile()  # in place: token_loss_sum calls model.model directly
+        self.log.info("model.ready", adapter=self.cfg.adapter.method,
+                      param_dtype=self.cfg.training.param_dtype,
+                      gradient_checkpointing=self.cfg.training.gradient_checkpointing,
+                      **adapter_summary(self.model))
+        self.loss_module = TokenLoss(self.lm, self.autocast_dtype)
         if self.group.active:
             from torch.nn.parallel import DistributedDataParallel
 
@@ -296,6 +326,23 @@ class Trainer:
                                                        forward_sync_buffers=False)
         start = self.start_checkpoint.step if self.start_checkpoint else 0
         self.state = TrainState(global_step=start, job_start_step=start)
+
+    def _load_model(self):
+        """Full fine-tuning: the weights of the start checkpoint (or the hero's). An adapter:
+        the frozen base with the start checkpoint's adapter (or a fresh one)."""
+        t, spec = self.cfg.training, self.spec
+        dtype = PARAM_DTYPES[t.param_dtype]
+        start = self.start_checkpoint.path if self.start_checkpoint else None
+        if self.cfg.adapter.method == "none":
+            if start is not None and is_adapter_folder(start):
+                raise ConfigError(f"refusing to continue from {start}: it holds an adapter, "
+                                  "and this job trains without one (adapter.method none). Keep "
+                                  "the campaign's adapter settings, or create a new campaign.")
+            return load_model(spec.hero, spec.locked, seed=t.seed, checkpoint=start, dtype=dtype)
+        return load_adapter_model(spec.hero, spec.locked, self.cfg.adapter,
+                                  campaign_dir=spec.checkpoint_root.parent, checkpoint=start,
+                                  seed=t.seed, dtype=dtype, device=self.device,
+                                  gradient_checkpointing=t.gradient_checkpointing)
 
     def _choose_start(self, root: Path, prune: bool = True) -> Checkpoint | None:
         """This job's own finished checkpoint (trained already), else its resume point when it
@@ -557,7 +604,7 @@ class Trainer:
         batch = collate(rows, self.store, self.tokenizer.pad_token_id).to(self.device)
         self.model.eval()
         try:
-            loss = float(token_loss_sum(self.model, batch, self.autocast_dtype))
+            loss = float(token_loss_sum(self.lm, batch, self.autocast_dtype))
         finally:
             self.model.train()
         return loss / max(1, batch.target_tokens)
@@ -624,7 +671,9 @@ class Trainer:
 
     def _record_extras(self, last: StepMetrics | None) -> dict:
         """What the job record keeps about precision, schedule and evaluations."""
-        extras = {"precision": self.precision,
+        extras = {"precision": self.precision, "param_dtype": self.cfg.training.param_dtype,
+                  "optimizer_state_dtype": _state_dtype(self.optimizer),
+                  "adapter": {"method": self.cfg.adapter.method, **adapter_summary(self.model)},
                   "schedule": {**self.schedule.describe(), "lr_start": self.lr_start,
                                "lr_end": last.lr if last else None,
                                "campaign_tokens_seen": self.state.campaign_tokens}}
@@ -719,7 +768,7 @@ class Trainer:
         B = self.cfg.training.micro_batch_size
         for i in range(0, len(rows), B):
             batch = collate(rows[i:i + B], self.store, self.tokenizer.pad_token_id).to(self.device)
-            total += float(token_loss_sum(self.model, batch, self.autocast_dtype))
+            total += float(token_loss_sum(self.lm, batch, self.autocast_dtype))
             count += batch.target_tokens
         self.model.train()
         return total / max(1, count)

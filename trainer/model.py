@@ -71,7 +71,7 @@ def build_byte_tokenizer() -> PreTrainedTokenizerFast:
     return tok
 
 
-def _random_model(hero, seed: int) -> torch.nn.Module:
+def random_model(hero, seed: int, dtype: torch.dtype = torch.float32) -> torch.nn.Module:
     arch = hero.model.architecture
     if arch not in MODEL_TYPES:
         raise ConfigError(f"{hero.source}: model.architecture '{arch}' cannot be built from a "
@@ -79,11 +79,10 @@ def _random_model(hero, seed: int) -> torch.nn.Module:
     config = AutoConfig.for_model(MODEL_TYPES[arch], vocab_size=hero.model.vocab_size,
                                   architectures=[arch], **hero.model.config)
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa",
-                                            dtype=torch.float32)
+    return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
 
 
-def _pretrained_source(hero) -> str:
+def pretrained_source(hero) -> str:
     model = hero.model
     if model.path:
         if not Path(model.path).is_dir():
@@ -112,12 +111,15 @@ def _refuse_custom_code(source: str, hero) -> None:
                 f"model.path in configs/heroes/{hero.id}.yaml to it.")
 
 
-def _from_pretrained(source: str, hero, checkpoint: bool = False) -> tuple[torch.nn.Module, Any]:
+def from_pretrained(source: str, hero, checkpoint: bool = False,
+                    dtype: torch.dtype = torch.float32, **load: Any) -> tuple[torch.nn.Module, Any]:
+    """Model and tokenizer from a local folder (or the local cache), in ``dtype``; ``load``
+    goes to ``from_pretrained`` as is (a quantization config, a device map)."""
     _refuse_custom_code(source, hero)
     try:
         model = AutoModelForCausalLM.from_pretrained(source, local_files_only=True,
-                                                     attn_implementation="sdpa",
-                                                     dtype=torch.float32)
+                                                     attn_implementation="sdpa", dtype=dtype,
+                                                     **load)
         tokenizer = AutoTokenizer.from_pretrained(source, local_files_only=True)
     except pickle.UnpicklingError:
         if checkpoint:
@@ -139,24 +141,37 @@ def _from_pretrained(source: str, hero, checkpoint: bool = False) -> tuple[torch
     return model, tokenizer
 
 
-def load_model(hero, locked: dict, *, checkpoint: Path | None = None, seed: int = 0):
-    """(model, tokenizer) for a hero, continuing from ``checkpoint`` when given."""
+def load_model(hero, locked: dict, *, checkpoint: Path | None = None, seed: int = 0,
+               dtype: torch.dtype = torch.float32):
+    """(model, tokenizer) for a hero, continuing from ``checkpoint`` when given; weights in
+    ``dtype`` (``training.param_dtype``)."""
     if checkpoint is not None:
-        model, tokenizer = _from_pretrained(str(checkpoint), hero, checkpoint=True)
+        model, tokenizer = from_pretrained(str(checkpoint), hero, checkpoint=True, dtype=dtype)
     elif hero.model.init == "random":
-        model = _random_model(hero, seed)
-        tokenizer = build_byte_tokenizer() if hero.tokenizer.get("kind") == "byte" else \
-            AutoTokenizer.from_pretrained(hero.tokenizer["path"], local_files_only=True)
+        model, tokenizer = random_model(hero, seed, dtype), random_init_tokenizer(hero)
     else:
-        model, tokenizer = _from_pretrained(_pretrained_source(hero), hero)
-    check_against_locked(model.config, locked, source=str(checkpoint or hero.source))
+        model, tokenizer = from_pretrained(pretrained_source(hero), hero, dtype=dtype)
+    finish_loaded(model, tokenizer, hero, locked, source=str(checkpoint or hero.source))
+    return model, tokenizer
+
+
+def random_init_tokenizer(hero):
+    """The tokenizer of a hero with ``init: random``: the byte tokenizer, or its own files."""
+    if hero.tokenizer.get("kind") == "byte":
+        return build_byte_tokenizer()
+    return AutoTokenizer.from_pretrained(hero.tokenizer["path"], local_files_only=True)
+
+
+def finish_loaded(model, tokenizer, hero, locked: dict, *, source: str) -> None:
+    """What every loaded model gets: the locked check, a pad token, the hero's chat template and
+    the stop tokens in its generation config."""
+    check_against_locked(model.config, locked, source=source)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     template = hero_chat_template(hero)
     if template is not None:
         tokenizer.chat_template = template
     set_generation_tokens(model, tokenizer)
-    return model, tokenizer
 
 
 def hero_chat_template(hero) -> str | None:

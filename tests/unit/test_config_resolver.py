@@ -116,7 +116,8 @@ def test_locked_block_comes_from_the_hero_only():
     r = resolve([], HERO, campaign="tiny-qwen3/c1")
     assert r.locked == {"base_model": "random-init:tiny-qwen3",
                         "model_architecture": "Qwen3ForCausalLM", "max_context_length": 1024,
-                        "vocab_size": 512, "model_version": "tiny-qwen3/c1"}
+                        "vocab_size": 512, "model_version": "tiny-qwen3/c1",
+                        "adapter": {"method": "none"}}
     assert r.locked == build_locked_config(HERO, None, 256, "tiny-qwen3/c1")
 
 

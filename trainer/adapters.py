@@ -1,0 +1,173 @@
+"""LoRA and QLoRA adapters (peft): where the base comes from, building and loading an adapter.
+
+An adapter campaign (``adapter.method: lora | qlora``) freezes its base and trains low-rank
+adapters on it. Its checkpoints hold the adapter in PEFT format (``adapter_config.json``,
+``adapter_model.safetensors``: ``PeftModel.from_pretrained(base, folder)`` loads them) beside
+realm's trainer state; the base weights never change and are never copied into a checkpoint.
+
+The base is the hero's ``model.path`` (or ``hf_name`` from the local cache). A hero with
+``init: random`` has no base on disk, so the campaign's first adapter job builds it (seeded by
+``training.seed``) and saves it as ``campaigns/<hero>/<campaign>/base/`` (assembled in a
+temporary folder, renamed into place without replacing anything, under the campaign's lock):
+every later job, resume and export reads the same weights from there.
+
+QLoRA loads the base in 4 bits through bitsandbytes, which runs on CUDA only: without CUDA (or
+without the package) ``qlora_problem`` says so and how to fix it, and the job fails as a config
+error before anything loads.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from core.errors import ConfigError
+from core.fsutil import fsync_dir, host_name, rename_noreplace
+from trainer.model import (finish_loaded, from_pretrained, pretrained_source, random_init_tokenizer,
+                           random_model)
+
+# peft asks transformers whether checkpointing is on through a name transformers 5 deprecated
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+BASE_DIR = "base"
+"""The campaign's own base model folder (random-init heroes only)."""
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+def is_adapter_folder(folder: Path) -> bool:
+    return (Path(folder) / ADAPTER_CONFIG).is_file()
+
+
+def causal_lm(model):
+    """The transformers model under a peft wrapper (the model itself when there is none): its
+    ``.model``/``.lm_head``/``.config`` are what the loss calls; the adapter layers sit inside."""
+    get_base = getattr(model, "get_base_model", None)
+    return get_base() if callable(get_base) else model
+
+
+def is_quantized(model) -> bool:
+    lm = causal_lm(model)
+    return bool(getattr(lm, "is_loaded_in_4bit", False) or getattr(lm, "is_loaded_in_8bit", False))
+
+
+def qlora_problem() -> str | None:
+    """Why QLoRA cannot run here (None: it can)."""
+    if not torch.cuda.is_available():
+        return ("adapter.method qlora needs a CUDA GPU: its 4-bit base runs only on "
+                "bitsandbytes' CUDA kernels, and this machine has none. Use adapter.method lora "
+                "(the same adapter on a 16-bit base; add training.param_dtype bf16 to halve the "
+                "base's memory), or run the job where a GPU is (daemon.devices 0).")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError:
+        return ("adapter.method qlora needs the bitsandbytes package, which is not installed: "
+                "pip install 'realm-trainer[qlora]' (or use adapter.method lora).")
+    return None
+
+
+def base_source(hero, campaign_dir: Path, seed: int) -> str:
+    """The folder (or cache name) the adapter campaign's base loads from; a random-init hero's
+    base is built and saved into the campaign the first time."""
+    if hero.model.init != "random":
+        return pretrained_source(hero)
+    folder = campaign_dir / BASE_DIR
+    if not (folder / "config.json").is_file():
+        _save_random_base(hero, folder, seed)
+    return str(folder)
+
+
+def _save_random_base(hero, folder: Path, seed: int) -> None:
+    tmp = folder.parent / f".{BASE_DIR}.tmp-{host_name()}-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        random_model(hero, seed).save_pretrained(tmp, safe_serialization=True)
+        random_init_tokenizer(hero).save_pretrained(tmp)
+        for path in tmp.iterdir():
+            with open(path, "rb") as fh:
+                os.fsync(fh.fileno())
+        fsync_dir(tmp)
+        rename_noreplace(tmp, folder)
+        fsync_dir(folder.parent)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def lora_config(adapter) -> Any:
+    from peft import LoraConfig
+
+    targets = adapter.target_modules.strip()
+    return LoraConfig(
+        r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
+        target_modules=targets if targets == "all-linear" else _names(targets),
+        modules_to_save=_names(adapter.modules_to_save) if adapter.modules_to_save else None,
+        bias="none", task_type="CAUSAL_LM")
+
+
+def _names(setting: str) -> list[str]:
+    return [n.strip() for n in setting.split(",") if n.strip()]
+
+
+def _quantization(device: torch.device) -> dict[str, Any]:
+    from transformers import BitsAndBytesConfig
+
+    problem = qlora_problem()
+    if problem:
+        raise ConfigError(problem)
+    config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                bnb_4bit_use_double_quant=True,
+                                bnb_4bit_compute_dtype=torch.bfloat16)
+    return {"quantization_config": config, "device_map": {"": device.index or 0}}
+
+
+def load_adapter_model(hero, locked: dict, adapter, *, campaign_dir: Path,
+                       checkpoint: Path | None, seed: int, dtype: torch.dtype,
+                       device: torch.device, gradient_checkpointing: bool = False):
+    """(peft model, tokenizer): the base (frozen, in ``dtype`` or 4 bits for qlora) with the
+    adapter of ``checkpoint``, or a fresh adapter (seeded) when there is none."""
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    source = base_source(hero, campaign_dir, seed)
+    qlora = adapter.method == "qlora"
+    load = _quantization(device) if qlora else {}
+    base, tokenizer = from_pretrained(source, hero, dtype=torch.bfloat16 if qlora else dtype,
+                                      **load)
+    finish_loaded(base, tokenizer, hero, locked, source=source)
+    if qlora:
+        base = prepare_model_for_kbit_training(
+            base, use_gradient_checkpointing=gradient_checkpointing,
+            gradient_checkpointing_kwargs={"use_reentrant": False})
+    if checkpoint is not None:
+        _check_adapter_files(checkpoint)
+        model = PeftModel.from_pretrained(base, str(checkpoint), is_trainable=True)
+    else:
+        torch.manual_seed(seed)  # the adapter's initial A matrices
+        model = get_peft_model(base, lora_config(adapter))
+    return model, tokenizer
+
+
+def _check_adapter_files(folder: Path) -> None:
+    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        if not (folder / name).is_file():
+            raise ConfigError(f"{folder}: this campaign trains an adapter, but the checkpoint "
+                              f"has no {name} (it holds a full model: the campaign was trained "
+                              "without an adapter). Keep adapter.method as the campaign started, "
+                              "or create a new campaign for the adapter.")
+    try:
+        json.loads((folder / ADAPTER_CONFIG).read_text())
+    except (OSError, ValueError) as exc:
+        raise ConfigError(f"{folder / ADAPTER_CONFIG}: unreadable ({exc}).") from None
+
+
+def adapter_summary(model) -> dict[str, Any]:
+    """Trainable and total parameters (the job log and record)."""
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in model.parameters())
+    return {"trainable_params": trainable, "total_params": total,
+            "trainable_fraction": round(trainable / max(1, total), 6)}
