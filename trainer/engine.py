@@ -146,6 +146,16 @@ def _state_dtype(optimizer) -> str | None:
     return str(params[0].dtype).removeprefix("torch.") if params else None
 
 
+def peak_memory(device: torch.device) -> dict[str, int]:
+    """Peak resident memory of this process so far, and the peak CUDA allocation (bytes)."""
+    import resource
+
+    out = {"host_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
+    if device.type == "cuda":
+        out["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+    return out
+
+
 MAX_PROMPTS_BYTES = 1 << 20
 MAX_SAMPLE_PROMPTS = 32
 """Generation at every evaluation is slow next to a loss pass: a few prompts show the trend."""
@@ -677,6 +687,7 @@ class Trainer:
                   "schedule": {**self.schedule.describe(), "lr_start": self.lr_start,
                                "lr_end": last.lr if last else None,
                                "campaign_tokens_seen": self.state.campaign_tokens}}
+        extras["memory"] = peak_memory(self.device)
         if self.evals:
             extras["eval"] = {"every_steps": self.cfg.eval.every_steps,
                               "losses": [list(e) for e in thin(self.evals, MAX_EVAL_POINTS)],
