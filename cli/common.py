@@ -6,7 +6,7 @@ import argparse
 import json
 import math
 
-from core.errors import UsageError
+from core.errors import ConfigError, UsageError
 from core.paths import RealmPaths, is_initialised, resolve_base
 
 
@@ -40,3 +40,15 @@ def positive_seconds(flag: str, minimum: float = 0.05, maximum: float = 7 * 24 *
         return value
 
     return parse
+
+
+def refuse_unrunnable(config) -> None:
+    """A ConfigError (exit 2) for settings this machine cannot train: QLoRA without CUDA or
+    bitsandbytes. Imports torch only when such a setting is asked for."""
+    if config.adapter.method != "qlora":
+        return
+    from trainer.adapters import qlora_problem
+
+    problem = qlora_problem()
+    if problem:
+        raise ConfigError(problem)

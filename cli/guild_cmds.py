@@ -10,7 +10,7 @@ from pathlib import Path
 
 import yaml
 
-from cli.common import print_json, realm_paths
+from cli.common import print_json, realm_paths, refuse_unrunnable
 from config.flags import add_common_flags, cli_layer_from, parse_sets_checked
 from config.reader import MAX_YAML_BYTES
 from config.locked import LOCKED_DOCS
@@ -78,7 +78,7 @@ def cmd_campaign_create(args) -> int:
     campaign = create_campaign(realm_paths(args), args.name, args.hero,
                                overrides=parse_sets_checked(args.set),
                                description=args.description or "",
-                               activate_it=not args.no_activate)
+                               activate_it=not args.no_activate, check=refuse_unrunnable)
     state = "active" if not args.no_activate else "not activated"
     print(f"created campaign {campaign.ref} ({state}); config {campaign.config_hash[:19]}, "
           f"code {campaign.code_version or 'outside git'}")

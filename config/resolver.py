@@ -130,6 +130,8 @@ _INT = re.compile(r"[+-]?\d+")
 
 def coerce(spec: FieldSpec, value: Any) -> tuple[bool, Any]:
     """(True, typed value) or (False, what was expected)."""
+    if isinstance(spec.type, tuple) and value in spec.type:  # "none" can be a choice
+        return True, value
     if value is None or (isinstance(value, str) and value.lower() in ("null", "none")):
         return (True, None) if spec.optional else (False, "a value (null is not allowed here)")
     kind = spec.type

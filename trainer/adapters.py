@@ -30,7 +30,7 @@ import torch
 from core.errors import ConfigError
 from core.fsutil import fsync_dir, host_name, rename_noreplace
 from trainer.model import (finish_loaded, from_pretrained, pretrained_source, random_init_tokenizer,
-                           random_model)
+                           random_model, set_generation_tokens)
 
 # peft asks transformers whether checkpointing is on through a name transformers 5 deprecated
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
@@ -87,8 +87,10 @@ def _save_random_base(hero, folder: Path, seed: int) -> None:
     tmp = folder.parent / f".{BASE_DIR}.tmp-{host_name()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        random_model(hero, seed).save_pretrained(tmp, safe_serialization=True)
-        random_init_tokenizer(hero).save_pretrained(tmp)
+        model, tokenizer = random_model(hero, seed), random_init_tokenizer(hero)
+        set_generation_tokens(model, tokenizer)  # the base stops where its exports stop
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
         for path in tmp.iterdir():
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
@@ -147,9 +149,29 @@ def load_adapter_model(hero, locked: dict, adapter, *, campaign_dir: Path,
         _check_adapter_files(checkpoint)
         model = PeftModel.from_pretrained(base, str(checkpoint), is_trainable=True)
     else:
+        _check_module_names(base, adapter)
         torch.manual_seed(seed)  # the adapter's initial A matrices
         model = get_peft_model(base, lora_config(adapter))
     return model, tokenizer
+
+
+def _check_module_names(base, adapter) -> None:
+    """Every name in adapter.target_modules / modules_to_save names modules of this model (peft
+    would raise a bare ValueError, or for modules_to_save silently train nothing)."""
+    names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules() if name}
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in base.named_modules()
+                     if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")})
+    problems = []
+    for key, setting in (("target_modules", adapter.target_modules),
+                         ("modules_to_save", adapter.modules_to_save)):
+        if not setting or setting.strip() == "all-linear":
+            continue
+        missing = [n for n in _names(setting) if n not in names and n.rsplit(".", 1)[-1] not in names]
+        if missing:
+            problems.append(f"adapter.{key}: {', '.join(missing)} not found in the model; its "
+                            f"linear layers are {', '.join(linear)} (or use all-linear)")
+    if problems:
+        raise ConfigError(problems)
 
 
 def _check_adapter_files(folder: Path) -> None:

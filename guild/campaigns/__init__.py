@@ -14,7 +14,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from config.layers import resolve_layers
 from config.locked import LOCKED_FIELDS
@@ -186,12 +186,16 @@ def activate(paths: RealmPaths, ref: str) -> Campaign:
 
 
 def create_campaign(paths: RealmPaths, name: str, hero_id: str, *, overrides: dict | None = None,
-                    description: str = "", activate_it: bool = True) -> Campaign:
-    """Validate overrides through the resolver, then create the folder atomically."""
+                    description: str = "", activate_it: bool = True,
+                    check: Callable[[Any], None] | None = None) -> Campaign:
+    """Validate overrides through the resolver (and ``check``, given the resolved config: what
+    this machine can run), then create the folder atomically."""
     final = campaign_dir(paths, hero_id, name)
     campaign = Campaign(name=name, hero_id=hero_id, description=description,
                         overrides=overrides or {}, code_version=code_version())
     resolved = resolve_layers(paths, load_hero(paths, hero_id), campaign)  # raises on bad overrides
+    if check is not None:
+        check(resolved.config)
     campaign.config_hash = resolved.config_hash
     if final.exists():
         raise UsageError(f"campaign '{hero_id}/{name}' already exists ({final}); choose another "
