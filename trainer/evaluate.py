@@ -1,4 +1,5 @@
-"""Held-out exact match by greedy generation from a checkpoint (used by ``realm demo``).
+"""Held-out exact match by greedy generation from a checkpoint, full or adapter (used by
+``realm demo``).
 
     python -m trainer.evaluate CHECKPOINT HELDOUT.jsonl     prints {"accuracy", "n"} as JSON
 
@@ -16,9 +17,23 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 
+def load_trained(checkpoint: Path):
+    """A checkpoint's model for inference: the full model, or an adapter on the base its
+    ``adapter_config.json`` names (``trainer.adapters``)."""
+    from trainer.adapters import ADAPTER_CONFIG, is_adapter_folder
+
+    if not is_adapter_folder(checkpoint):
+        return AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    from peft import PeftModel
+
+    base = json.loads((checkpoint / ADAPTER_CONFIG).read_text())["base_model_name_or_path"]
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base),
+                                     str(checkpoint)).eval()
+
+
 @torch.no_grad()
 def exact_match(checkpoint: Path, examples: list[dict], max_new_tokens: int = 8) -> float:
-    model = AutoModelForCausalLM.from_pretrained(checkpoint).eval()
+    model = load_trained(checkpoint)
     tok = AutoTokenizer.from_pretrained(checkpoint)
     right = 0
     for ex in examples:
