@@ -15,7 +15,7 @@ from core.logsetup import configure
 from core.paths import RealmPaths, init_layout
 from core.training_queue import TrainingQueue
 from daemon.pause import describe, pause, resume
-from guild.campaigns import active_ref, create_campaign
+from guild.campaigns import activate, active_ref, create_campaign
 from guild.heroes import install_shipped
 from guild.selection import resolve_for
 
@@ -91,6 +91,11 @@ def cmd_daemon_resume(args) -> int:
 
 DEMO_OVERRIDES = {"training": {"epochs": 20, "learning_rate": 3e-3, "warmup_steps": 10},
                   "data": {"max_length": 128}, "checkpoint": {"save_steps": 100}}
+DEMO_LORA_OVERRIDES = {
+    **DEMO_OVERRIDES, "training": {**DEMO_OVERRIDES["training"], "learning_rate": 1e-2},
+    # tiny-qwen3's weights are random: its frozen final norm and tiny tied embeddings cap the
+    # logits' scale, so the norms train in full beside the adapter (a pretrained base needs not)
+    "adapter": {"method": "lora", "r": 16, "alpha": 32, "modules_to_save": "norm"}}
 SPARK = "▁▂▃▄▅▆▇█"
 
 
@@ -100,14 +105,19 @@ def sparkline(values: list[float]) -> str:
     return "".join(SPARK[min(7, int((v - lo) / span * 8))] for v in values)
 
 
-def _prepare_demo(paths, say) -> Path:
+def _prepare_demo(paths, say, adapter: bool = False) -> Path:
     """Realm, campaign and the skill: two training files queued, a held-out file kept aside."""
     from trainer.data.synthetic import addition_split, write_addition
 
     paths.base.mkdir(parents=True, exist_ok=True)
     init_layout(paths)
     install_shipped(paths)
-    if active_ref(paths) is None:
+    if adapter:
+        if not (paths.campaigns / "tiny-qwen3" / "demo-lora").is_dir():
+            create_campaign(paths, "demo-lora", "tiny-qwen3", overrides=DEMO_LORA_OVERRIDES,
+                            description="realm demo: two-digit addition with a LoRA adapter")
+        activate(paths, "tiny-qwen3/demo-lora")
+    elif active_ref(paths) is None:
         create_campaign(paths, "demo", "tiny-qwen3", overrides=DEMO_OVERRIDES,
                         description="realm demo: two-digit addition")
     say(f"realm demo in {paths.base}: hero tiny-qwen3, campaign {active_ref(paths)}")
@@ -149,7 +159,7 @@ def cmd_demo(args) -> int:
     from daemon.training_daemon import drain
 
     paths = RealmPaths(Path(args.dir).expanduser().resolve())
-    held_out = _prepare_demo(paths, print)
+    held_out = _prepare_demo(paths, print, adapter=args.adapter == "lora")
     config = resolve_for(paths).config
     stream = _open_daemon_log(paths, config.logging.level)
     try:
@@ -189,4 +199,7 @@ def add_parsers(sub) -> None:
     p = sub.add_parser("demo", help="the embedded default end to end: tiny-qwen3, generated "
                                     "data, the queue drained")
     p.add_argument("--dir", default="realm-demo", help="realm to create or reuse")
+    p.add_argument("--adapter", choices=("none", "lora"), default="none",
+                   help="lora: train a LoRA adapter on the frozen base (campaign demo-lora) "
+                        "instead of every weight")
     p.set_defaults(handler=cmd_demo)

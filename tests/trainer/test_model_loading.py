@@ -63,3 +63,12 @@ def test_a_model_folder_that_needs_custom_code_is_refused_clearly(tmp_path, hero
     with pytest.raises(InputError, match=r"needs custom code \(config.json has auto_map.*never "
                                          r"runs code from a model folder"):
         load_model(pretrained_hero(hero, folder), LOCKED)
+
+
+def test_pretrained_weights_load_in_the_param_dtype(tmp_path, hero, tiny_model, tokenizer):
+    tiny_model.save_pretrained(tmp_path / "m")
+    tokenizer.save_pretrained(tmp_path / "m")
+    model, _ = load_model(pretrained_hero(hero, tmp_path / "m"), LOCKED, dtype=torch.bfloat16)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    first = next(iter(tiny_model.state_dict()))
+    assert torch.equal(model.state_dict()[first], tiny_model.state_dict()[first].bfloat16())
