@@ -466,12 +466,15 @@ class GovernorGuard:
         g, (model, optimizer, _) = self.governor, self._live
         size = g.snapshot_bytes = snapshot_bytes(model, optimizer)
         bound, source = self._bound()
-        mode = MODES.index(choose_mode(size, bound))
+        own = choose_mode(size, bound)
+        note, mode = _mode_note(own, size, bound, source), MODES.index(own)
         if self._group is not None and self._group.active:
             mode = int(self._group.max([float(mode)])[0])
         g.mode = MODES[mode]
+        if g.mode != own:
+            note += f"; another rank of this job needs {g.mode}, and all ranks restore alike"
         log.info("governor.snapshot_mode", mode=g.mode, snapshot_bytes=size,
-                 bound_bytes=int(bound), note=_mode_note(g.mode, size, bound, source))
+                 bound_bytes=int(bound), note=note)
 
     def _bound(self) -> tuple[float, str]:
         """(bytes this rank's snapshots may hold, where the bound comes from). The ranks on one
@@ -584,9 +587,8 @@ def _mode_note(mode: str, size: int, bound: float, source: str) -> str:
         return (f"two snapshots of {one} fit in the {limit}: rollbacks restore from host "
                 "memory")
     if mode == ONE_SLOT:
-        return (f"one snapshot is {one}: one fits in the {limit}, two do not. While a proposed "
-                "state awaits its verdict, a rollback restores the last approved checkpoint on "
-                "disk")
+        return (f"one snapshot is {one}: one fits in the {limit}, two do not. From a proposal "
+                "until its approval, a rollback restores the last approved checkpoint on disk")
     return (f"one snapshot is {one}, over the {limit}: rollbacks restore the last approved "
             "checkpoint on disk")
 
