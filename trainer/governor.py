@@ -480,11 +480,12 @@ class GovernorGuard:
         """(bytes this rank's snapshots may hold, where the bound comes from). The ranks on one
         host share it."""
         ranks = getattr(self._group, "local_world", 1) or 1
+        share = f", shared by {ranks} ranks on this host" if ranks > 1 else ""
         if self.cfg.snapshot_memory_gb is not None:
-            return self.cfg.snapshot_memory_gb * GB / ranks, "governor.snapshot_memory_gb"
+            return self.cfg.snapshot_memory_gb * GB / ranks, f"governor.snapshot_memory_gb{share}"
         available = psutil.virtual_memory().available
-        return available / 4 / ranks, ("a quarter of the memory available at job start; set "
-                                       "governor.snapshot_memory_gb to change it")
+        return available / 4 / ranks, (f"a quarter of the memory available at job start{share}; "
+                                       "set governor.snapshot_memory_gb to change it")
 
     def propose(self, state: TrainState) -> None:
         self.governor.propose(state.global_step, *self._live, state=state.copy())
