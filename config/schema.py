@@ -164,6 +164,11 @@ class GovernorConfig:
     """Rollbacks allowed in one job before it fails permanently."""
     lr_backoff: float = 0.5
     """Multiply the learning rate by this after a rollback (1.0 keeps it)."""
+    snapshot_memory_gb: Optional[float] = None
+    """Host memory the governor's snapshots (trainable weights and optimizer state) may hold,
+    shared by a job's ranks on one host: two snapshots when they fit, one when one does, else
+    none and every rollback restores the last approved checkpoint on disk (None: a quarter of
+    the memory available at job start)."""
 
 
 @dataclass
@@ -264,7 +269,7 @@ BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "governor.max_loss_ratio": (1, None), "governor.spike_factor": (1, None),
     "governor.lobotomy_tolerance": (0, 1), "governor.lobotomy_healthy_ratio": (0, 1),
     "governor.snapshot_steps": (1, None), "governor.max_rollbacks": (0, None),
-    "governor.lr_backoff": (0, 1),
+    "governor.lr_backoff": (0, 1), "governor.snapshot_memory_gb": (0, None),
     "daemon.settle_seconds": (0, MAX_SECONDS), "daemon.poll_interval": (0.05, MAX_SECONDS),
     "daemon.max_attempts": (1, None), "daemon.heartbeat_seconds": (0.05, MAX_SECONDS),
     "daemon.lease_seconds": (0.1, MAX_SECONDS), "daemon.job_timeout": (1, MAX_SECONDS),

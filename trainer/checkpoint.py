@@ -19,6 +19,12 @@ its temporary folder) and committed (marker, rename) only after a loss measured 
 was approved; a name is never reused, and a collision is an error, not a success.
 Retention keeps ``keep_last`` and logs what it removes.
 
+``load_trainable`` copies a folder's saved weights into the trainable parameters of a live
+model (the governor's rollback to disk). A job that starts from fresh weights and may need that
+rollback keeps its initial trainable weights in ``.initial-<job>.tmp-<host>-<pid>/`` in the
+same layout (``save_trainable``); the job removes it at its end, ``clean_incomplete`` once its
+writer is dead.
+
 A checkpoint whose pickle a safe load refuses (``weights_only=True``: it names objects beyond
 tensors and plain containers, as a malicious file does) is ``UnsafeCheckpoint``: a permanent
 failure that names the folder and how to retire it. realm never loads it unsafely.
@@ -37,6 +43,8 @@ from typing import Any
 
 import structlog
 import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
 
 from core.errors import InputError
 from core.fsutil import fsync_dir, host_name, process_alive, rename_noreplace, write_json_atomic
@@ -50,6 +58,9 @@ CONFIG_FILE = "realm_config.json"
 STATE_SCHEMA = 1
 _STEP_DIR = re.compile(r"step-(\d+)")
 _TMP_DIR = re.compile(r"\.step-\d+\.tmp-(?P<host>.+)-(?P<pid>\d+)")
+_INITIAL_DIR = re.compile(r"\.initial-.+?\.tmp-(?P<host>.+)-(?P<pid>\d+)")
+WEIGHTS = "model.safetensors"
+WEIGHTS_INDEX = "model.safetensors.index.json"
 
 
 class NonFiniteWeights(RuntimeError):
@@ -58,6 +69,10 @@ class NonFiniteWeights(RuntimeError):
 
 class CheckpointExists(RuntimeError):
     """A checkpoint folder of this step already exists: names are never reused."""
+
+
+class WeightsMismatch(RuntimeError):
+    """A weights folder lacks a trainable parameter of the live model, or has another shape."""
 
 
 class UnsafeCheckpoint(InputError):
@@ -241,14 +256,69 @@ def apply_retention(root: Path, keep_last: int, *, protect: set[Path] = frozense
     return removed
 
 
+def _weight_files(folder: Path) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it (one file, or shards with an index)."""
+    index = folder / WEIGHTS_INDEX
+    if index.is_file() and not (folder / WEIGHTS).is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+        return {name: folder / file for name, file in weight_map.items()}
+    with safe_open(folder / WEIGHTS, framework="pt") as f:
+        return {name: folder / WEIGHTS for name in f.keys()}
+
+
+@torch.no_grad()
+def load_trainable(model: torch.nn.Module, folder: Path) -> None:
+    """Copy the saved weights of every trainable parameter (``requires_grad``) into the live
+    model; frozen parameters and buffers are left alone (no step changes them). Full
+    fine-tuning: ``model.safetensors`` (or its shards) keyed by the model's parameter names,
+    where a tied lm_head is absent (it is the embedding). Every trainable parameter must be
+    there in its shape (``WeightsMismatch`` otherwise); nothing is loaded before that is known."""
+    params = {name: p for name, p in model.named_parameters() if p.requires_grad}
+    files = _weight_files(folder)
+    missing = sorted(set(params) - set(files))
+    if missing:
+        raise WeightsMismatch(f"{folder} lacks {len(missing)} trainable parameters of the model, "
+                              f"e.g. {missing[:3]}")
+    by_file: dict[Path, list[str]] = {}
+    for name in params:
+        by_file.setdefault(files[name], []).append(name)
+    for path, names in by_file.items():
+        with safe_open(path, framework="pt") as f:
+            for name in names:
+                shape = tuple(f.get_slice(name).get_shape())
+                if shape != tuple(params[name].shape):
+                    raise WeightsMismatch(f"{folder}: {name} has shape {shape}, the model's "
+                                          f"parameter {tuple(params[name].shape)}")
+    for path, names in by_file.items():
+        with safe_open(path, framework="pt") as f:
+            for name in names:
+                params[name].copy_(f.get_tensor(name))
+
+
+def save_trainable(model: torch.nn.Module, folder: Path) -> None:
+    """The trainable parameters in ``folder/model.safetensors``, as ``load_trainable`` reads
+    them (the job's initial weights when it starts from no checkpoint)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters()
+               if p.requires_grad}
+    save_file(tensors, folder / WEIGHTS)
+
+
+def initial_weights_dir(root: Path, job_id: str, pid: int) -> Path:
+    """Where process ``pid`` on this host keeps a job's initial trainable weights
+    (``clean_incomplete`` removes it once that process is dead)."""
+    return root / f".initial-{job_id}.tmp-{host_name()}-{pid}"
+
+
 def clean_incomplete(root: Path) -> list[Path]:
-    """Remove temp folders of dead writers on this host and step folders without COMPLETE."""
+    """Remove temp folders of dead writers on this host (staged checkpoints, initial weights)
+    and step folders without COMPLETE."""
     removed = []
     if not root.is_dir():
         return removed
     host = host_name()
     for child in root.iterdir():
-        tmp = _TMP_DIR.fullmatch(child.name)
+        tmp = _TMP_DIR.fullmatch(child.name) or _INITIAL_DIR.fullmatch(child.name)
         stale_tmp = tmp and tmp["host"] == host and not process_alive(tmp["pid"])
         unmarked = _STEP_DIR.fullmatch(child.name) and not (child / MARKER).exists()
         if child.is_dir() and (stale_tmp or unmarked):

@@ -31,6 +31,8 @@ class Group:
     world: int = 1
     local_rank: int = 0
     backend: str | None = None
+    local_world: int = 1
+    """Ranks of this job on this host (they share its memory)."""
 
     @property
     def main(self) -> bool:
@@ -54,7 +56,8 @@ class Group:
             torch.cuda.set_device(local)
         if not dist.is_initialized():
             dist.init_process_group(backend=backend, timeout=TIMEOUT)
-        return cls(rank, world, local, backend)
+        return cls(rank, world, local, backend,
+                   int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
 
     def device(self) -> torch.device | None:
         """This rank's device when it is a CUDA rank (None: pick as a single process does)."""

@@ -33,8 +33,11 @@ governor panic) is agreed by all-reduce so the ranks never part ways.
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import math
+import os
+import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,8 +50,9 @@ from core.errors import ConfigError, InputError, RealmError
 from core.validate import read_regular
 from trainer.attention import NAME as ATTENTION, use_packed_attention
 from trainer.checkpoint import (Checkpoint, Staged, apply_retention, clean_incomplete,
-                                complete_checkpoints, lineage_head, remove_checkpoint,
-                                remove_unfinished_of, stage_checkpoint)
+                                complete_checkpoints, initial_weights_dir, lineage_head,
+                                load_trainable, remove_checkpoint, remove_unfinished_of,
+                                save_trainable, stage_checkpoint)
 from trainer.data.cache import load_or_build
 from trainer.data.packing import IGNORE, Batch, collate, pack_rows, packing_efficiency
 from trainer.data.reader import DataError
@@ -112,6 +116,25 @@ class TrainResult:
     governor: dict = field(default_factory=dict)
     trained_tokens_per_sec_avg: float = 0.0
     """Loss-bearing tokens per second of step time."""
+
+
+@dataclass
+class StartPoint:
+    """The job's starting state as a rollback to disk restores it: small things here, the
+    weights and carried moments read back from disk."""
+
+    state: TrainState
+    weights: Path
+    """The start checkpoint's folder, or the folder holding the initial trainable weights."""
+    optimizer: dict
+    """The optimizer's state dict at the start without its moments (hyperparameters only)."""
+    moments: Checkpoint | None
+    """Where the moments the job started with are read back from (None: fresh moments)."""
+    scheduler: dict
+    rng_cpu: torch.Tensor
+    rng_cuda: torch.Tensor | None
+    own_weights: bool = False
+    """``weights`` is this job's temporary folder (removed at the job's end)."""
 
 
 PERMANENT_FAILURES = (RealmError, DataError, NonFiniteLoss, GovernorGaveUp)
@@ -240,6 +263,8 @@ class Trainer:
         self.sample_prompts: list[str] = []
         self.lr_start: float | None = None
         self._budget_warned = False
+        self.start_point: StartPoint | None = None
+        """Kept when the governor may roll back to disk (``prepare_disk_rollback``)."""
 
     # --- the spine ------------------------------------------------------------------------
 
@@ -265,6 +290,7 @@ class Trainer:
         finally:
             if self.staged is not None:
                 self.staged.discard()
+            self._drop_initial_weights()
 
     def finished(self) -> bool:
         return (self.state.job_step >= self.total_steps
@@ -543,17 +569,83 @@ class Trainer:
 
     def _resume(self, ckpt: Checkpoint, state: dict) -> None:
         """This job's own checkpoint: optimizer, scheduler, RNG and counters exactly."""
-        saved = ckpt.torch_state()
-        self.optimizer.load_state_dict(saved["optimizer"])
-        self.scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng_cpu"])
-        if self.device.type == "cuda" and saved.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(saved["rng_cuda"])
+        self._load_torch_state(ckpt.torch_state())
         self.state = TrainState.from_json(state)
         self.stats.loss_ewma = self.state.loss_ewma
         self.resumed_from = ckpt.step
         self.log.info("job.resumed", checkpoint=str(ckpt.path), step=ckpt.step,
                       epoch=self.state.epoch, rows_done=self.state.rows_done)
+
+    def _load_torch_state(self, saved: dict) -> None:
+        self.optimizer.load_state_dict(saved["optimizer"])
+        self.scheduler.load_state_dict(saved["scheduler"])
+        torch.set_rng_state(saved["rng_cpu"])
+        if self.device.type == "cuda" and saved.get("rng_cuda") is not None:
+            torch.cuda.set_rng_state(saved["rng_cuda"])
+
+    # --- the governor's rollback to disk ---------------------------------------------------
+
+    def prepare_disk_rollback(self) -> None:
+        """Called at the start (every rank) when the governor keeps fewer than two snapshots:
+        keep what restoring the start needs. A job that starts from no checkpoint writes its
+        initial trainable weights once (rank 0, to a temporary folder every rank reads)."""
+        ckpt, weights, own = self.start_checkpoint, None, False
+        if ckpt is not None:
+            weights = ckpt.path
+        else:
+            # every rank names rank 0's folder (the ranks of a job share one host)
+            pid = int(self.group.max([float(os.getpid() if self.group.main else 0)])[0])
+            weights, own = initial_weights_dir(self.spec.checkpoint_root, self.spec.job_id,
+                                               pid), True
+            if self.group.main:
+                save_trainable(self.model, weights)
+            self.group.barrier()
+        groups = copy.deepcopy(self.optimizer.state_dict()["param_groups"])
+        self.start_point = StartPoint(
+            self.state.copy(), weights, {"state": {}, "param_groups": groups},
+            ckpt if self.optimizer.state else None, copy.deepcopy(self.scheduler.state_dict()),
+            torch.get_rng_state(),
+            torch.cuda.get_rng_state() if self.device.type == "cuda" else None, own)
+
+    def approved_on_disk(self) -> Checkpoint | None:
+        """This job's newest committed checkpoint past its start (every committed checkpoint
+        was approved); None when the last approved state on disk is the job's start."""
+        start, me = self.start_point.state.global_step, (self.spec.job_id, False)
+        mine = [c for c in complete_checkpoints(self.spec.checkpoint_root)
+                if c.step > start and c.lineage() == me]
+        return mine[-1] if mine else None
+
+    def restore_from_disk(self) -> TrainState:
+        """Load the last approved state on disk into the live model (trainable weights),
+        optimizer, scheduler and RNG; return its counters. This job's checkpoint is restored as
+        ``_resume`` does; the start as the job started (weights, moments carried or fresh,
+        schedule, RNG). Every rank reads the same folder."""
+        ckpt = self.approved_on_disk()
+        if ckpt is None:
+            return self._restore_start()
+        load_trainable(self.model, ckpt.path)
+        self._load_torch_state(ckpt.torch_state())
+        self.log.info("governor.restored_from_disk", step=ckpt.step, path=str(ckpt.path))
+        return TrainState.from_json(ckpt.state())
+
+    def _restore_start(self) -> TrainState:
+        start = self.start_point
+        load_trainable(self.model, start.weights)
+        self.optimizer.load_state_dict(copy.deepcopy(start.optimizer))
+        if start.moments is not None:
+            load_moments(self.optimizer, start.moments.torch_state()["optimizer"])
+        self.scheduler.load_state_dict(copy.deepcopy(start.scheduler))
+        torch.set_rng_state(start.rng_cpu)
+        if start.rng_cuda is not None:
+            torch.cuda.set_rng_state(start.rng_cuda)
+        self.log.info("governor.restored_from_disk", step=start.state.global_step,
+                      path=str(start.weights), start=True)
+        return start.state.copy()
+
+    def _drop_initial_weights(self) -> None:
+        start = self.start_point
+        if start is not None and start.own_weights and self.group.main:
+            shutil.rmtree(start.weights, ignore_errors=True)
 
     # --- judging states -------------------------------------------------------------------
 

@@ -11,14 +11,22 @@ Starts from esper-lite's Tolaria governor (seeds 003, 004):
   or above ``spike_factor`` times the healthy EWMA and the floor) panics at once, history or
   not; once the healthy mean was well below ln(vocab), a loss above it is anomalous. Anomalous
   values never enter the history.
+- A snapshot holds the trainable parameters (by name, ``requires_grad``), the optimizer state
+  (which covers only those), the scheduler, RNG and TrainState: never frozen weights or buffers,
+  which no step changes.
 - ``propose`` copies a state into the spare of two slots; ``approve`` makes it the last known
   good only when a loss measured on that state was healthy, ``discard`` drops it. A failed copy
   never destroys the previous snapshot. On CUDA the copies go to reused pinned CPU buffers,
   non-blocking on a side stream; the training stream waits on one event before its next
   optimizer step, and a rollback synchronises on it before reading.
+- Host memory is bounded (``governor.snapshot_memory_gb``; default a quarter of the memory
+  available at job start): ``two_slots`` when two snapshots fit, ``one_slot`` when one does (a
+  proposal overwrites the last good, so until it is approved a rollback goes to disk),
+  ``disk`` when none does (every rollback restores the last approved checkpoint on disk, which
+  the trainer loads: ``restore_from_disk``).
 - ``rollback`` restores copies of the snapshot (never aliases), backs the learning rate off,
   and emits exactly one typed ``governor.rollback`` event; a failing event sink is logged and
-  ignored.
+  ignored. ``rolled_back`` does the same after a restore from disk.
 - ``GovernorGuard`` is the engine's guard (``trainer.guard``): it returns decisions, the trainer
   acts on them.
 """
@@ -29,9 +37,10 @@ import contextlib
 import copy
 import math
 from collections import deque
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Callable
 
+import psutil
 import structlog
 import torch
 
@@ -42,6 +51,11 @@ log = structlog.get_logger("realm.governor")
 
 EWMA_ALPHA = 0.1
 """Smoothing of the healthy-loss EWMA the spike rule compares against."""
+
+TWO_SLOTS, ONE_SLOT, DISK = "two_slots", "one_slot", "disk"
+MODES = (TWO_SLOTS, ONE_SLOT, DISK)
+"""Where the last known good lives, most memory first (``GovernorGuard.start`` picks one)."""
+GB = 2**30
 
 
 @dataclass(frozen=True)
@@ -77,6 +91,7 @@ class RollbackEvent:
 class Snapshot:
     step: int
     model: dict[str, torch.Tensor]
+    """The trainable parameters by name (``model.named_parameters()``)."""
     optimizer: dict[str, Any] | None
     scheduler: dict[str, Any] | None
     rng_cpu: torch.Tensor
@@ -86,7 +101,6 @@ class Snapshot:
     position and step counter move on)."""
     initial: bool = False
     """The job's starting state (approved before the job began)."""
-    extra: dict[str, Any] = field(default_factory=dict)
     nbytes: int = 0
     ready: Any = None
     """CUDA event recorded after the copies (None on CPU)."""
@@ -128,9 +142,50 @@ def _copy_tree(value: Any, out: list[int], pin: bool, into: Any = None) -> Any:
     return value
 
 
+def trainable_params(model) -> dict[str, torch.Tensor]:
+    """The parameters a step changes, by name (a tied weight appears once)."""
+    return {name: p for name, p in model.named_parameters() if p.requires_grad}
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def snapshot_bytes(model, optimizer=None) -> int:
+    """Host bytes one snapshot needs: the trainable parameters and the optimizer state as it will
+    be once it exists. AdamW creates its moments at the first step, two per parameter in the
+    parameter's dtype (a third with amsgrad) and a float32 step scalar; a parameter that already
+    has state is measured as it is."""
+    total = sum(_nbytes(p) for p in trainable_params(model).values())
+    if optimizer is None:
+        return total
+    for group in optimizer.param_groups:
+        moments = 3 if group.get("amsgrad") else 2
+        for p in group["params"]:
+            state = optimizer.state.get(p)
+            if state:
+                total += sum(_nbytes(v) for v in state.values() if isinstance(v, torch.Tensor))
+            else:
+                total += moments * _nbytes(p) + 4
+    return total
+
+
+def choose_mode(size: int, bound: float) -> str:
+    """two_slots when two snapshots fit in ``bound`` bytes, one_slot when one does, else disk."""
+    if 2 * size <= bound:
+        return TWO_SLOTS
+    return ONE_SLOT if size <= bound else DISK
+
+
 class Governor:
-    def __init__(self, cfg, vocab_size: int, *, sink: Callable[[RollbackEvent], None] | None = None):
+    def __init__(self, cfg, vocab_size: int, *, sink: Callable[[RollbackEvent], None] | None = None,
+                 mode: str = TWO_SLOTS):
+        assert mode in MODES, mode
         self.cfg = cfg
+        self.mode = mode
+        """two_slots, one_slot or disk: how many snapshots are kept in host memory."""
+        self.snapshot_bytes: int | None = None
+        """What one snapshot needs, when measured (``GovernorGuard.start``)."""
         self.random_guess_loss = math.log(vocab_size)
         self.history: deque[float] = deque(maxlen=cfg.window)
         self.ewma: float | None = None
@@ -147,6 +202,9 @@ class Governor:
         self.events: list[RollbackEvent] = []
         self.lr_scale = 1.0
         """Cumulative learning-rate back-off applied so far."""
+        self._scale_at: dict[int, float] = {}
+        """The back-off in effect when each state was proposed, by step: a rollback to that state
+        (from memory or from its checkpoint) restores its learning rate, then backs off from it."""
 
     # --- vital signs ----------------------------------------------------------------------
 
@@ -202,33 +260,39 @@ class Governor:
 
     @torch.no_grad()
     def propose(self, step: int, model, optimizer=None, scheduler=None, *,
-                state: TrainState | None = None, initial: bool = False) -> Snapshot:
+                state: TrainState | None = None, initial: bool = False) -> Snapshot | None:
         """Copy the live state into the spare slot as a candidate; ``approve`` makes it the
-        last known good once a loss measured on it is healthy, ``discard`` drops it.
+        last known good once a loss measured on it is healthy, ``discard`` drops it. In one_slot
+        mode the spare slot is the only one; in disk mode nothing is copied (None).
 
         On CUDA the copies run on a side stream into reused pinned buffers; ``ready`` (an event)
         marks their completion. The training stream must wait for it before the next optimizer
         step changes the parameters (``wait_for_snapshot``); the forward and backward passes in
         between overlap with the copy. A rollback synchronises on the event before reading.
         """
+        self._scale_at[step] = self.lr_scale
+        self._candidate = False
+        if self.mode == DISK:
+            return None
         sizes: list[int] = []
         pin = torch.cuda.is_available() and any(p.is_cuda for p in model.parameters())
-        spare = 0 if self._current != 0 else 1
+        spare = self._spare()
+        if self.mode == ONE_SLOT:
+            self._current = None  # overwritten: until approved, the last good is on disk
         old, self._slots[spare] = self._slots[spare], None  # never current; buffers reused
-        self._candidate = False
         stream = torch.cuda.Stream() if pin else None
         if stream is not None:
             stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
             snap = Snapshot(
                 step=step,
-                model=_copy_tree(model.state_dict(), sizes, pin, old and old.model),
+                model=_copy_tree(trainable_params(model), sizes, pin, old and old.model),
                 optimizer=_copy_tree(optimizer.state_dict(), sizes, pin,
                                      old and old.optimizer) if optimizer else None,
                 scheduler=copy.deepcopy(scheduler.state_dict()) if scheduler else None,
                 rng_cpu=torch.get_rng_state(),
                 rng_cuda=torch.cuda.get_rng_state() if pin else None,
-                state=state, initial=initial, extra={"_lr_scale": self.lr_scale})
+                state=state, initial=initial)
             snap.ready = stream.record_event() if stream is not None else None
         snap.nbytes = sum(sizes)
         self._slots[spare], self._candidate = snap, True
@@ -238,7 +302,7 @@ class Governor:
         """The pending candidate (if any) becomes the last known good; returns it."""
         if not self._candidate:
             return None
-        self._current = 0 if self._current != 0 else 1
+        self._current = self._spare()
         self._candidate = False
         return self.last_good
 
@@ -247,7 +311,7 @@ class Governor:
         self._candidate = False
 
     def snapshot(self, step: int, model, optimizer=None, scheduler=None, *,
-                 state: TrainState | None = None, initial: bool = False) -> Snapshot:
+                 state: TrainState | None = None, initial: bool = False) -> Snapshot | None:
         """Propose and approve at once: for a state already known good (the job's start)."""
         self.propose(step, model, optimizer, scheduler, state=state, initial=initial)
         return self.approve()
@@ -258,13 +322,19 @@ class Governor:
             if snap is not None and snap.ready is not None:
                 torch.cuda.current_stream().wait_event(snap.ready)
 
+    def _spare(self) -> int:
+        if self.mode == ONE_SLOT:
+            return 0
+        return 0 if self._current != 0 else 1
+
     @property
     def last_good(self) -> Snapshot | None:
+        """The last known good in memory (None: it is on disk, or there is none)."""
         return None if self._current is None else self._slots[self._current]
 
     @property
     def candidate(self) -> Snapshot | None:
-        return self._slots[0 if self._current != 0 else 1] if self._candidate else None
+        return self._slots[self._spare()] if self._candidate else None
 
     @torch.no_grad()
     def restore(self, model, optimizer=None, scheduler=None) -> Snapshot:
@@ -276,12 +346,14 @@ class Governor:
             raise RuntimeError("no last-known-good snapshot to roll back to")
         if snap.ready is not None:
             snap.ready.synchronize()  # the host reads the copies now
-        model_keys = set(model.state_dict())
-        if model_keys != set(snap.model):
-            missing, extra = sorted(model_keys - set(snap.model)), sorted(set(snap.model) - model_keys)
-            raise RuntimeError(f"snapshot does not match the model: missing {missing[:5]}, "
-                               f"unexpected {extra[:5]}")
-        model.load_state_dict(snap.model, strict=True)  # copies into the live parameters
+        params = trainable_params(model)
+        if set(params) != set(snap.model):
+            missing = sorted(set(params) - set(snap.model))
+            extra = sorted(set(snap.model) - set(params))
+            raise RuntimeError(f"snapshot does not match the model's trainable parameters: "
+                               f"missing {missing[:5]}, unexpected {extra[:5]}")
+        for name, p in params.items():
+            p.copy_(snap.model[name])  # into the live parameter: the snapshot stays a copy
         if optimizer is not None and snap.optimizer is not None:
             optimizer.load_state_dict(_clone_tree(snap.optimizer))
         if scheduler is not None and snap.scheduler is not None:
@@ -296,23 +368,32 @@ class Governor:
                  batches_skipped: int = 0) -> RollbackEvent:
         """Restore last-known-good, back the learning rate off, emit one event."""
         snap = self.restore(model, optimizer, scheduler)
-        new_lr = self._back_off(optimizer, scheduler, snap)
+        return self.rolled_back(verdict, step, snap.step, optimizer, scheduler,
+                                batches_skipped=batches_skipped)
+
+    def rolled_back(self, verdict: Verdict, step: int, snapshot_step: int, optimizer=None,
+                    scheduler=None, *, batches_skipped: int = 0) -> RollbackEvent:
+        """The live objects hold the approved state of ``snapshot_step`` again (restored from
+        memory or from disk): back the learning rate off, count, emit one event."""
+        new_lr = self._back_off(optimizer, scheduler, self._scale_at.get(snapshot_step, 1.0))
         self.rollbacks += 1
         self.batches_skipped += batches_skipped
         event = RollbackEvent(verdict.kind or "unknown", step, verdict.loss, verdict.threshold,
-                              verdict.consecutive, snap.step, batches_skipped, new_lr,
+                              verdict.consecutive, snapshot_step, batches_skipped, new_lr,
                               self.rollbacks)
         self.consecutive = 0  # panic state is cleared: recovery starts fresh
+        self._candidate = False
         self.events.append(event)
         self._emit(event)
         return event
 
-    def _back_off(self, optimizer, scheduler, snap: Snapshot) -> float | None:
-        """Learning rate = the snapshot's times lr_backoff per rollback so far (compounding)."""
+    def _back_off(self, optimizer, scheduler, restored_scale: float) -> float | None:
+        """Learning rate = the restored state's times lr_backoff per rollback so far
+        (compounding); ``restored_scale`` is the back-off the restored state was trained with."""
         if optimizer is None:
             return None
         target = self.lr_scale * self.cfg.lr_backoff
-        factor = target / snap.extra.get("_lr_scale", 1.0)
+        factor = target / restored_scale
         self.lr_scale = target
         for group in optimizer.param_groups:
             group["lr"] *= factor
@@ -330,9 +411,12 @@ class Governor:
             log.error("governor.sink_failed", error=repr(exc))
 
     def counts(self) -> dict[str, Any]:
+        size = self.snapshot_bytes
+        if size is None:
+            size = self.last_good.nbytes if self.last_good else 0
         return {"enabled": True, "rollbacks": self.rollbacks, "panics": dict(self.panics),
-                "batches_skipped": self.batches_skipped,
-                "snapshot_bytes": self.last_good.nbytes if self.last_good else 0}
+                "batches_skipped": self.batches_skipped, "snapshot_mode": self.mode,
+                "snapshot_bytes": size}
 
 
 class GovernorGaveUp(RuntimeError):
@@ -346,7 +430,13 @@ class GovernorGaveUp(RuntimeError):
 
 class GovernorGuard:
     """The governor as the engine's guard (``trainer.guard.Guard``): it judges, the trainer
-    acts on the decision."""
+    acts on the decision.
+
+    Outside two_slots mode a rollback may need the last approved state on disk: the trainer
+    passed to ``start`` then provides ``prepare_disk_rollback()`` (called once, on every rank),
+    ``approved_on_disk()`` (this job's newest committed checkpoint past its start, or None: the
+    start) and ``restore_from_disk()`` (loads that state into the live objects, returns its
+    TrainState)."""
 
     def __init__(self, cfg, vocab_size: int, sink=None):
         self.cfg = cfg
@@ -356,16 +446,46 @@ class GovernorGuard:
         """How the job's final state was settled (recorded on the job)."""
         self._live: tuple = (None, None, None)
         self._group = None
+        self._trainer = None
         self._verdict: Verdict | None = None
         self._step = 0
 
     def start(self, trainer) -> None:
         self._live = (trainer.model, trainer.optimizer, trainer.scheduler)
-        self._group = trainer.group
+        self._group, self._trainer = trainer.group, trainer
         self.initial_lr = trainer.cfg.training.learning_rate
+        self._choose_mode()
+        if self.governor.mode != TWO_SLOTS:
+            trainer.prepare_disk_rollback()
         state = trainer.state
         self.governor.snapshot(state.global_step, *self._live, state=state.copy(), initial=True)
-        log.info("governor.snapshot_memory", bytes=self.governor.last_good.nbytes)
+
+    def _choose_mode(self) -> None:
+        """Measure one snapshot, pick the mode its bound allows (the most frugal any rank
+        needs: all ranks must restore the same state) and log it once."""
+        g, (model, optimizer, _) = self.governor, self._live
+        size = g.snapshot_bytes = snapshot_bytes(model, optimizer)
+        bound, source = self._bound()
+        own = choose_mode(size, bound)
+        note, mode = _mode_note(own, size, bound, source), MODES.index(own)
+        if self._group is not None and self._group.active:
+            mode = int(self._group.max([float(mode)])[0])
+        g.mode = MODES[mode]
+        if g.mode != own:
+            note += f"; another rank of this job needs {g.mode}, and all ranks restore alike"
+        log.info("governor.snapshot_mode", mode=g.mode, snapshot_bytes=size,
+                 bound_bytes=int(bound), note=note)
+
+    def _bound(self) -> tuple[float, str]:
+        """(bytes this rank's snapshots may hold, where the bound comes from). The ranks on one
+        host share it."""
+        ranks = getattr(self._group, "local_world", 1) or 1
+        share = f", shared by {ranks} ranks on this host" if ranks > 1 else ""
+        if self.cfg.snapshot_memory_gb is not None:
+            return self.cfg.snapshot_memory_gb * GB / ranks, f"governor.snapshot_memory_gb{share}"
+        available = psutil.virtual_memory().available
+        return available / 4 / ranks, (f"a quarter of the memory available at job start{share}; "
+                                       "set governor.snapshot_memory_gb to change it")
 
     def propose(self, state: TrainState) -> None:
         self.governor.propose(state.global_step, *self._live, state=state.copy())
@@ -396,18 +516,31 @@ class GovernorGuard:
     def _settle_final(self, verdict: Verdict) -> Decision:
         """The final weights failed their judgement: back to the last approved state, or fail
         when that is where the job started."""
-        snap = self.governor.last_good
+        step, initial = self._last_approved()
         self.final = {"approved": False, "loss": _round(verdict.loss), "kind": verdict.kind,
-                      "rolled_back_to_step": None if snap.initial else snap.step}
-        if snap.initial:
+                      "rolled_back_to_step": None if initial else step}
+        if initial:
             return Decision(Action.FAIL, verdict.loss, verdict.kind, GovernorGaveUp(
                 self._nothing_approved_reason(verdict), self.counts()))
         return Decision(Action.ROLLBACK, verdict.loss, verdict.kind)
 
-    def rollback(self, decision: Decision, state: TrainState) -> TrainState:
+    def _last_approved(self) -> tuple[int | None, bool]:
+        """(step, whether it is the job's start) of the state a rollback would restore."""
         snap = self.governor.last_good
+        if snap is not None:
+            return snap.step, snap.initial
+        ckpt = self._trainer.approved_on_disk()
+        return (None, True) if ckpt is None else (ckpt.step, False)
+
+    def rollback(self, decision: Decision, state: TrainState) -> TrainState:
+        g, snap = self.governor, self.governor.last_good
+        if snap is None:  # not in memory (disk mode, or one slot holding an unjudged state)
+            restored = self._trainer.restore_from_disk()
+            g.rolled_back(self._verdict, self._step, restored.global_step, *self._live[1:],
+                          batches_skipped=state.micro_done - restored.micro_done)
+            return restored
         skipped = state.micro_done - snap.state.micro_done if snap.state else 0
-        self.governor.rollback(self._verdict, self._step, *self._live, batches_skipped=skipped)
+        g.rollback(self._verdict, self._step, *self._live, batches_skipped=skipped)
         return snap.state.copy() if snap.state else state.copy()
 
     def _agreed(self, verdict: Verdict) -> Verdict:
@@ -447,6 +580,18 @@ class GovernorGuard:
         if self.final is not None:
             counts["final"] = self.final
         return counts
+
+
+def _mode_note(mode: str, size: int, bound: float, source: str) -> str:
+    one, limit = f"{size / GB:.3g} GB", f"{bound / GB:.3g} GB bound ({source})"
+    if mode == TWO_SLOTS:
+        return (f"two snapshots of {one} fit in the {limit}: rollbacks restore from host "
+                "memory")
+    if mode == ONE_SLOT:
+        return (f"one snapshot is {one}: one fits in the {limit}, two do not. From a proposal "
+                "until its approval, a rollback restores the last approved checkpoint on disk")
+    return (f"one snapshot is {one}, over the {limit}: rollbacks restore the last approved "
+            "checkpoint on disk")
 
 
 def _round(x: float) -> float | None:

@@ -23,12 +23,12 @@ pytestmark = pytest.mark.slow
 
 
 def realm(base: Path, micro_batch_size: int, n: int = 150, max_length: int = 128,
-          **training) -> Path:
+          governor: dict | None = None, **training) -> Path:
     overrides = {"training": {"micro_batch_size": micro_batch_size, "grad_accum": 2,
                               "warmup_steps": 2, **training},
                  "data": {"max_length": max_length, "packing": False, "val_fraction": 0.0},
                  "checkpoint": {"save_steps": 3, "keep_last": 10},
-                 "governor": {"snapshot_steps": 2},
+                 "governor": {"snapshot_steps": 2, **(governor or {})},
                  "logging": {"level": "debug", "status_every_seconds": 0}}
     paths = make_realm(base, overrides)
     (paths.base / "config.json").write_text(json.dumps(FAST_DAEMON))
@@ -137,8 +137,10 @@ def test_killing_one_rank_tears_the_group_down_and_the_retry_resumes(tmp_path):
         assert not rank.is_running() or rank.status() == psutil.STATUS_ZOMBIE
 
 
-def test_nan_on_rank_one_rolls_back_every_rank(tmp_path):
-    paths = realm(tmp_path / "r", micro_batch_size=2, max_steps=12)
+@pytest.mark.parametrize("memory_gb", [None, 1e-6])  # default: two slots; tiny: disk mode
+def test_nan_on_rank_one_rolls_back_every_rank(tmp_path, memory_gb):
+    paths = realm(tmp_path / "r", micro_batch_size=2, max_steps=12,
+                  governor={"snapshot_memory_gb": memory_gb})
     env = {**os.environ, "REALM_TEST_NAN_AT": "1:5"}
     env.pop("REALM_DEBUG", None)
     import subprocess
@@ -150,6 +152,7 @@ def test_nan_on_rank_one_rolls_back_every_rank(tmp_path):
     assert out.returncode == 0, out.stderr
     job = only_job(paths)
     assert job.governor["rollbacks"] == 1 and job.governor["panics"]["nan"] == 1
+    assert job.governor["snapshot_mode"] == ("disk" if memory_gb else "two_slots")
     ranks = job.metadata["data"]["ranks"]
     assert ranks["rollbacks_per_rank"] == [1, 1] and ranks["weights_agree"] is True
     assert list((paths.status / "jobs").iterdir()) == []  # the job's status files are gone
@@ -158,7 +161,9 @@ def test_nan_on_rank_one_rolls_back_every_rank(tmp_path):
         (rollback,) = events(log, "governor.rollback")
         assert rollback["reason"] == "nan" and rollback["step"] == 5
         # state 4 was proposed, but step 5's loss (NaN) judged it: back to approved state 3
+        # (in disk mode: its checkpoint, read by both ranks)
         assert rollback["snapshot_step"] == 3
+        assert len(events(log, "governor.restored_from_disk")) == (1 if memory_gb else 0)
     # nothing non-finite was written: every checkpoint's weights are finite
     from safetensors.torch import load_file
 
