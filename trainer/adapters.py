@@ -29,6 +29,7 @@ import torch
 
 from core.errors import ConfigError
 from core.fsutil import fsync_dir, host_name, rename_noreplace
+from trainer.checkpoint import ADAPTER_WEIGHTS
 from trainer.model import (finish_loaded, from_pretrained, pretrained_source, random_init_tokenizer,
                            random_model, set_generation_tokens)
 
@@ -38,7 +39,6 @@ warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", categ
 BASE_DIR = "base"
 """The campaign's own base model folder (random-init heroes only)."""
 ADAPTER_CONFIG = "adapter_config.json"
-ADAPTER_WEIGHTS = "adapter_model.safetensors"
 
 
 def is_adapter_folder(folder: Path) -> bool:

@@ -53,6 +53,7 @@ from core.job import utc_now
 log = structlog.get_logger("realm.checkpoint")
 
 MARKER = "COMPLETE"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CONFIG_FILE = "realm_config.json"
 """The resolved config of the job that wrote the checkpoint (values, layers, sources, hash)."""
 STATE_SCHEMA = 1
@@ -273,6 +274,8 @@ def load_trainable(model: torch.nn.Module, folder: Path) -> None:
     fine-tuning: ``model.safetensors`` (or its shards) keyed by the model's parameter names,
     where a tied lm_head is absent (it is the embedding). Every trainable parameter must be
     there in its shape (``WeightsMismatch`` otherwise); nothing is loaded before that is known."""
+    if (folder / ADAPTER_WEIGHTS).is_file():
+        return _load_adapter(model, folder)
     params = {name: p for name, p in model.named_parameters() if p.requires_grad}
     files = _weight_files(folder)
     missing = sorted(set(params) - set(files))
@@ -293,6 +296,24 @@ def load_trainable(model: torch.nn.Module, folder: Path) -> None:
         with safe_open(path, framework="pt") as f:
             for name in names:
                 params[name].copy_(f.get_tensor(name))
+
+
+def _load_adapter(model: torch.nn.Module, folder: Path) -> None:
+    """An adapter checkpoint (PEFT format: saved names lack the adapter's name) into a live
+    peft model: every trainable parameter must be in the file, in its shape."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    saved = load_file(folder / ADAPTER_WEIGHTS)
+    trainable = sum(1 for p in model.parameters() if p.requires_grad)
+    if len(saved) < trainable:
+        raise WeightsMismatch(f"{folder / ADAPTER_WEIGHTS} holds {len(saved)} tensors for the "
+                              f"adapter's {trainable} trainable parameters")
+    result = set_peft_model_state_dict(model, saved)
+    unexpected = list(getattr(result, "unexpected_keys", []) or [])
+    if unexpected:
+        raise WeightsMismatch(f"{folder / ADAPTER_WEIGHTS} does not fit the model's adapter: "
+                              f"unexpected {unexpected[:3]}")
 
 
 def save_trainable(model: torch.nn.Module, folder: Path) -> None:

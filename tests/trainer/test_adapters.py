@@ -386,3 +386,30 @@ def test_gradient_checkpointing_keeps_fewer_activations_and_trains_the_same_weig
     (a, plain_bytes), (b, ckpt_bytes) = run_with("plain", False), run_with("ckpt", True)
     assert ckpt_bytes < plain_bytes / 2, (ckpt_bytes, plain_bytes)
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+
+
+# --- the governor's memory with an adapter ----------------------------------------------------
+
+def test_an_adapters_snapshot_is_the_adapter_and_a_disk_rollback_restores_it(tmp_path):
+    """Two slots hold the adapter and its moments only; with a bound below one snapshot every
+    rollback reads the last approved adapter checkpoint, and ends where memory does."""
+    from tests.trainer.test_governor_engine import overrides, trainer_for
+
+    ends = {}
+    for mode, bound in (("two_slots", 100.0), ("disk", 1e-6)):
+        paths = make_realm(tmp_path / mode, overrides(
+            training={"max_steps": 12, "learning_rate": 1e-2}, checkpoint={"save_steps": 3},
+            governor={"snapshot_steps": 3, "snapshot_memory_gb": bound},
+            adapter={"method": "lora", "r": 4}))
+        trainer = trainer_for(paths, claim(paths), {7: "nan"})
+        result = trainer.train()
+        trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
+        assert result.governor["snapshot_bytes"] < trainable * 4 * 3 + 4096, "adapter only"
+        assert trainable * 4 * 3 < 1e6 and result.governor["rollbacks"] == 1
+        ends[mode] = (result.governor["snapshot_mode"],
+                      {n: p.detach().clone() for n, p in trainer.model.named_parameters()
+                       if p.requires_grad}, result.final_loss)
+    assert (ends["two_slots"][0], ends["disk"][0]) == ("two_slots", "disk")
+    a, b = ends["two_slots"][1], ends["disk"][1]
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert ends["two_slots"][2] == ends["disk"][2]
