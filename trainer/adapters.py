@@ -54,7 +54,8 @@ def causal_lm(model):
 
 def is_quantized(model) -> bool:
     lm = causal_lm(model)
-    return bool(getattr(lm, "is_loaded_in_4bit", False) or getattr(lm, "is_loaded_in_8bit", False))
+    return bool(getattr(lm, "is_loaded_in_4bit", False) or getattr(lm, "is_loaded_in_8bit", False)
+                or getattr(lm, "hf_quantizer", None) is not None)
 
 
 def qlora_problem() -> str | None:
