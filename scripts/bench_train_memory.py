@@ -241,7 +241,8 @@ def scenario_row(name: str, paths: RealmPaths, env: dict, args, base: dict) -> d
                snapshot_mode=governor.get("snapshot_mode"),
                snapshot_bytes=governor.get("snapshot_bytes"),
                host_peak_bytes=memory.get("host_peak_bytes"),
-               cuda_peak_bytes=memory.get("cuda_peak_bytes"))
+               cuda_peak_bytes=memory.get("cuda_peak_bytes"),
+               cuda_train_peak_bytes=memory.get("cuda_train_peak_bytes"))
     row["host_bytes_per_param"] = per_param(row["host_peak_bytes"], base["baseline"], base)
     row["cuda_bytes_per_param"] = per_param(row["cuda_peak_bytes"], 0, base)
     row.update(target_for(name, args.device, row))
@@ -278,7 +279,7 @@ def fmt_count(n) -> str:
 
 def print_table(rows: list[dict], base: dict) -> None:
     head = ("scenario", "params", "trainable", "param/optim", "snapshot", "host peak", "host B/p",
-            "CUDA peak", "CUDA B/p", "s", "target")
+            "CUDA peak", "CUDA B/p", "CUDA train", "s", "target")
     lines = [head]
     for r in rows:
         snap = r.get("snapshot_mode") or ""
@@ -288,7 +289,8 @@ def print_table(rows: list[dict], base: dict) -> None:
             r.get("trainable_params")), f"{r.get('param_dtype') or '-'}/"
             f"{r.get('optimizer_state_dtype') or '-'}", snap, fmt_bytes(r.get("host_peak_bytes")),
             _num(r.get("host_bytes_per_param")), fmt_bytes(r.get("cuda_peak_bytes")),
-            _num(r.get("cuda_bytes_per_param")), _num(r.get("seconds")),
+            _num(r.get("cuda_bytes_per_param")), fmt_bytes(r.get("cuda_train_peak_bytes")),
+            _num(r.get("seconds")),
             (r.get("target") or "-") + met))
     widths = [max(len(line[i]) for line in lines) for i in range(len(head))]
     print(f"baseline (child importing torch, transformers, peft, realm trainer): "

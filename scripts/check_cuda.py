@@ -63,11 +63,15 @@ def main() -> int:
         trainer = Trainer(spec)
         losses = []
 
-        class Record:
-            approved = True
+        from trainer.guard import FiniteGuard
 
-            def after_step(self, t, m):
-                losses.append(m.loss)
+        class Record(FiniteGuard):
+            """Judges as the NaN-only guard does, keeping every step's loss."""
+
+            def judge(self, loss, grad_norm=0.0, *, final=False, step=0):
+                if not final:
+                    losses.append(loss)
+                return super().judge(loss, grad_norm, final=final, step=step)
 
         trainer.guard = Record()
         result = trainer.train()

@@ -169,13 +169,18 @@ def _state_dtype(optimizer) -> str | None:
     return str(params[0].dtype).removeprefix("torch.") if params else None
 
 
-def peak_memory(device: torch.device) -> dict[str, int]:
-    """Peak resident memory of this process so far, and the peak CUDA allocation (bytes)."""
+def peak_memory(device: torch.device, setup_peak: int | None = None) -> dict[str, int]:
+    """Peak resident memory of this process so far, and the peak CUDA allocation (bytes): over
+    the whole job, and (``setup_peak`` given: the peak before the first step, after which the
+    counter was reset) while training."""
     import resource
 
     out = {"host_peak_bytes": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024}
     if device.type == "cuda":
-        out["cuda_peak_bytes"] = int(torch.cuda.max_memory_allocated(device))
+        train = int(torch.cuda.max_memory_allocated(device))
+        out["cuda_peak_bytes"] = max(train, setup_peak or 0)
+        if setup_peak is not None:
+            out["cuda_train_peak_bytes"] = train
     return out
 
 
@@ -280,6 +285,9 @@ class Trainer:
             self._restore()
             self._setup_guard()
             self.heartbeat("restore")
+            if self.device.type == "cuda":  # loading (e.g. quantizing) apart from training
+                self.setup_cuda_peak = int(torch.cuda.max_memory_allocated(self.device))
+                torch.cuda.reset_peak_memory_stats(self.device)
             runner = EpochRunner(self)
             while not self.finished():
                 runner.run()
@@ -779,7 +787,7 @@ class Trainer:
                   "schedule": {**self.schedule.describe(), "lr_start": self.lr_start,
                                "lr_end": last.lr if last else None,
                                "campaign_tokens_seen": self.state.campaign_tokens}}
-        extras["memory"] = peak_memory(self.device)
+        extras["memory"] = peak_memory(self.device, getattr(self, "setup_cuda_peak", None))
         if self.evals:
             extras["eval"] = {"every_steps": self.cfg.eval.every_steps,
                               "losses": [list(e) for e in thin(self.evals, MAX_EVAL_POINTS)],
