@@ -5,12 +5,8 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import random
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -19,7 +15,9 @@ from safetensors.torch import load_file
 
 from core import exitcodes
 from core.training_queue import TrainingQueue
-from tests.trainer.test_training import FAST, ckpt_root, claim, make_realm, record
+from tests.trainer.test_training import (FAST, ckpt_root, claim,
+                                         kill_after_first_checkpoint_then_resume, make_realm,
+                                         record)
 from trainer.run_job import _StopFlag, run
 
 LORA = {**FAST, "training": {**FAST["training"], "learning_rate": 1e-2},
@@ -115,7 +113,6 @@ def test_the_next_lora_job_continues_from_the_adapter(trained):
     paths, first, second, _ = trained
     assert (first["start_step"], first["final_step"]) == (0, 12)
     assert (second["start_step"], second["final_step"]) == (12, 24)
-    log = (paths.logs / "jobs" / f"{second['id']}.log")
     assert second["final_loss"] < first["metadata"]["data"]["loss_curve"][0]
 
 
@@ -137,24 +134,7 @@ def test_a_lora_job_killed_and_resumed_ends_bit_identical(tmp_path):
     assert run(straight, claim(straight)) == exitcodes.COMPLETED
 
     killed = make_realm(tmp_path / "killed", overrides)
-    sidecar = claim(killed)
-    cmd = [sys.executable, "-m", "trainer.run_job", "--base-dir", str(killed.base), "--job",
-           str(sidecar)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while not (ckpt_root(killed) / "step-3" / "COMPLETE").exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.01)
-        time.sleep(random.uniform(0, 0.5))
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    steps = sorted(int(p.name.split("-")[1]) for p in ckpt_root(killed).glob("step-*"))
-    assert steps and steps[-1] < 24, f"killed too late to test anything: {steps}"
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert out.returncode == exitcodes.COMPLETED, out.stderr[-2000:]
-    assert '"event": "job.resumed"' in out.stderr
+    kill_after_first_checkpoint_then_resume(killed, claim(killed), steps=24, wait=0.5)
     a = load_file(latest(straight) / "adapter_model.safetensors")
     b = load_file(latest(killed) / "adapter_model.safetensors")
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -66,6 +66,30 @@ def final_weights(paths: RealmPaths) -> dict[str, torch.Tensor]:
     return load_file(latest / "model.safetensors")
 
 
+def kill_after_first_checkpoint_then_resume(paths: RealmPaths, sidecar: Path, steps: int,
+                                            wait: float = 1.0) -> None:
+    """Run the job as a child, SIGKILL it at a random moment after its first checkpoint (step
+    3), check it died before the end, then run it again to completion from its resume point."""
+    cmd = [sys.executable, "-m", "trainer.run_job", "--base-dir", str(paths.base), "--job",
+           str(sidecar)]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 120
+        while not (ckpt_root(paths) / "step-3" / "COMPLETE").exists():
+            assert proc.poll() is None and time.monotonic() < deadline
+            time.sleep(0.01)
+        time.sleep(random.uniform(0, wait))  # a random step after the first checkpoint
+        proc.send_signal(signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert proc.returncode == -signal.SIGKILL
+    done = sorted(int(p.name.split("-")[1]) for p in ckpt_root(paths).glob("step-*"))
+    assert done and done[-1] < steps, f"killed too late to test anything: {done}"
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == exitcodes.COMPLETED, out.stderr[-2000:]
+    assert '"event": "job.resumed"' in out.stderr
+
+
 def test_job_trains_records_results_and_next_job_continues(tmp_path):
     paths = make_realm(tmp_path / "r")
     sidecar = claim(paths)
@@ -116,25 +140,7 @@ def test_sigkill_after_first_checkpoint_then_resume_gives_identical_weights(tmp_
     assert run(straight, claim(straight)) == exitcodes.COMPLETED
 
     killed = make_realm(tmp_path / "killed", overrides)
-    sidecar = claim(killed)
-    cmd = [sys.executable, "-m", "trainer.run_job", "--base-dir", str(killed.base), "--job",
-           str(sidecar)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 120
-        while not (ckpt_root(killed) / "step-3" / "COMPLETE").exists():
-            assert proc.poll() is None and time.monotonic() < deadline
-            time.sleep(0.01)
-        time.sleep(random.uniform(0, 1.0))  # a random step after the first checkpoint
-        proc.send_signal(signal.SIGKILL)
-    finally:
-        proc.wait()
-    assert proc.returncode == -signal.SIGKILL
-    steps = sorted(int(p.name.split("-")[1]) for p in ckpt_root(killed).glob("step-*"))
-    assert steps and steps[-1] < 30, f"killed too late to test anything: {steps}"
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
-    assert out.returncode == exitcodes.COMPLETED, out.stderr[-2000:]
-    assert '"event": "job.resumed"' in out.stderr
+    kill_after_first_checkpoint_then_resume(killed, claim(killed), steps=30)
     a, b = final_weights(straight), final_weights(killed)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
