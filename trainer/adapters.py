@@ -110,7 +110,9 @@ def lora_config(adapter) -> Any:
         r=adapter.r, lora_alpha=adapter.alpha, lora_dropout=adapter.dropout,
         target_modules=targets if targets == "all-linear" else _names(targets),
         modules_to_save=_names(adapter.modules_to_save) if adapter.modules_to_save else None,
-        bias="none", task_type="CAUSAL_LM")
+        bias="none", task_type="CAUSAL_LM",
+        # a tied output head follows a trained embedding (else it would keep the frozen one)
+        ensure_weight_tying=True)
 
 
 def _names(setting: str) -> list[str]:

@@ -72,3 +72,22 @@ def test_demo_end_to_end(tmp_path):
     accuracy = float(re.search(r"held-out exact match \(greedy\): ([\d.]+)%", out.stdout)[1])
     assert accuracy > 50.0, f"held-out accuracy {accuracy}% should be far above chance (~1%)"
     assert re.search(r"loss curve \(2 jobs\): [▁▂▃▄▅▆▇█]{20,}", out.stdout)
+
+
+@pytest.mark.slow(seconds=100)
+def test_demo_with_a_lora_adapter_learns_the_skill_and_changes_only_the_adapter(tmp_path):
+    out = realm_cmd(tmp_path, "demo", "--dir", str(tmp_path / "demo"), "--adapter", "lora")
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert "campaign tiny-qwen3/demo-lora" in out.stdout
+    trained = re.findall(r"^  completed \d{8}-\d{6}-\S+: steps (\d+) -> (\d+)", out.stdout, re.M)
+    assert len(trained) == 2 and trained[1][0] == trained[0][1]
+    start, end = map(float, re.search(r"loss: ([\d.]+) at the start -> ([\d.]+) at the end",
+                                      out.stdout).groups())
+    assert start > 5.0 and end < 2.0, (start, end)
+    accuracy = float(re.search(r"held-out exact match \(greedy\): ([\d.]+)%", out.stdout)[1])
+    assert accuracy >= 4.0, f"held-out accuracy {accuracy}% should be well above chance (~1%)"
+    campaign = tmp_path / "demo" / "campaigns" / "tiny-qwen3" / "demo-lora"
+    head = max(campaign.glob("checkpoints/step-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert (head / "adapter_model.safetensors").exists()
+    assert not (head / "model.safetensors").exists(), "the base is never saved again"
+    assert (campaign / "base" / "model.safetensors").exists()
