@@ -152,25 +152,42 @@ def load_adapter_model(hero, locked: dict, adapter, *, campaign_dir: Path,
     else:
         _check_module_names(base, adapter)
         torch.manual_seed(seed)  # the adapter's initial A matrices
-        model = get_peft_model(base, lora_config(adapter))
+        try:
+            model = get_peft_model(base, lora_config(adapter))
+        except ValueError as exc:  # settings the checks above let through, as peft words it
+            raise ConfigError(f"adapter.target_modules {adapter.target_modules!r} with "
+                              f"adapter.modules_to_save {adapter.modules_to_save!r}: peft "
+                              f"refuses them: {exc}") from None
     return model, tokenizer
 
 
 def _check_module_names(base, adapter) -> None:
-    """Every name in adapter.target_modules / modules_to_save names modules of this model (peft
-    would raise a bare ValueError, or for modules_to_save silently train nothing)."""
-    names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules() if name}
-    linear = sorted({name.rsplit(".", 1)[-1] for name, m in base.named_modules()
+    """Every name in adapter.target_modules / modules_to_save selects modules of this model as
+    peft matches them, and every target is a layer an adapter can wrap (peft would raise a bare
+    ValueError, or for a modules_to_save name that matches nothing silently train nothing)."""
+    modules = {name: m for name, m in base.named_modules() if name}
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in modules.items()
                      if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")})
+    layers = f"its linear layers are {', '.join(linear)} (or use all-linear)"
+    named = sorted({name.rsplit(".", 1)[-1] for name in modules} - {str(i) for i in range(999)})
     problems = []
-    for key, setting in (("target_modules", adapter.target_modules),
-                         ("modules_to_save", adapter.modules_to_save)):
-        if not setting or setting.strip() == "all-linear":
-            continue
-        missing = [n for n in _names(setting) if n not in names and n.rsplit(".", 1)[-1] not in names]
-        if missing:
-            problems.append(f"adapter.{key}: {', '.join(missing)} not found in the model; its "
-                            f"linear layers are {', '.join(linear)} (or use all-linear)")
+    targets = adapter.target_modules.strip()
+    for name in [] if targets == "all-linear" else _names(targets):
+        # peft: the whole module name, or its last dotted parts
+        found = [m for key, m in modules.items() if key == name or key.endswith(f".{name}")]
+        kinds = sorted({type(m).__name__ for m in found
+                        if not isinstance(m, (torch.nn.Linear, torch.nn.Embedding))})
+        if not found:
+            problems.append(f"adapter.target_modules: {name} not found in the model; {layers}")
+        elif kinds:
+            problems.append(f"adapter.target_modules: {name} names {', '.join(kinds)} modules, "
+                            f"which an adapter cannot wrap (only linear and embedding layers); "
+                            f"{layers}")
+    for name in _names(adapter.modules_to_save or ""):
+        if not any(key.endswith(name) for key in modules):  # peft: any name ending so
+            problems.append(f"adapter.modules_to_save: {name} not found in the model (it trains "
+                            "in full every module whose name ends with it); its modules are "
+                            f"named {', '.join(named)}")
     if problems:
         raise ConfigError(problems)
 

@@ -214,6 +214,24 @@ def test_target_modules_that_the_model_lacks_are_a_config_error_naming_its_layer
     assert "q_proj" in error and "down_proj" in error and "lm_head" not in error
 
 
+@pytest.mark.parametrize("setting, error", [
+    ({"adapter__target_modules": "q_proj,norm"},
+     "adapter.target_modules: norm names Qwen3RMSNorm modules, which an adapter cannot wrap"),
+    ({"adapter__target_modules": "foo.q_proj"}, "adapter.target_modules: foo.q_proj not found"),
+    # peft matches modules_to_save by the end of a module's name: this one matches nothing
+    ({"adapter__modules_to_save": "foo.norm"}, "adapter.modules_to_save: foo.norm not found"),
+    ({"adapter__modules_to_save": "layers"}, "adapter.modules_to_save 'layers': peft refuses"),
+])
+def test_modules_an_adapter_cannot_use_are_a_config_error_not_a_crash(tmp_path, setting, error):
+    paths = make_realm(tmp_path / "r", lora(training__max_steps=3, **setting))
+    sidecar = claim(paths)
+    code = run(paths, sidecar)
+    job = record(paths, sidecar)
+    assert (code, job["kind"]) == (exitcodes.PERMANENT, "config"), job["last_error"]
+    assert error in job["last_error"]
+    assert not list(ckpt_root(paths).glob("step-*"))
+
+
 def test_bad_adapter_values_are_refused_when_the_campaign_is_created(tmp_path):
     base = tmp_path / "r"
     assert realm_cmd(base, "init").returncode == 0
