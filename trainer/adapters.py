@@ -27,7 +27,7 @@ from typing import Any
 
 import torch
 
-from core.errors import ConfigError
+from core.errors import ConfigError, InputError
 from core.fsutil import fsync_dir, host_name, rename_noreplace
 from trainer.checkpoint import ADAPTER_WEIGHTS
 from trainer.model import (finish_loaded, from_pretrained, pretrained_source, random_init_tokenizer,
@@ -73,13 +73,20 @@ def qlora_problem() -> str | None:
     return None
 
 
-def base_source(hero, campaign_dir: Path, seed: int) -> str:
+def base_source(hero, campaign_dir: Path, seed: int, *, trained: bool = False) -> str:
     """The folder (or cache name) the adapter campaign's base loads from; a random-init hero's
-    base is built and saved into the campaign the first time."""
+    base is built and saved into the campaign the first time. Once an adapter was ``trained``
+    on it a missing base is an error: a base built again (another seed, another torch) would
+    not be the one the adapter learned on."""
     if hero.model.init != "random":
         return pretrained_source(hero)
     folder = campaign_dir / BASE_DIR
     if not (folder / "config.json").is_file():
+        if trained:
+            raise InputError(f"{folder} is missing (or has no config.json): the campaign's "
+                             "adapter was trained on the base model saved there, and a base "
+                             "built again would not be the same model. Restore the folder from "
+                             "a backup, or create a new campaign.")
         _save_random_base(hero, folder, seed)
     return str(folder)
 
@@ -136,7 +143,7 @@ def load_adapter_model(hero, locked: dict, adapter, *, campaign_dir: Path,
     adapter of ``checkpoint``, or a fresh adapter (seeded) when there is none."""
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-    source = base_source(hero, campaign_dir, seed)
+    source = base_source(hero, campaign_dir, seed, trained=checkpoint is not None)
     qlora = adapter.method == "qlora"
     load = _quantization(device) if qlora else {}
     base, tokenizer = from_pretrained(source, hero, dtype=torch.bfloat16 if qlora else dtype,

@@ -189,6 +189,21 @@ def test_a_later_job_that_changes_the_adapter_shape_is_refused_with_the_diff(tmp
     assert digest(latest(paths)) == before and latest(paths).name == "step-3"
 
 
+def test_a_campaign_whose_base_folder_was_removed_is_refused_not_rebuilt(tmp_path):
+    """A random-init hero's base lives in the campaign: built again (here from another seed)
+    it would be another model under the trained adapter."""
+    import shutil
+
+    paths = make_realm(tmp_path / "r", lora(training__max_steps=3))
+    assert run(paths, claim(paths)) == exitcodes.COMPLETED
+    shutil.rmtree(base_dir(paths))
+    job = _second_job_with(paths, {"training": {"seed": 7}})
+    assert job["code"] == exitcodes.PERMANENT, job["last_error"]
+    assert f"{base_dir(paths)} is missing" in job["last_error"]
+    assert "Restore the folder from a backup" in job["last_error"]
+    assert not base_dir(paths).exists() and latest(paths).name == "step-3"
+
+
 def test_adapter_dropout_may_change_between_jobs(tmp_path):
     paths = make_realm(tmp_path / "r", lora(training__max_steps=3))
     assert run(paths, claim(paths)) == exitcodes.COMPLETED
