@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
 from core.errors import ConfigError, InputError
 from core.fsutil import fsync_dir, host_name, rename_noreplace
@@ -200,16 +201,33 @@ def _check_module_names(base, adapter) -> None:
 
 
 def _check_adapter_files(folder: Path) -> None:
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        if not (folder / name).is_file():
-            raise ConfigError(f"{folder}: this campaign trains an adapter, but the checkpoint "
-                              f"has no {name} (it holds a full model: the campaign was trained "
-                              "without an adapter). Keep adapter.method as the campaign started, "
-                              "or create a new campaign for the adapter.")
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise ConfigError(f"{folder}: this campaign trains an adapter, but the checkpoint "
+                          f"has no {ADAPTER_CONFIG} (it holds a full model: the campaign was "
+                          "trained without an adapter). Keep adapter.method as the campaign "
+                          "started, or create a new campaign for the adapter.")
+    problem = adapter_files_problem(folder)
+    if problem:
+        raise InputError(problem)
+
+
+def adapter_files_problem(folder: Path) -> str | None:
+    """Why an adapter checkpoint's PEFT files cannot be loaded (None: they can), with the fix."""
+    retire = (f" Retire the checkpoint: move the folder {folder.name} out of {folder.parent} "
+              f"(for example into {folder.parent.parent / 'retired'}/); the campaign continues "
+              "from its previous checkpoint.")
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        return f"{folder}: the adapter checkpoint has no {ADAPTER_WEIGHTS} (damaged).{retire}"
     try:
         json.loads((folder / ADAPTER_CONFIG).read_text())
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{folder / ADAPTER_CONFIG}: unreadable ({exc}).") from None
+        return f"{folder / ADAPTER_CONFIG}: unreadable ({exc}).{retire}"
+    try:  # the header, and the file as long as the header says (a truncated copy is not)
+        with safe_open(folder / ADAPTER_WEIGHTS, framework="pt"):
+            pass
+    except (OSError, SafetensorError) as exc:
+        return f"{folder / ADAPTER_WEIGHTS}: unreadable ({exc}).{retire}"
+    return None
 
 
 def adapter_summary(model) -> dict[str, Any]:

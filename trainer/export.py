@@ -25,7 +25,8 @@ import torch
 from core.errors import InputError, UsageError
 from core.fsutil import rename_noreplace, write_json_atomic
 from core.job import utc_now
-from trainer.adapters import ADAPTER_CONFIG, BASE_DIR, causal_lm, is_adapter_folder
+from trainer.adapters import (ADAPTER_CONFIG, BASE_DIR, adapter_files_problem, causal_lm,
+                              is_adapter_folder)
 from trainer.checkpoint import (CONFIG_FILE, MARKER, Checkpoint, complete_checkpoints,
                                 lineage_head)
 
@@ -56,6 +57,9 @@ def export(hero, campaign_dir: Path, out: Path, *, step: int | None = None,
     ckpt = pick_checkpoint(campaign_dir / "checkpoints", step)
     _check_out(out)
     adapter = is_adapter_folder(ckpt.path)
+    problem = adapter_files_problem(ckpt.path) if adapter else None
+    if problem:
+        raise InputError(problem)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     record = {"schema": 1, "checkpoint": str(ckpt.path), "step": ckpt.step,

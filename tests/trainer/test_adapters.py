@@ -204,6 +204,25 @@ def test_a_campaign_whose_base_folder_was_removed_is_refused_not_rebuilt(tmp_pat
     assert not base_dir(paths).exists() and latest(paths).name == "step-3"
 
 
+@pytest.mark.parametrize("damage, error", [
+    (lambda f: f.unlink(), "the adapter checkpoint has no adapter_model.safetensors (damaged)"),
+    (lambda f: f.write_bytes(f.read_bytes()[:-64]), "adapter_model.safetensors: unreadable"),
+], ids=["missing", "truncated"])
+def test_a_damaged_adapter_checkpoint_is_refused_by_the_next_job_and_by_export(tmp_path, damage,
+                                                                              error):
+    paths = make_realm(tmp_path / "r", lora(training__max_steps=3))
+    assert run(paths, claim(paths)) == exitcodes.COMPLETED
+    damage(latest(paths) / "adapter_model.safetensors")
+    job = _second_job_with(paths, {})
+    assert (job["code"], job["kind"]) == (exitcodes.PERMANENT, "config"), job["last_error"]
+    assert error in job["last_error"] and "Retire the checkpoint" in job["last_error"]
+    assert "trained without an adapter" not in job["last_error"]
+    for merged in ([], ["--merged"]):
+        out = realm_cmd(paths.base, "export", "c1", "--out", str(tmp_path / "out"), *merged)
+        assert out.returncode == 2 and error in out.stderr, out.stderr
+        assert not (tmp_path / "out").exists()
+
+
 def test_adapter_dropout_may_change_between_jobs(tmp_path):
     paths = make_realm(tmp_path / "r", lora(training__max_steps=3))
     assert run(paths, claim(paths)) == exitcodes.COMPLETED
