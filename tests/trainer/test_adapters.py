@@ -209,7 +209,9 @@ def test_a_campaign_whose_base_folder_was_removed_is_refused_not_rebuilt(tmp_pat
     (lambda f: f.write_bytes(f.read_bytes()[:-64]), "adapter_model.safetensors: unreadable"),
 ], ids=["missing", "truncated"])
 def test_a_damaged_adapter_checkpoint_is_refused_by_the_next_job_and_by_export(tmp_path, damage,
-                                                                              error):
+                                                                              error, capsys):
+    from cli.main import main
+
     paths = make_realm(tmp_path / "r", lora(training__max_steps=3))
     assert run(paths, claim(paths)) == exitcodes.COMPLETED
     damage(latest(paths) / "adapter_model.safetensors")
@@ -218,8 +220,9 @@ def test_a_damaged_adapter_checkpoint_is_refused_by_the_next_job_and_by_export(t
     assert error in job["last_error"] and "Retire the checkpoint" in job["last_error"]
     assert "trained without an adapter" not in job["last_error"]
     for merged in ([], ["--merged"]):
-        out = realm_cmd(paths.base, "export", "c1", "--out", str(tmp_path / "out"), *merged)
-        assert out.returncode == 2 and error in out.stderr, out.stderr
+        code = main(["--base-dir", str(paths.base), "export", "c1", "--out",
+                     str(tmp_path / "out"), *merged])
+        assert code == 2 and error in capsys.readouterr().err
         assert not (tmp_path / "out").exists()
 
 
@@ -351,6 +354,23 @@ def test_export_refuses_a_missing_step_and_a_folder_in_use(trained, tmp_path):
     assert out.returncode == 2 and "not empty" in out.stderr
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]
     assert not list(tmp_path.glob(".*tmp*")), "no scratch folder left behind"
+
+
+def test_export_refuses_a_symlink_and_a_folder_among_the_campaigns(trained, tmp_path, capsys):
+    """realm removes a step folder without COMPLETE and retires old checkpoints: an export
+    there would vanish. A link is refused as the file it may point to would be."""
+    from cli.main import main
+
+    paths, _, _, _ = trained
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    inside = [ckpt_root(paths) / "step-99", latest(paths) / "x", base_dir(paths).parent / "x"]
+    for out, error in [(tmp_path / "link", "a symbolic link"),
+                       *((p, "inside the realm's campaigns folder") for p in inside)]:
+        assert main(["--base-dir", str(paths.base), "export", "c1", "--out", str(out)]) == 2
+        assert error in capsys.readouterr().err
+        assert not out.exists() or out.is_symlink()
+    assert not list((tmp_path / "empty").iterdir())
 
 
 def test_export_of_a_full_fine_tuning_campaign_is_the_plain_model(tmp_path):
