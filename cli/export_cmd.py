@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 from cli.common import realm_paths
@@ -14,7 +15,7 @@ def cmd_export(args) -> int:
 
     paths = realm_paths(args)
     campaign = find_campaign(paths, args.campaign)
-    out = Path(args.out).expanduser().resolve()
+    out = Path(os.path.abspath(Path(args.out).expanduser()))  # a symlink stays one: refused
     record = export(load_hero(paths, campaign.hero_id), campaign.path.parent, out,
                     step=args.step, merged=args.merged)
     what = {"full": "the model", "adapter": "the adapter (PEFT format)",

@@ -6,6 +6,7 @@ and resolves config; it writes nothing and moves nothing.
 from __future__ import annotations
 
 import itertools
+import json
 import math
 import statistics
 from pathlib import Path
@@ -13,6 +14,7 @@ from typing import Any
 
 from cli.status import problem_line
 from config.flags import cli_layer_from
+from config.locked import verify_locked
 from core.errors import RealmError
 from core.job import Job
 from core.paths import PRIORITIES, RealmPaths
@@ -27,7 +29,7 @@ from guild.selection import resolve_for
 PLAN_SCHEMA = 1
 CHECK_LINES = 50
 KEY_SETTINGS = ("training.learning_rate", "training.micro_batch_size", "training.grad_accum",
-                "training.epochs", "training.max_steps", "data.max_length")
+                "training.epochs", "training.max_steps", "data.max_length", "adapter.method")
 
 
 _REPORTED = (RealmError, OSError, ValueError, RecursionError)
@@ -126,7 +128,31 @@ def _plan_row(paths: RealmPaths, priority: str, path: Path, job: Job | None, cli
                          for k in KEY_SETTINGS})
     if resolved.campaign is None:
         row["problems"].append("no campaign: `realm campaign create NAME --hero HERO` first")
+    else:
+        row["problems"] += _locked_problems(paths, resolved)
     return row
+
+
+def _locked_problems(paths: RealmPaths, resolved) -> list[str]:
+    """The refusal the job would meet continuing the campaign: its locked block (the adapter's
+    shape, which a job's or the realm's settings can change) against the newest finished
+    checkpoint's (every checkpoint of a campaign has the same block)."""
+    root = paths.campaigns / resolved.campaign / "checkpoints"
+    done = [(int(p.name[5:]), p) for p in root.glob("step-*")
+            if p.name[5:].isdigit() and (p / "COMPLETE").is_file()]
+    if not done:
+        return []
+    newest = max(done)[1]
+    try:
+        stored = json.loads((newest / "locked.json").read_text())
+    except (OSError, ValueError) as exc:
+        return [f"{newest / 'locked.json'}: unreadable ({exc})"]
+    diff = verify_locked(stored, resolved.locked)
+    if not diff:
+        return []
+    diff = diff.replace(":\n  ", ": ", 1).replace("\n  ", "; ")
+    return [f"the job would be refused continuing from {newest}: {diff} (set those keys back, "
+            "or train a new campaign)"]
 
 
 def build_plan(paths: RealmPaths, cli_args=None) -> dict[str, Any]:

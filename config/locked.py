@@ -40,7 +40,11 @@ def adapter_shape(values: dict[str, Any]) -> dict[str, Any]:
     fine-tuning, else the shape keys."""
     if values.get("adapter.method", "none") == "none":
         return dict(NO_ADAPTER)
-    return {k: values[f"adapter.{k}"] for k in ADAPTER_SHAPE}
+    shape = {k: values[f"adapter.{k}"] for k in ADAPTER_SHAPE}
+    for key in ("target_modules", "modules_to_save"):  # the same modules however written
+        if isinstance(shape[key], str):
+            shape[key] = ",".join(sorted({n.strip() for n in shape[key].split(",")} - {""}))
+    return shape
 
 
 def build_locked_config(hero, model_path: str | None,

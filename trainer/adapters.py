@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError, safe_open
 
-from core.errors import ConfigError
+from core.errors import ConfigError, InputError
 from core.fsutil import fsync_dir, host_name, rename_noreplace
 from trainer.checkpoint import ADAPTER_WEIGHTS
 from trainer.model import (finish_loaded, from_pretrained, pretrained_source, random_init_tokenizer,
@@ -73,13 +74,20 @@ def qlora_problem() -> str | None:
     return None
 
 
-def base_source(hero, campaign_dir: Path, seed: int) -> str:
+def base_source(hero, campaign_dir: Path, seed: int, *, trained: bool = False) -> str:
     """The folder (or cache name) the adapter campaign's base loads from; a random-init hero's
-    base is built and saved into the campaign the first time."""
+    base is built and saved into the campaign the first time. Once an adapter was ``trained``
+    on it a missing base is an error: a base built again (another seed, another torch) would
+    not be the one the adapter learned on."""
     if hero.model.init != "random":
         return pretrained_source(hero)
     folder = campaign_dir / BASE_DIR
     if not (folder / "config.json").is_file():
+        if trained:
+            raise InputError(f"{folder} is missing (or has no config.json): the campaign's "
+                             "adapter was trained on the base model saved there, and a base "
+                             "built again would not be the same model. Restore the folder from "
+                             "a backup, or create a new campaign.")
         _save_random_base(hero, folder, seed)
     return str(folder)
 
@@ -138,7 +146,7 @@ def load_adapter_model(hero, locked: dict, adapter, *, campaign_dir: Path,
     adapter of ``checkpoint``, or a fresh adapter (seeded) when there is none."""
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-    source = base_source(hero, campaign_dir, seed)
+    source = base_source(hero, campaign_dir, seed, trained=checkpoint is not None)
     qlora = adapter.method == "qlora"
     load = _quantization(device) if qlora else {}
     base, tokenizer = from_pretrained(source, hero, dtype=torch.bfloat16 if qlora else dtype,
@@ -154,40 +162,74 @@ def load_adapter_model(hero, locked: dict, adapter, *, campaign_dir: Path,
     else:
         _check_module_names(base, adapter)
         torch.manual_seed(seed)  # the adapter's initial A matrices
-        model = get_peft_model(base, lora_config(adapter))
+        try:
+            model = get_peft_model(base, lora_config(adapter))
+        except ValueError as exc:  # settings the checks above let through, as peft words it
+            raise ConfigError(f"adapter.target_modules {adapter.target_modules!r} with "
+                              f"adapter.modules_to_save {adapter.modules_to_save!r}: peft "
+                              f"refuses them: {exc}") from None
     return model, tokenizer
 
 
 def _check_module_names(base, adapter) -> None:
-    """Every name in adapter.target_modules / modules_to_save names modules of this model (peft
-    would raise a bare ValueError, or for modules_to_save silently train nothing)."""
-    names = {name.rsplit(".", 1)[-1] for name, _ in base.named_modules() if name}
-    linear = sorted({name.rsplit(".", 1)[-1] for name, m in base.named_modules()
+    """Every name in adapter.target_modules / modules_to_save selects modules of this model as
+    peft matches them, and every target is a layer an adapter can wrap (peft would raise a bare
+    ValueError, or for a modules_to_save name that matches nothing silently train nothing)."""
+    modules = {name: m for name, m in base.named_modules() if name}
+    linear = sorted({name.rsplit(".", 1)[-1] for name, m in modules.items()
                      if isinstance(m, torch.nn.Linear) and not name.endswith("lm_head")})
+    layers = f"its linear layers are {', '.join(linear)} (or use all-linear)"
+    named = sorted({name.rsplit(".", 1)[-1] for name in modules} - {str(i) for i in range(999)})
     problems = []
-    for key, setting in (("target_modules", adapter.target_modules),
-                         ("modules_to_save", adapter.modules_to_save)):
-        if not setting or setting.strip() == "all-linear":
-            continue
-        missing = [n for n in _names(setting) if n not in names and n.rsplit(".", 1)[-1] not in names]
-        if missing:
-            problems.append(f"adapter.{key}: {', '.join(missing)} not found in the model; its "
-                            f"linear layers are {', '.join(linear)} (or use all-linear)")
+    targets = adapter.target_modules.strip()
+    for name in [] if targets == "all-linear" else _names(targets):
+        # peft: the whole module name, or its last dotted parts
+        found = [m for key, m in modules.items() if key == name or key.endswith(f".{name}")]
+        kinds = sorted({type(m).__name__ for m in found
+                        if not isinstance(m, (torch.nn.Linear, torch.nn.Embedding))})
+        if not found:
+            problems.append(f"adapter.target_modules: {name} not found in the model; {layers}")
+        elif kinds:
+            problems.append(f"adapter.target_modules: {name} names {', '.join(kinds)} modules, "
+                            f"which an adapter cannot wrap (only linear and embedding layers); "
+                            f"{layers}")
+    for name in _names(adapter.modules_to_save or ""):
+        if not any(key.endswith(name) for key in modules):  # peft: any name ending so
+            problems.append(f"adapter.modules_to_save: {name} not found in the model (it trains "
+                            "in full every module whose name ends with it); its modules are "
+                            f"named {', '.join(named)}")
     if problems:
         raise ConfigError(problems)
 
 
 def _check_adapter_files(folder: Path) -> None:
-    for name in (ADAPTER_CONFIG, ADAPTER_WEIGHTS):
-        if not (folder / name).is_file():
-            raise ConfigError(f"{folder}: this campaign trains an adapter, but the checkpoint "
-                              f"has no {name} (it holds a full model: the campaign was trained "
-                              "without an adapter). Keep adapter.method as the campaign started, "
-                              "or create a new campaign for the adapter.")
+    if not (folder / ADAPTER_CONFIG).is_file():
+        raise ConfigError(f"{folder}: this campaign trains an adapter, but the checkpoint "
+                          f"has no {ADAPTER_CONFIG} (it holds a full model: the campaign was "
+                          "trained without an adapter). Keep adapter.method as the campaign "
+                          "started, or create a new campaign for the adapter.")
+    problem = adapter_files_problem(folder)
+    if problem:
+        raise InputError(problem)
+
+
+def adapter_files_problem(folder: Path) -> str | None:
+    """Why an adapter checkpoint's PEFT files cannot be loaded (None: they can), with the fix."""
+    retire = (f" Retire the checkpoint: move the folder {folder.name} out of {folder.parent} "
+              f"(for example into {folder.parent.parent / 'retired'}/); the campaign continues "
+              "from its previous checkpoint.")
+    if not (folder / ADAPTER_WEIGHTS).is_file():
+        return f"{folder}: the adapter checkpoint has no {ADAPTER_WEIGHTS} (damaged).{retire}"
     try:
         json.loads((folder / ADAPTER_CONFIG).read_text())
     except (OSError, ValueError) as exc:
-        raise ConfigError(f"{folder / ADAPTER_CONFIG}: unreadable ({exc}).") from None
+        return f"{folder / ADAPTER_CONFIG}: unreadable ({exc}).{retire}"
+    try:  # the header, and the file as long as the header says (a truncated copy is not)
+        with safe_open(folder / ADAPTER_WEIGHTS, framework="pt"):
+            pass
+    except (OSError, SafetensorError) as exc:
+        return f"{folder / ADAPTER_WEIGHTS}: unreadable ({exc}).{retire}"
+    return None
 
 
 def adapter_summary(model) -> dict[str, Any]:

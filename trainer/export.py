@@ -25,7 +25,8 @@ import torch
 from core.errors import InputError, UsageError
 from core.fsutil import rename_noreplace, write_json_atomic
 from core.job import utc_now
-from trainer.adapters import ADAPTER_CONFIG, BASE_DIR, causal_lm, is_adapter_folder
+from trainer.adapters import (ADAPTER_CONFIG, BASE_DIR, adapter_files_problem, causal_lm,
+                              is_adapter_folder)
 from trainer.checkpoint import (CONFIG_FILE, MARKER, Checkpoint, complete_checkpoints,
                                 lineage_head)
 
@@ -54,8 +55,11 @@ def export(hero, campaign_dir: Path, out: Path, *, step: int | None = None,
            merged: bool = False) -> dict:
     """Write the export folder; returns its record."""
     ckpt = pick_checkpoint(campaign_dir / "checkpoints", step)
-    _check_out(out)
+    _check_out(out, campaign_dir)
     adapter = is_adapter_folder(ckpt.path)
+    problem = adapter_files_problem(ckpt.path) if adapter else None
+    if problem:
+        raise InputError(problem)
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     record = {"schema": 1, "checkpoint": str(ckpt.path), "step": ckpt.step,
@@ -79,9 +83,17 @@ def export(hero, campaign_dir: Path, out: Path, *, step: int | None = None,
     return record
 
 
-def _check_out(out: Path) -> None:
-    if out.is_symlink() or (out.exists() and not out.is_dir()):
+def _check_out(out: Path, campaign_dir: Path) -> None:
+    if out.is_symlink():
+        raise UsageError(f"--out {out}: a symbolic link (realm does not write through one); "
+                         "name a new folder.")
+    if out.exists() and not out.is_dir():
         raise UsageError(f"--out {out}: exists and is not a folder; name a new folder.")
+    campaigns = campaign_dir.parent.parent.resolve()
+    if campaigns in (out.parent.resolve() / out.name).parents:
+        raise UsageError(f"--out {out}: inside the realm's campaigns folder {campaigns}, whose "
+                         "contents realm manages (a folder among the checkpoints is removed as "
+                         "unfinished, a checkpoint's by retention); name a folder outside it.")
     if out.is_dir() and any(out.iterdir()):
         raise UsageError(f"--out {out}: the folder is not empty; name a new or empty folder "
                          "(nothing was written).")

@@ -25,6 +25,30 @@ from tests.trainer.test_training import make_realm
 from trainer.data.synthetic import write_dataset
 
 
+def test_plan_shows_the_adapter_and_a_job_whose_settings_change_the_locked_shape(tmp_path):
+    """A job's or the realm's adapter.* can differ from what the campaign's checkpoints were
+    trained with: the job would be refused, and the plan says so beforehand."""
+    from cli.plan import build_plan
+    from guild.selection import resolve_for
+
+    paths = make_realm(tmp_path / "r", overrides={"adapter": {"method": "lora", "r": 8}})
+    step = paths.campaigns / "tiny-qwen3" / "c1" / "checkpoints" / "step-3"
+    step.mkdir(parents=True)
+    (step / "locked.json").write_text(json.dumps(resolve_for(paths).locked))
+    (step / "COMPLETE").write_text("")
+    queue = TrainingQueue(paths.base)
+    for name, sets in (("same.jsonl", None), ("other.jsonl", {"adapter": {"r": 4}})):
+        write_dataset(paths.base / name, 20)
+        queue.add(paths.base / name, overrides=sets)
+    rows = {r["file"]: r for r in build_plan(paths)["jobs"]}
+    same, other = rows["queue/normal/same.jsonl"], rows["queue/normal/other.jsonl"]
+    assert same["settings"]["adapter.method"] == {"value": "lora", "layer": "campaign"}
+    assert same["problems"] == []
+    assert len(other["problems"]) == 1, other["problems"]
+    assert f"would be refused continuing from {step}" in other["problems"][0]
+    assert "adapter.r: checkpoint has 8, campaign has 4" in other["problems"][0]
+
+
 def _terminal_env() -> dict:
     """The environment of a program on the pseudo-terminal: its size comes from the terminal
     (TIOCSWINSZ), never from a COLUMNS/LINES that pytest or a worker process left behind."""

@@ -189,6 +189,43 @@ def test_a_later_job_that_changes_the_adapter_shape_is_refused_with_the_diff(tmp
     assert digest(latest(paths)) == before and latest(paths).name == "step-3"
 
 
+def test_a_campaign_whose_base_folder_was_removed_is_refused_not_rebuilt(tmp_path):
+    """A random-init hero's base lives in the campaign: built again (here from another seed)
+    it would be another model under the trained adapter."""
+    import shutil
+
+    paths = make_realm(tmp_path / "r", lora(training__max_steps=3))
+    assert run(paths, claim(paths)) == exitcodes.COMPLETED
+    shutil.rmtree(base_dir(paths))
+    job = _second_job_with(paths, {"training": {"seed": 7}})
+    assert job["code"] == exitcodes.PERMANENT, job["last_error"]
+    assert f"{base_dir(paths)} is missing" in job["last_error"]
+    assert "Restore the folder from a backup" in job["last_error"]
+    assert not base_dir(paths).exists() and latest(paths).name == "step-3"
+
+
+@pytest.mark.parametrize("damage, error", [
+    (lambda f: f.unlink(), "the adapter checkpoint has no adapter_model.safetensors (damaged)"),
+    (lambda f: f.write_bytes(f.read_bytes()[:-64]), "adapter_model.safetensors: unreadable"),
+], ids=["missing", "truncated"])
+def test_a_damaged_adapter_checkpoint_is_refused_by_the_next_job_and_by_export(tmp_path, damage,
+                                                                              error, capsys):
+    from cli.main import main
+
+    paths = make_realm(tmp_path / "r", lora(training__max_steps=3))
+    assert run(paths, claim(paths)) == exitcodes.COMPLETED
+    damage(latest(paths) / "adapter_model.safetensors")
+    job = _second_job_with(paths, {})
+    assert (job["code"], job["kind"]) == (exitcodes.PERMANENT, "config"), job["last_error"]
+    assert error in job["last_error"] and "Retire the checkpoint" in job["last_error"]
+    assert "trained without an adapter" not in job["last_error"]
+    for merged in ([], ["--merged"]):
+        code = main(["--base-dir", str(paths.base), "export", "c1", "--out",
+                     str(tmp_path / "out"), *merged])
+        assert code == 2 and error in capsys.readouterr().err
+        assert not (tmp_path / "out").exists()
+
+
 def test_adapter_dropout_may_change_between_jobs(tmp_path):
     paths = make_realm(tmp_path / "r", lora(training__max_steps=3))
     assert run(paths, claim(paths)) == exitcodes.COMPLETED
@@ -212,6 +249,24 @@ def test_target_modules_that_the_model_lacks_are_a_config_error_naming_its_layer
     error = record(paths, sidecar)["last_error"]
     assert "adapter.target_modules: qkv_proj not found in the model" in error
     assert "q_proj" in error and "down_proj" in error and "lm_head" not in error
+
+
+@pytest.mark.parametrize("setting, error", [
+    ({"adapter__target_modules": "q_proj,norm"},
+     "adapter.target_modules: norm names Qwen3RMSNorm modules, which an adapter cannot wrap"),
+    ({"adapter__target_modules": "foo.q_proj"}, "adapter.target_modules: foo.q_proj not found"),
+    # peft matches modules_to_save by the end of a module's name: this one matches nothing
+    ({"adapter__modules_to_save": "foo.norm"}, "adapter.modules_to_save: foo.norm not found"),
+    ({"adapter__modules_to_save": "layers"}, "adapter.modules_to_save 'layers': peft refuses"),
+])
+def test_modules_an_adapter_cannot_use_are_a_config_error_not_a_crash(tmp_path, setting, error):
+    paths = make_realm(tmp_path / "r", lora(training__max_steps=3, **setting))
+    sidecar = claim(paths)
+    code = run(paths, sidecar)
+    job = record(paths, sidecar)
+    assert (code, job["kind"]) == (exitcodes.PERMANENT, "config"), job["last_error"]
+    assert error in job["last_error"]
+    assert not list(ckpt_root(paths).glob("step-*"))
 
 
 def test_bad_adapter_values_are_refused_when_the_campaign_is_created(tmp_path):
@@ -299,6 +354,23 @@ def test_export_refuses_a_missing_step_and_a_folder_in_use(trained, tmp_path):
     assert out.returncode == 2 and "not empty" in out.stderr
     assert [p.name for p in busy.iterdir()] == ["keep.txt"]
     assert not list(tmp_path.glob(".*tmp*")), "no scratch folder left behind"
+
+
+def test_export_refuses_a_symlink_and_a_folder_among_the_campaigns(trained, tmp_path, capsys):
+    """realm removes a step folder without COMPLETE and retires old checkpoints: an export
+    there would vanish. A link is refused as the file it may point to would be."""
+    from cli.main import main
+
+    paths, _, _, _ = trained
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "empty")
+    inside = [ckpt_root(paths) / "step-99", latest(paths) / "x", base_dir(paths).parent / "x"]
+    for out, error in [(tmp_path / "link", "a symbolic link"),
+                       *((p, "inside the realm's campaigns folder") for p in inside)]:
+        assert main(["--base-dir", str(paths.base), "export", "c1", "--out", str(out)]) == 2
+        assert error in capsys.readouterr().err
+        assert not out.exists() or out.is_symlink()
+    assert not list((tmp_path / "empty").iterdir())
 
 
 def test_export_of_a_full_fine_tuning_campaign_is_the_plain_model(tmp_path):

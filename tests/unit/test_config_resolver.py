@@ -135,6 +135,19 @@ def test_verify_locked_diff():
     assert "vocab_size: checkpoint has 1024, campaign has 512" in diff
 
 
+def test_the_locked_adapter_shape_is_the_modules_not_how_they_are_written():
+    def locked(**adapter):
+        return resolve([Layer("campaign", "c.json", {"adapter": {"method": "lora", **adapter}})],
+                       HERO).locked
+
+    first = locked(target_modules="q_proj,v_proj", modules_to_save="norm")
+    assert verify_locked(first, locked(target_modules=" v_proj, q_proj",
+                                       modules_to_save=" norm ")) is None
+    diff = verify_locked(first, locked(target_modules="q_proj, k_proj", modules_to_save="norm"))
+    assert "adapter.target_modules: checkpoint has 'q_proj,v_proj', campaign has " \
+           "'k_proj,q_proj'" in diff
+
+
 def test_hash_follows_values_not_provenance():
     base = resolve([], HERO)
     same_value_other_layer = resolve([Layer("cli", "--set", {"training.seed": 42})], HERO)
