@@ -36,6 +36,8 @@ from trainer.model import (finish_loaded, from_pretrained, pretrained_source, ra
 
 # peft asks transformers whether checkpointing is on through a name transformers 5 deprecated
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+# ensure_weight_tying is always asked for (lora_config) and is a no-op without a tied module
+warnings.filterwarnings("ignore", message=".*requested `ensure_weight_tying`.*")
 
 BASE_DIR = "base"
 """The campaign's own base model folder (random-init heroes only)."""
@@ -104,7 +106,12 @@ def _save_random_base(hero, folder: Path, seed: int) -> None:
             with open(path, "rb") as fh:
                 os.fsync(fh.fileno())
         fsync_dir(tmp)
-        rename_noreplace(tmp, folder)
+        try:
+            rename_noreplace(tmp, folder)
+        except FileExistsError:
+            if not (folder / "config.json").is_file():
+                raise
+            return  # another process built it first: that one is the campaign's base
         fsync_dir(folder.parent)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

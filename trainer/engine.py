@@ -61,8 +61,8 @@ from trainer.governor import GovernorGaveUp, GovernorGuard
 from trainer.guard import Action, Decision, FiniteGuard, NonFiniteLoss
 from trainer.metrics import (STEP_METRICS, RunningStats, StatusWriter, StepMetrics, get_logger,
                              progress_line, status_payload)
-from trainer.adapters import (adapter_summary, causal_lm, is_adapter_folder, is_quantized,
-                              load_adapter_model, qlora_problem)
+from trainer.adapters import (adapter_summary, base_source, causal_lm, is_adapter_folder,
+                              is_quantized, load_adapter_model, qlora_problem)
 from trainer.model import load_model
 from trainer.optim import Schedule, load_moments, moments_problem, param_groups
 from trainer.state import TrainState, campaign_tokens_of
@@ -334,6 +334,9 @@ class Trainer:
         if self.group.main:
             clean_incomplete(root)
             self.start_checkpoint = self._choose_start(root)
+            if self.cfg.adapter.method != "none":  # a random-init hero's base: built once
+                base_source(self.spec.hero, root.parent, self.cfg.training.seed,
+                            trained=self.start_checkpoint is not None)
         self.group.barrier()  # rank 0 has pruned dead branches: every rank sees the same start
         if not self.group.main:
             self.start_checkpoint = self._choose_start(root, prune=False)

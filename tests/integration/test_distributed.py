@@ -193,3 +193,24 @@ def test_warm_stop_of_a_group_resumes_exactly(tmp_path):
     assert b.metadata["resumed_from"] == waiting.resume["step"] and b.final_step == 16
     wa, wb = final_weights(straight, a), final_weights(stopped, b)
     assert wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+@pytest.mark.slow(seconds=20)
+def test_a_lora_job_on_two_ranks_builds_one_base_and_the_ranks_agree(tmp_path):
+    """Rank 0 alone builds a random-init hero's base (both ranks building it raced: the second
+    rename failed and the group hung); both ranks then train the same adapter."""
+    paths = realm(tmp_path / "two", micro_batch_size=2, n=60, max_length=256, epochs=1)
+    campaign = paths.campaigns / "tiny-qwen3" / "c1" / "campaign.json"
+    data = json.loads(campaign.read_text())
+    data["overrides"]["adapter"] = {"method": "lora", "r": 4}
+    campaign.write_text(json.dumps(data))
+    out = realm_cmd(paths.base, "daemon", "--once", "--devices", "cpu:2")
+    assert out.returncode == 0, out.stderr[-2000:]
+    job = only_job(paths)
+    assert job.metadata["data"]["ranks"] == {"world": 2, "rollbacks_per_rank": [0, 0],
+                                             "weights_agree": True}
+    folder = paths.campaigns / "tiny-qwen3" / "c1"
+    assert (folder / "base" / "model.safetensors").exists()
+    assert not list(folder.glob(".base.tmp-*")), "no scratch base left behind"
+    head = Path(job.metadata["checkpoint"])
+    assert (head / "adapter_model.safetensors").exists() and not (head / "model.safetensors").exists()
