@@ -334,9 +334,9 @@ class Trainer:
         if self.group.main:
             clean_incomplete(root)
             self.start_checkpoint = self._choose_start(root)
-            if self.cfg.adapter.method != "none":  # a random-init hero's base: built once
-                base_source(self.spec.hero, root.parent, self.cfg.training.seed,
-                            trained=self.start_checkpoint is not None)
+            if self.cfg.adapter.method != "none" and self.start_checkpoint is None:
+                # a fresh adapter campaign's base (random-init hero): built once, by rank 0
+                base_source(self.spec.hero, root.parent, self.cfg.training.seed)
         self.group.barrier()  # rank 0 has pruned dead branches: every rank sees the same start
         if not self.group.main:
             self.start_checkpoint = self._choose_start(root, prune=False)
