@@ -30,7 +30,7 @@ from safetensors import SafetensorError, safe_open
 
 from core.errors import ConfigError, InputError
 from core.fsutil import fsync_dir, host_name, rename_noreplace
-from trainer.checkpoint import ADAPTER_WEIGHTS
+from trainer.checkpoint import ADAPTER_WEIGHTS, fsync_tree, retire_hint
 from trainer.model import (finish_loaded, from_pretrained, pretrained_source, random_init_tokenizer,
                            random_model, set_generation_tokens)
 
@@ -76,21 +76,27 @@ def qlora_problem() -> str | None:
     return None
 
 
-def base_source(hero, campaign_dir: Path, seed: int, *, trained: bool = False) -> str:
-    """The folder (or cache name) the adapter campaign's base loads from; a random-init hero's
-    base is built and saved into the campaign the first time. Once an adapter was ``trained``
-    on it a missing base is an error: a base built again (another seed, another torch) would
-    not be the one the adapter learned on."""
+def base_source(hero, campaign_dir: Path, seed: int) -> str:
+    """The base for a campaign's first adapter job: a random-init hero's is built and saved into
+    the campaign when it is not there yet."""
+    folder = campaign_dir / BASE_DIR
+    if hero.model.init == "random" and not (folder / "config.json").is_file():
+        _save_random_base(hero, folder, seed)
+    return trained_base(hero, campaign_dir)
+
+
+def trained_base(hero, campaign_dir: Path) -> str:
+    """The folder (or cache name) an adapter campaign's base loads from. Never built here: once
+    an adapter trained on it, a missing base is an error (a base built again, with another seed
+    or another torch, would not be the one the adapter learned on)."""
     if hero.model.init != "random":
         return pretrained_source(hero)
     folder = campaign_dir / BASE_DIR
     if not (folder / "config.json").is_file():
-        if trained:
-            raise InputError(f"{folder} is missing (or has no config.json): the campaign's "
-                             "adapter was trained on the base model saved there, and a base "
-                             "built again would not be the same model. Restore the folder from "
-                             "a backup, or create a new campaign.")
-        _save_random_base(hero, folder, seed)
+        raise InputError(f"{folder} is missing (or has no config.json): the campaign's adapter "
+                         "was trained on the base model saved there, and a base built again "
+                         "would not be the same model. Restore the folder from a backup, or "
+                         "create a new campaign.")
     return str(folder)
 
 
@@ -102,10 +108,7 @@ def _save_random_base(hero, folder: Path, seed: int) -> None:
         set_generation_tokens(model, tokenizer)  # the base stops where its exports stop
         model.save_pretrained(tmp, safe_serialization=True)
         tokenizer.save_pretrained(tmp)
-        for path in tmp.iterdir():
-            with open(path, "rb") as fh:
-                os.fsync(fh.fileno())
-        fsync_dir(tmp)
+        fsync_tree(tmp)
         try:
             rename_noreplace(tmp, folder)
         except FileExistsError:
@@ -153,7 +156,8 @@ def load_adapter_model(hero, locked: dict, adapter, *, campaign_dir: Path,
     adapter of ``checkpoint``, or a fresh adapter (seeded) when there is none."""
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-    source = base_source(hero, campaign_dir, seed, trained=checkpoint is not None)
+    source = base_source(hero, campaign_dir, seed) if checkpoint is None else \
+        trained_base(hero, campaign_dir)
     qlora = adapter.method == "qlora"
     load = _quantization(device) if qlora else {}
     base, tokenizer = from_pretrained(source, hero, dtype=torch.bfloat16 if qlora else dtype,
@@ -222,9 +226,7 @@ def _check_adapter_files(folder: Path) -> None:
 
 def adapter_files_problem(folder: Path) -> str | None:
     """Why an adapter checkpoint's PEFT files cannot be loaded (None: they can), with the fix."""
-    retire = (f" Retire the checkpoint: move the folder {folder.name} out of {folder.parent} "
-              f"(for example into {folder.parent.parent / 'retired'}/); the campaign continues "
-              "from its previous checkpoint.")
+    retire = retire_hint(folder)
     if not (folder / ADAPTER_WEIGHTS).is_file():
         return f"{folder}: the adapter checkpoint has no {ADAPTER_WEIGHTS} (damaged).{retire}"
     try:

@@ -82,10 +82,14 @@ class UnsafeCheckpoint(InputError):
     @classmethod
     def of(cls, folder: Path, file: str) -> "UnsafeCheckpoint":
         return cls(f"refusing checkpoint {folder}: {file} holds objects a safe load does not "
-                   "allow (it may be malicious; realm never loads such a file). Retire the "
-                   f"checkpoint: move the folder {folder.name} out of {folder.parent} (for "
-                   f"example into {folder.parent.parent / 'retired'}/), then `realm queue retry` "
-                   "the job; the campaign continues from its previous checkpoint.")
+                   f"allow (it may be malicious; realm never loads such a file).{retire_hint(folder)}")
+
+
+def retire_hint(folder: Path) -> str:
+    """How to take a checkpoint realm refuses out of the lineage (the message's last sentence)."""
+    return (f" Retire the checkpoint: move the folder {folder.name} out of {folder.parent} (for "
+            f"example into {folder.parent.parent / 'retired'}/), then `realm queue retry` the "
+            "job; the campaign continues from its previous checkpoint.")
 
 
 @dataclass(frozen=True)
@@ -138,7 +142,8 @@ def _check_finite(model: torch.nn.Module) -> None:
             raise NonFiniteWeights(f"parameter {name} holds NaN/Inf; checkpoint not written")
 
 
-def _fsync_tree(folder: Path) -> None:
+def fsync_tree(folder: Path) -> None:
+    """The files of a written folder, then the folder itself, on disk."""
     for path in folder.iterdir():
         if path.is_file():
             with open(path, "rb") as fh:
@@ -160,7 +165,7 @@ class Staged:
         try:
             (self.tmp / MARKER).write_text(json.dumps({"step": self.step,
                                                        "saved_at": utc_now()}) + "\n")
-            _fsync_tree(self.tmp)
+            fsync_tree(self.tmp)
             try:
                 rename_noreplace(self.tmp, final)
             except FileExistsError:
@@ -200,7 +205,7 @@ def stage_checkpoint(root: Path, step: int, model, tokenizer, *, state: dict[str
         write_json_atomic(tmp / "locked.json", locked)
         if config is not None:
             write_json_atomic(tmp / CONFIG_FILE, config)
-        _fsync_tree(tmp)
+        fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -61,8 +61,8 @@ from trainer.governor import GovernorGaveUp, GovernorGuard
 from trainer.guard import Action, Decision, FiniteGuard, NonFiniteLoss
 from trainer.metrics import (STEP_METRICS, RunningStats, StatusWriter, StepMetrics, get_logger,
                              progress_line, status_payload)
-from trainer.adapters import (adapter_summary, base_source, causal_lm, is_adapter_folder,
-                              is_quantized, load_adapter_model, qlora_problem)
+from trainer.adapters import (adapter_summary, base_source, causal_lm, is_quantized,
+                              load_adapter_model, qlora_problem)
 from trainer.model import load_model
 from trainer.optim import Schedule, load_moments, moments_problem, param_groups
 from trainer.state import TrainState, campaign_tokens_of
@@ -268,6 +268,8 @@ class Trainer:
         self.sample_prompts: list[str] = []
         self.lr_start: float | None = None
         self._budget_warned = False
+        self.setup_cuda_peak: int | None = None
+        """Peak CUDA allocation of loading, before the counter is reset for training."""
         self.start_point: StartPoint | None = None
         """Kept when the governor may roll back to disk (``prepare_disk_rollback``)."""
 
@@ -314,8 +316,9 @@ class Trainer:
         """What can be checked before anything loads: the precision that will really be used,
         and the sample prompts file (read now: a bad path fails the job at once)."""
         requested = self.cfg.training.precision
-        if self.cfg.adapter.method == "qlora" and qlora_problem():
-            raise ConfigError(qlora_problem())
+        problem = qlora_problem() if self.cfg.adapter.method == "qlora" else None
+        if problem:  # before anything loads (a fresh campaign's base is built first)
+            raise ConfigError(problem)
         if requested == "bf16" and self.precision != "bf16":
             why = ("bf16 autocast runs on CUDA only" if self.device.type == "cpu" else
                    f"{torch.cuda.get_device_name(self.device)} does not support bf16")
@@ -380,11 +383,7 @@ class Trainer:
         t, spec = self.cfg.training, self.spec
         dtype = PARAM_DTYPES[t.param_dtype]
         start = self.start_checkpoint.path if self.start_checkpoint else None
-        if self.cfg.adapter.method == "none":
-            if start is not None and is_adapter_folder(start):
-                raise ConfigError(f"refusing to continue from {start}: it holds an adapter, "
-                                  "and this job trains without one (adapter.method none). Keep "
-                                  "the campaign's adapter settings, or create a new campaign.")
+        if self.cfg.adapter.method == "none":  # an adapter checkpoint: refused by verify_locked
             return load_model(spec.hero, spec.locked, seed=t.seed, checkpoint=start, dtype=dtype)
         return load_adapter_model(spec.hero, spec.locked, self.cfg.adapter,
                                   campaign_dir=spec.checkpoint_root.parent, checkpoint=start,
@@ -590,9 +589,12 @@ class Trainer:
     def _load_torch_state(self, saved: dict) -> None:
         self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
-        torch.set_rng_state(saved["rng_cpu"])
-        if self.device.type == "cuda" and saved.get("rng_cuda") is not None:
-            torch.cuda.set_rng_state(saved["rng_cuda"])
+        self._set_rng(saved["rng_cpu"], saved.get("rng_cuda"))
+
+    def _set_rng(self, cpu: torch.Tensor, cuda: torch.Tensor | None) -> None:
+        torch.set_rng_state(cpu)
+        if self.device.type == "cuda" and cuda is not None:
+            torch.cuda.set_rng_state(cuda)
 
     # --- the governor's rollback to disk ---------------------------------------------------
 
@@ -646,9 +648,7 @@ class Trainer:
         if start.moments is not None:
             load_moments(self.optimizer, start.moments.torch_state()["optimizer"])
         self.scheduler.load_state_dict(copy.deepcopy(start.scheduler))
-        torch.set_rng_state(start.rng_cpu)
-        if start.rng_cuda is not None:
-            torch.cuda.set_rng_state(start.rng_cuda)
+        self._set_rng(start.rng_cpu, start.rng_cuda)
         self.log.info("governor.restored_from_disk", step=start.state.global_step,
                       path=str(start.weights), start=True)
         return start.state.copy()
@@ -790,7 +790,7 @@ class Trainer:
                   "schedule": {**self.schedule.describe(), "lr_start": self.lr_start,
                                "lr_end": last.lr if last else None,
                                "campaign_tokens_seen": self.state.campaign_tokens}}
-        extras["memory"] = peak_memory(self.device, getattr(self, "setup_cuda_peak", None))
+        extras["memory"] = peak_memory(self.device, self.setup_cuda_peak)
         if self.evals:
             extras["eval"] = {"every_steps": self.cfg.eval.every_steps,
                               "losses": [list(e) for e in thin(self.evals, MAX_EVAL_POINTS)],

@@ -25,8 +25,8 @@ import torch
 from core.errors import InputError, UsageError
 from core.fsutil import rename_noreplace, write_json_atomic
 from core.job import utc_now
-from trainer.adapters import (ADAPTER_CONFIG, BASE_DIR, adapter_files_problem, causal_lm,
-                              is_adapter_folder)
+from trainer.adapters import (ADAPTER_CONFIG, adapter_files_problem, causal_lm, is_adapter_folder,
+                              trained_base)
 from trainer.checkpoint import (CONFIG_FILE, MARKER, Checkpoint, complete_checkpoints,
                                 lineage_head)
 
@@ -71,7 +71,7 @@ def export(hero, campaign_dir: Path, out: Path, *, step: int | None = None,
         else:
             _copy_model_files(ckpt.path, tmp)
             if adapter:
-                record["base"] = _base_folder(hero, campaign_dir)
+                record["base"] = trained_base(hero, campaign_dir)
                 _point_at_base(tmp, record["base"])
         write_json_atomic(tmp / RECORD, record)
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -106,19 +106,6 @@ def _copy_model_files(src: Path, dst: Path) -> None:
             shutil.copy2(path, dst / path.name)
 
 
-def _base_folder(hero, campaign_dir: Path) -> str:
-    """Where the campaign's base loads from: its own base/ (random-init heroes) or the hero's."""
-    from trainer.model import pretrained_source
-
-    own = campaign_dir / BASE_DIR
-    if own.is_dir():
-        return str(own.resolve())
-    if hero.model.init == "random":
-        raise InputError(f"{own} is missing: the campaign's base model was removed, so its "
-                         "adapter has nothing to apply to; restore the folder from a backup.")
-    return pretrained_source(hero)
-
-
 def _point_at_base(folder: Path, base: str) -> None:
     path = folder / ADAPTER_CONFIG
     config = json.loads(path.read_text())
@@ -133,7 +120,7 @@ def _write_merged(hero, campaign_dir: Path, ckpt: Path, dst: Path) -> str:
 
     from trainer.model import from_pretrained
 
-    base_path = _base_folder(hero, campaign_dir)
+    base_path = trained_base(hero, campaign_dir)
     base, _ = from_pretrained(base_path, hero, dtype=torch.float32)
     model = causal_lm(PeftModel.from_pretrained(base, str(ckpt)).merge_and_unload())
     stored = _stored_dtype(Path(base_path))
