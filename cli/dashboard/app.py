@@ -16,6 +16,7 @@ import asyncio
 import hmac
 import ipaddress
 import json
+import math
 import socket
 from pathlib import Path
 
@@ -93,7 +94,7 @@ def create_app(base: Path, *, token: str | None, loopback: bool, interval: float
                 return error(404, str(exc))
             except RealmError as exc:
                 return error(400 if isinstance(exc, UsageError) else 500, str(exc))
-            return JSONResponse(data)
+            return JSONResponse(json_safe(data))
         return endpoint
 
     def status(_request):
@@ -119,7 +120,7 @@ def create_app(base: Path, *, token: str | None, loopback: bool, interval: float
         """Server-sent events: the status (``/api/status``) every ``interval`` seconds."""
         async def stream():
             while not await request.is_disconnected():
-                data = await run_in_threadpool(build_status, queue)
+                data = json_safe(await run_in_threadpool(build_status, queue))
                 yield f"event: status\ndata: {json.dumps(data, ensure_ascii=False)}\n\n"
                 await asyncio.sleep(interval)
         return StreamingResponse(stream(), media_type="text/event-stream",
@@ -167,6 +168,18 @@ def create_app(base: Path, *, token: str | None, loopback: bool, interval: float
     if loopback:
         middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=list(LOOPBACK_NAMES)))
     return Starlette(routes=routes, middleware=middleware)
+
+
+def json_safe(value):
+    """NaN and infinities (a NaN step's loss in a progress file) as null: browsers' JSON.parse
+    refuses them, and so does starlette's JSONResponse."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def _act(queue: TrainingQueue, name: str, ref: str, reason: str | None, who: str) -> str:
