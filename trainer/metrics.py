@@ -10,7 +10,8 @@ the loss-bearing ones (``trained_tokens_per_sec``: what the model learned from).
 covers the step alone: evaluations and checkpoint writes happen outside it.
 
 ``status/jobs/<job>.progress.json`` is rewritten atomically at most every
-``logging.status_every_seconds``; it carries the latest evaluation when there is one.
+``logging.status_every_seconds``; it carries the latest evaluation when there is one, the job's
+loss curve so far and the governor's rollbacks (what ``realm serve`` draws live).
 """
 
 from __future__ import annotations
