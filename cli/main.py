@@ -13,7 +13,7 @@ import sys
 import traceback
 from importlib import metadata
 
-from cli import daemon_cmds, doctor_cmd, export_cmd, guild_cmds, queue_cmds
+from cli import daemon_cmds, doctor_cmd, export_cmd, guild_cmds, queue_cmds, serve_cmd
 from cli.common import realm_paths
 from core.errors import RealmError
 from core.errors import UsageError
@@ -79,6 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
     daemon_cmds.add_parsers(sub)
     export_cmd.add_parsers(sub)
     doctor_cmd.add_parsers(sub)
+    serve_cmd.add_parsers(sub)
     p = sub.add_parser("completion", help="print a shell completion script (bash or zsh)",
                        description="Print the completion script; for bash: "
                                    "realm completion bash > ~/.local/share/bash-completion/"

@@ -17,7 +17,7 @@ from config.flags import cli_layer_from
 from config.locked import verify_locked
 from core.errors import RealmError
 from core.job import Job
-from core.paths import PRIORITIES, RealmPaths
+from core.paths import PRIORITIES, RealmPaths, complete_step_folders
 from core.queue_scan import estimate_tokens, unadopted_job
 from core.training_queue import TrainingQueue, claim_order
 from core.validate import open_regular
@@ -138,11 +138,10 @@ def _locked_problems(paths: RealmPaths, resolved) -> list[str]:
     shape, which a job's or the realm's settings can change) against the newest finished
     checkpoint's (every checkpoint of a campaign has the same block)."""
     root = paths.campaigns / resolved.campaign / "checkpoints"
-    done = [(int(p.name[5:]), p) for p in root.glob("step-*")
-            if p.name[5:].isdigit() and (p / "COMPLETE").is_file()]
+    done = complete_step_folders(root)
     if not done:
         return []
-    newest = max(done)[1]
+    newest = done[-1][1]
     try:
         stored = json.loads((newest / "locked.json").read_text())
     except (OSError, ValueError) as exc:

@@ -229,6 +229,10 @@ class LoggingConfig:
     """One compact progress line every N optimizer steps."""
     status_every_seconds: float = 2.0
     """Minimum interval between rewrites of status/jobs/<job>.progress.json."""
+    report_to: Literal["tensorboard", "none"] = "tensorboard"
+    """Where step metrics go besides the job log: tensorboard writes event files per campaign
+    under logs/tensorboard/<hero>/<campaign>/ (`tensorboard --logdir logs/tensorboard`); none
+    writes none."""
 
 
 @dataclass

@@ -147,3 +147,20 @@ def layout_problems(paths: RealmPaths) -> list[str]:
 
 def is_initialised(paths: RealmPaths) -> bool:
     return all(paths.state_dir(p).is_dir() for p in PRIORITIES + STATE_FOLDERS)
+
+
+CHECKPOINT_MARKER = "COMPLETE"
+"""Written last into a checkpoint folder: only folders holding it count."""
+_STEP_DIR = re.compile(r"step-(\d+)")
+
+
+def complete_step_folders(root: Path) -> list[tuple[int, Path]]:
+    """A campaign's complete checkpoints as (step, folder), oldest first (numeric order:
+    step-100 after step-99). Torch-free: the plan and the dashboard read it too."""
+    found = []
+    if root.is_dir():
+        for child in root.iterdir():
+            m = _STEP_DIR.fullmatch(child.name)
+            if m and (child / CHECKPOINT_MARKER).is_file():
+                found.append((int(m.group(1)), child))
+    return sorted(found)

@@ -49,15 +49,16 @@ from safetensors.torch import save_file
 from core.errors import InputError
 from core.fsutil import fsync_dir, host_name, process_alive, rename_noreplace, write_json_atomic
 from core.job import utc_now
+from core.paths import CHECKPOINT_MARKER, complete_step_folders
 
 log = structlog.get_logger("realm.checkpoint")
 
-MARKER = "COMPLETE"
+MARKER = CHECKPOINT_MARKER
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CONFIG_FILE = "realm_config.json"
 """The resolved config of the job that wrote the checkpoint (values, layers, sources, hash)."""
 STATE_SCHEMA = 1
-_STEP_DIR = re.compile(r"step-(\d+)")
+_STEP_DIR = re.compile(r"step-(\d+)")  # also unmarked ones (clean_incomplete)
 _TMP_DIR = re.compile(r"\.step-\d+\.tmp-(?P<host>.+)-(?P<pid>\d+)")
 _INITIAL_DIR = re.compile(r"\.initial-.+?\.tmp-(?P<host>.+)-(?P<pid>\d+)")
 WEIGHTS = "model.safetensors"
@@ -121,13 +122,7 @@ class Checkpoint:
 
 def complete_checkpoints(root: Path) -> list[Checkpoint]:
     """Complete checkpoints, oldest first (numeric order: step-100 after step-99)."""
-    found = []
-    if root.is_dir():
-        for child in root.iterdir():
-            m = _STEP_DIR.fullmatch(child.name)
-            if m and (child / MARKER).is_file():
-                found.append(Checkpoint(int(m.group(1)), child))
-    return sorted(found, key=lambda c: c.step)
+    return [Checkpoint(step, folder) for step, folder in complete_step_folders(root)]
 
 
 def latest_checkpoint(root: Path) -> Checkpoint | None:

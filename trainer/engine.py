@@ -57,7 +57,7 @@ from trainer.data.cache import load_or_build
 from trainer.data.packing import IGNORE, Batch, collate, pack_rows, packing_efficiency
 from trainer.data.reader import DataError
 from trainer.distributed import Group, weights_digest
-from trainer.governor import GovernorGaveUp, GovernorGuard
+from trainer.governor import GovernorGaveUp, GovernorGuard, event_record
 from trainer.guard import Action, Decision, FiniteGuard, NonFiniteLoss
 from trainer.metrics import (STEP_METRICS, RunningStats, StatusWriter, StepMetrics, get_logger,
                              progress_line, status_payload)
@@ -66,6 +66,7 @@ from trainer.adapters import (adapter_summary, base_source, causal_lm, is_quanti
 from trainer.model import load_model
 from trainer.optim import Schedule, load_moments, moments_problem, param_groups
 from trainer.state import TrainState, campaign_tokens_of
+from trainer.telemetry import TensorBoardLog
 
 
 class StopRequested(Exception):
@@ -100,6 +101,9 @@ class JobSpec:
     """The realm folder: a relative ``eval.sample_prompts`` path is read from it."""
     config_record: dict | None = None
     """``Resolved.record()``: written into every checkpoint as ``realm_config.json``."""
+    tensorboard_dir: Path | None = None
+    """The campaign's TensorBoard folder (``logs/tensorboard/<hero>/<campaign>``); None: no
+    event files (``logging.report_to: none``)."""
 
 
 @dataclass
@@ -272,6 +276,11 @@ class Trainer:
         """Peak CUDA allocation of loading, before the counter is reset for training."""
         self.start_point: StartPoint | None = None
         """Kept when the governor may roll back to disk (``prepare_disk_rollback``)."""
+        self.curve: list[tuple[int, float]] = []
+        """(global step, loss) of every finite step of this attempt: the live curve."""
+        self.rollbacks: list[dict] = []
+        """The governor's rollback events of this attempt (the live view shows them)."""
+        self.board: TensorBoardLog | None = None
 
     # --- the spine ------------------------------------------------------------------------
 
@@ -286,6 +295,7 @@ class Trainer:
             self.heartbeat("optimizer")
             self._restore()
             self._setup_guard()
+            self._open_board()
             self.heartbeat("restore")
             if self.device.type == "cuda":  # loading (e.g. quantizing) apart from training
                 self.setup_cuda_peak = int(torch.cuda.max_memory_allocated(self.device))
@@ -301,6 +311,8 @@ class Trainer:
             if self.staged is not None:
                 self.staged.discard()
             self._drop_initial_weights()
+            if self.board is not None:
+                self.board.close()
 
     def finished(self) -> bool:
         return (self.state.job_step >= self.total_steps
@@ -518,12 +530,28 @@ class Trainer:
     def _setup_guard(self) -> None:
         if self.guard is None:
             if self.cfg.governor.enabled:
-                self.guard = GovernorGuard(self.cfg.governor, self.model.config.vocab_size)
+                self.guard = GovernorGuard(self.cfg.governor, self.model.config.vocab_size,
+                                           sink=self._on_rollback)
             else:
                 self.log.warning("governor.disabled", note="governor.enabled is false: NaN "
                                  "fails the job, divergence and collapse go unchecked")
                 self.guard = FiniteGuard()
         self.guard.start(self)
+
+    def _open_board(self) -> None:
+        """TensorBoard event files on rank 0, purging what an earlier attempt wrote past this
+        job's starting step (``trainer.telemetry``)."""
+        if self.spec.tensorboard_dir is not None and self.group.main:
+            self.board = TensorBoardLog(self.spec.tensorboard_dir, self.global_step + 1)
+            self.log.info("tensorboard.writing", logdir=str(self.spec.tensorboard_dir),
+                          from_step=self.global_step + 1)
+
+    def _on_rollback(self, event) -> None:
+        """The governor's sink: the live view and TensorBoard see every rollback."""
+        self.rollbacks.append(event_record(event))
+        if self.board is not None:
+            self.board.scalars(event.step, {"governor/rollbacks": event.rollback_number,
+                                            "governor/lr_after_rollback": event.new_lr})
 
     def _restore(self) -> None:
         """Resume this job's own checkpoint exactly; a previous job's lends its weights, the
@@ -838,6 +866,8 @@ class Trainer:
         loss = self.evaluate(self.val_rows) if self.val_rows else None
         if loss is not None:
             self.evals.append((self.global_step, round(loss, 6)))
+            if self.board is not None:
+                self.board.scalars(self.global_step, {"eval/loss": loss})
             self.log.info("eval.loss", step=self.global_step, job_step=self.state.job_step,
                           eval_loss=round(loss, 6), seconds=round(time.perf_counter() - start, 3))
         self._samples()
@@ -889,6 +919,10 @@ class Trainer:
 
 
 MAX_EVAL_POINTS = 200
+LIVE_CURVE_POINTS = 300
+"""Points of the running job's loss curve in its progress file (evenly thinned)."""
+LIVE_ROLLBACKS = 50
+"""The newest rollbacks the progress file lists."""
 """Evaluations the job record keeps (evenly thinned, the last one always kept)."""
 
 
@@ -1056,6 +1090,9 @@ class EpochRunner:
         if math.isfinite(m.loss):
             m.loss_ewma = t.state.loss_ewma = t.stats.update_ewma(m.loss)
             t.stats.history.append(m.loss)
+            t.curve.append((m.step, round(m.loss, 6)))
+        if t.board is not None:
+            t.board.step(m)
         t.stats.record(m)
         job_step = t.state.job_step
         eta = (t.total_steps - job_step) * t.stats.seconds / max(1, t.stats.steps)
@@ -1065,9 +1102,11 @@ class EpochRunner:
             line = progress_line(m, job_step, t.total_steps, eta,
                                  last_eval["eval_loss"] if last_eval else None)
             t.log.info("train.progress", line=line)
-        t.status.write(status_payload(t.spec.job_id, m, job_step=job_step,
-                                      total_steps=t.total_steps, stats=t.stats,
-                                      evaluation=last_eval),
+        t.status.write(lambda: status_payload(t.spec.job_id, m, job_step=job_step,
+                                              total_steps=t.total_steps, stats=t.stats,
+                                              evaluation=last_eval,
+                                              curve=thin(t.curve, LIVE_CURVE_POINTS),
+                                              rollbacks=t.rollbacks[-LIVE_ROLLBACKS:]),
                        force=job_step == t.total_steps)  # the bar and status see the last step
 
     def _finalize_epoch(self) -> None:

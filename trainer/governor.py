@@ -56,6 +56,8 @@ TWO_SLOTS, ONE_SLOT, DISK = "two_slots", "one_slot", "disk"
 MODES = (TWO_SLOTS, ONE_SLOT, DISK)
 """Where the last known good lives, most memory first (``GovernorGuard.start`` picks one)."""
 GB = 2**30
+MAX_RECORDED_EVENTS = 50
+"""The newest rollbacks a job record lists (``governor.events``); ``rollbacks`` counts all."""
 
 
 @dataclass(frozen=True)
@@ -416,7 +418,8 @@ class Governor:
             size = self.last_good.nbytes if self.last_good else 0
         return {"enabled": True, "rollbacks": self.rollbacks, "panics": dict(self.panics),
                 "batches_skipped": self.batches_skipped, "snapshot_mode": self.mode,
-                "snapshot_bytes": size}
+                "snapshot_bytes": size,
+                "events": [event_record(e) for e in self.events[-MAX_RECORDED_EVENTS:]]}
 
 
 class GovernorGaveUp(RuntimeError):
@@ -592,6 +595,12 @@ def _mode_note(mode: str, size: int, bound: float, source: str) -> str:
                 "until its approval, a rollback restores the last approved checkpoint on disk")
     return (f"one snapshot is {one}, over the {limit}: rollbacks restore the last approved "
             "checkpoint on disk")
+
+
+def event_record(event: RollbackEvent) -> dict[str, Any]:
+    """A rollback as JSON: its fields without the name, a NaN or infinite number as None."""
+    return {k: _round(v) if isinstance(v, float) else v
+            for k, v in asdict(event).items() if k != "name"}
 
 
 def _round(x: float) -> float | None:

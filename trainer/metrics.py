@@ -19,7 +19,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import structlog
 
@@ -94,13 +94,17 @@ class StatusWriter:
         self.path, self.every, self.clock = path, every_seconds, clock
         self._last = -math.inf
 
-    def write(self, payload: dict[str, Any], *, force: bool = False) -> bool:
+    def write(self, payload: dict[str, Any] | Callable[[], dict[str, Any]], *,
+              force: bool = False) -> bool:
+        """``payload`` may be a function: it is called only when the file is rewritten."""
         if self.path is None:
             return False
         now = self.clock()
         if not force and now - self._last < self.every:
             return False
         self._last = now
+        if callable(payload):
+            payload = payload()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_json_atomic(self.path, {"schema": 1, "updated_at": utc_now(), **payload},
                           fsync=False)
@@ -109,8 +113,11 @@ class StatusWriter:
 
 def status_payload(job_id: str, m: StepMetrics, *, job_step: int, total_steps: int,
                    stats: RunningStats, state: str = "training",
-                   evaluation: dict[str, Any] | None = None) -> dict[str, Any]:
-    """``evaluation``: the latest ``{"step", "eval_loss"}``, when the job evaluated."""
+                   evaluation: dict[str, Any] | None = None,
+                   curve: list | None = None, rollbacks: list | None = None) -> dict[str, Any]:
+    """``evaluation``: the latest ``{"step", "eval_loss"}``, when the job evaluated; ``curve``:
+    ``[global step, loss]`` pairs of the job so far; ``rollbacks``: the governor's rollback
+    events of the job (reason, step, loss, threshold, learning rate after)."""
     remaining = max(0, total_steps - job_step)
     sec_per_step = stats.seconds / stats.steps if stats.steps else 0.0
     payload = {"state": state, "job_id": job_id, "step": m.step, "job_step": job_step,
@@ -118,6 +125,10 @@ def status_payload(job_id: str, m: StepMetrics, *, job_step: int, total_steps: i
                "metrics": {k: v for k, v in asdict(m).items() if k != "step"}}
     if evaluation is not None:
         payload["eval"] = evaluation
+    if curve is not None:
+        payload["curve"] = [list(p) for p in curve]
+    if rollbacks is not None:
+        payload["rollbacks"] = rollbacks
     return payload
 
 

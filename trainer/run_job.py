@@ -82,7 +82,9 @@ def build_spec(paths: RealmPaths, job: Job, cli=None):
                    checkpoint_root=campaign.path.parent / "checkpoints",
                    cache_root=paths.base / "cache" / "tokens", config_hash=resolved.config_hash,
                    status_path=JobFiles.of(paths.status, job.id).progress,
-                   base_dir=paths.base, config_record=resolved.record()), resolved
+                   base_dir=paths.base, config_record=resolved.record(),
+                   tensorboard_dir=paths.logs / "tensorboard" / campaign.hero_id / campaign.name
+                   if resolved.config.logging.report_to == "tensorboard" else None), resolved
 
 
 def _results(job: Job, result=None, resolved=None, governor: dict | None = None) -> dict:

@@ -17,9 +17,12 @@ ROOT = Path(__file__).resolve().parents[2]
 LAYERS = {"core": 0, "config": 1, "guild": 2, "daemon": 3, "trainer": 4, "cli": 5}
 """Foundation first; a package may import its own modules and those of lower layers only."""
 
-HEAVY = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "peft")
+HEAVY = ("torch", "transformers", "tokenizers", "safetensors", "accelerate", "peft", "tensorboard")
 """Libraries only the trainer (the training child) may import: the daemon and the command line
 stay light."""
+
+WEB = ("starlette", "uvicorn")
+"""Libraries only the dashboard (``cli.dashboard``, run by ``realm serve``) may import."""
 
 ALIASES = {"core.cli", "core.training_daemon", "guild.campaigns.cli"}
 """The design card's module forms: thin entry points that hand over to ``cli``. Nothing may
@@ -142,6 +145,8 @@ def violations(root: Path) -> list[str]:
                             f"{e.target.split('.')[0]})")
     problems += [f"{e}: {e.target} is only for the trainer" for e in external
                  if e.target in HEAVY and not e.source.startswith("trainer")]
+    problems += [f"{e}: {e.target} is only for the dashboard" for e in external
+                 if e.target in WEB and not e.source.startswith("cli.dashboard")]
     return problems
 
 
@@ -178,6 +183,8 @@ def test_checker_passes_a_clean_fixture(tmp_path):
     ("daemon/loop.py", "from trainer import engine\n", "goes up a layer (daemon -> trainer)"),
     ("config/schema.py", "def f():\n    import torch\n", "torch is only for the trainer"),
     ("cli/main.py", "import transformers\n", "transformers is only for the trainer"),
+    ("daemon/loop.py", "from starlette.applications import S\n",
+     "starlette is only for the dashboard"),
     ("cli/main.py", "from core.cli import main\n", "an entry alias is a leaf"),
     ("core/cli.py", "from core.job import x\n", "an entry alias may only hand over to cli"),
     ("daemon/loop.py", "from . import helper\n", "import cycle: daemon.helper <-> daemon.loop"),

@@ -1,0 +1,1 @@
+"""The web dashboard behind `realm serve` (starlette; imported by that command only)."""
