@@ -69,17 +69,24 @@ PIDS+=($!)
 "$REALM" serve --port "$PORT" >"$WORK/serve.log" 2>&1 &
 PIDS+=($!)
 
-wait_for 90 "the first job to complete and the second to train past step 14" \
-    "s['counts']['completed'] >= 1 and p.get('step', 0) >= 14"
-"$PY" - "$PORT" <<'EOF' || { echo "realm serve did not answer; its log:" >&2; cat "$WORK/serve.log" >&2; exit 1; }
-import sys, time, urllib.request
+echo "waiting for the first job to complete and the second to train past its rollback"
+wait_for 150 "the first job to complete and the second to train past step 12" \
+    "s['counts']['completed'] >= 1 and p.get('step', 0) >= 12"
+"$PY" - "$PORT" <<'EOF' || { echo "realm serve's log:" >&2; cat "$WORK/serve.log" >&2; exit 1; }
+import sys, time, urllib.error, urllib.request
+base = f"http://127.0.0.1:{sys.argv[1]}"
 for _ in range(30):
     try:
-        urllib.request.urlopen(f"http://127.0.0.1:{sys.argv[1]}/api/status", timeout=2).read()
-        sys.exit(0)
+        urllib.request.urlopen(base + "/api/status", timeout=2).read()
+        break
     except OSError:
         time.sleep(0.5)
-sys.exit(1)
+else:
+    sys.exit("realm serve did not answer")
+try:
+    urllib.request.urlopen(base + "/", timeout=2).read()
+except urllib.error.HTTPError as exc:
+    sys.exit(f"realm serve answers / with {exc.code}: is the page in the folder it serves?")
 EOF
 
 # ?poll: the page polls instead of holding an event stream open, which would stop the virtual
@@ -91,6 +98,7 @@ chrome() {
         --user-data-dir="$(mktemp -d -p "$WORK")" --window-size=1400,1800 \
         --virtual-time-budget=8000 "$@" "$URL" 2>>"$WORK/chromium.log"
 }
+echo "rendering $URL"
 chrome --dump-dom >"$WORK/dom.html"
 MAIN=$("$REALM" queue list --state processing --json | "$PY" -c \
     "import json, sys; print((json.load(sys.stdin)['jobs'] or [{'id': '?'}])[0]['id'])")

@@ -65,7 +65,7 @@ const jobLink = (id) => id ? h("a", { class: "mono", href: `#/job/${encodeURICom
   : h("span", { class: "dim" }, "not adopted");
 const campaignLink = (ref) => ref ? h("a", { href: `#/campaign/${ref.split("/").map(encodeURIComponent).join("/")}` }, ref) : dash;
 const dataset = (name) => h("span", { class: "dataset", title: name }, name);
-const steps = (a, b) => h("span", { class: "mono" }, `${a ?? "?"} → ${b ?? "?"}`);
+const steps = (a, b) => a == null && b == null ? dash : h("span", { class: "mono" }, `${a ?? "?"} → ${b ?? "?"}`);
 const card = (title, ...body) => h("section", { class: "card" }, h("h2", null, title), ...body);
 const empty = (text) => h("p", { class: "dim empty" }, text);
 
@@ -84,20 +84,13 @@ const facts = (pairs) => h("dl", { class: "facts" },
 
 // --- server access --------------------------------------------------------------------------
 
-// Python's json writes NaN/Infinity (a diverged loss) as bare words that JSON.parse refuses.
-function parseJSON(text) {
-  try { return JSON.parse(text); } catch (err) {
-    return JSON.parse(text.replace(/([:\[,]\s*)(-?Infinity|NaN)\b/g, "$1null"));
-  }
-}
-
 async function call(path, options = {}) {
   const headers = { ...(options.headers || {}) };
   if (token) headers.Authorization = `Bearer ${token}`;
   const res = await fetch(path, { ...options, headers, cache: "no-store" });
   const text = await res.text();
   let body;
-  try { body = parseJSON(text); } catch (err) { body = { error: text.slice(0, 300) || res.statusText }; }
+  try { body = JSON.parse(text); } catch (err) { body = { error: text.slice(0, 300) || res.statusText }; }
   return { status: res.status, ok: res.ok, body };
 }
 
@@ -152,7 +145,7 @@ function setConn(mode, detail) {
 
 function connect() {
   const es = new EventSource("api/events" + (token ? `?token=${encodeURIComponent(token)}` : ""));
-  es.addEventListener("status", (event) => { setConn("live"); onStatus(parseJSON(event.data)); });
+  es.addEventListener("status", (event) => { setConn("live"); onStatus(JSON.parse(event.data)); });
   es.onerror = () => { es.close(); poll(); };
 }
 
@@ -242,9 +235,10 @@ async function navigate() {
 
 // points: [[step, loss], ...]; boundaries: steps drawn as dashed lines; rollbacks: {step, ...}.
 // width: about the pixels it gets, so that its text keeps the page's size.
-function lossChart(points, { boundaries = [], rollbacks = [], width = 820, height = 190 } = {}) {
+function lossChart(points, { boundaries = [], rollbacks = [], width = 820, height = 190,
+  none = "no loss curve yet" } = {}) {
   const finite = points.filter(([, y]) => isNum(y));
-  if (finite.length < 2) return empty("no loss curve yet");
+  if (finite.length < 2) return empty(none);
   const W = width, H = height, m = { l: 46, r: 10, t: 8, b: 20 };
   const xs = finite.map(([x]) => x), ys = finite.map(([, y]) => y);
   const [x0, x1] = [Math.min(...xs), Math.max(...xs)];
@@ -451,7 +445,7 @@ function recordCurve(job) {
   const values = ((job.metadata || {}).data || {}).loss_curve || [];
   const a = job.start_step || 0, b = job.final_step ?? a + values.length;
   const points = values.map((v, i) => [a + (i + 1) * (b - a) / values.length, v]);
-  return lossChart(points, { rollbacks: (job.governor || {}).events || [] });
+  return lossChart(points, { rollbacks: (job.governor || {}).events || [], none: "no loss curve recorded" });
 }
 
 function configTable(config) {
@@ -486,8 +480,9 @@ function campaignView(data) {
   return [
     back(),
     h("h1", null, c.ref, c.active ? tag("active", "good") : null),
+    h("p", { class: "mono small dim" }, c.path),
     facts([["description", c.description], ["created", when(c.created_at)],
-      ["path", h("span", { class: "mono small" }, c.path)]]),
+      ["jobs", data.jobs.length], ["checkpoints", data.checkpoints.length]]),
     card("Loss across jobs", lossChart(data.curve, { boundaries: data.boundaries, rollbacks: data.rollbacks,
       width: 1360, height: 260 }), h("p", { class: "dim small" }, "dashed: a job starts · red: a governor rollback")),
     card("Jobs in training order", table([
