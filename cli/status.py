@@ -42,11 +42,19 @@ _CAMPAIGN_IN_PATH = re.compile(r"(?:^|/)campaigns/([^/]+)/([^/]+)/checkpoints/")
 
 def finished_row(job: Job) -> dict[str, Any]:
     """A finished job's summary with what it trained: steps, final loss, campaign."""
+    return {**job.summary(), "start_step": job.start_step, "final_step": job.final_step,
+            "final_loss": job.final_loss, "campaign": job_campaign(job)}
+
+
+def job_campaign(job: Job) -> str | None:
+    """``hero/name`` of the campaign a job trains (or trained) in, where one is known: named in
+    its sidecar, recorded with the config it resolved, or read off its checkpoint's path."""
+    recorded = (job.resolved_config or {}).get("campaign")
+    if job.campaign_id or recorded:
+        return job.campaign_id or recorded
     checkpoint = (job.metadata or {}).get("checkpoint") or (job.resume or {}).get("checkpoint")
     found = _CAMPAIGN_IN_PATH.search(str(checkpoint or ""))
-    campaign = job.campaign_id or (f"{found[1]}/{found[2]}" if found else None)
-    return {**job.summary(), "start_step": job.start_step, "final_step": job.final_step,
-            "final_loss": job.final_loss, "campaign": campaign}
+    return f"{found[1]}/{found[2]}" if found else None
 
 
 def _counts(queue: TrainingQueue, problems: list) -> tuple[dict, dict, int, int]:

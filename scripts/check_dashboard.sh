@@ -95,7 +95,7 @@ URL="http://127.0.0.1:$PORT/?poll"
 chrome() {
     timeout 60 "$CHROMIUM" --headless --no-sandbox --disable-gpu --disable-quic --no-first-run \
         --disable-background-networking --disable-component-update --disable-sync \
-        --user-data-dir="$(mktemp -d -p "$WORK")" --window-size=1400,1800 \
+        --user-data-dir="$(mktemp -d -p "$WORK")" --window-size=1400,1150 \
         --virtual-time-budget=8000 "$@" "$URL" 2>>"$WORK/chromium.log"
 }
 echo "rendering $URL"

@@ -28,7 +28,8 @@ from starlette.middleware import Middleware
 from starlette.middleware.base import BaseHTTPMiddleware
 from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
-from starlette.responses import FileResponse, JSONResponse, Response, StreamingResponse
+from starlette.responses import (FileResponse, JSONResponse, PlainTextResponse, Response,
+                                 StreamingResponse)
 from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
@@ -151,9 +152,16 @@ def create_app(base: Path, *, token: str | None, loopback: bool, interval: float
             return JSONResponse({"schema": 1, "ok": True, "message": message})
         return endpoint
 
+    def page(_request) -> Response:
+        index = STATIC / "index.html"
+        if not index.is_file():
+            return PlainTextResponse(f"the dashboard's page is missing ({index}): reinstall "
+                                     "realm; the JSON endpoints under /api/ still answer",
+                                     status_code=404)
+        return FileResponse(index, headers={"Cache-Control": "no-store"})
+
     routes = [
-        Route("/", lambda _r: FileResponse(STATIC / "index.html",
-                                           headers={"Cache-Control": "no-store"})),
+        Route("/", page),
         Route("/api/status", api(status)),
         Route("/api/queue", api(listing)),
         Route("/api/jobs/{job}", api(job)),

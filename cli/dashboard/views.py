@@ -12,7 +12,7 @@ import json
 from pathlib import Path
 from typing import Any
 
-from cli.status import STATUS_SCHEMA, _training_status, finished_row
+from cli.status import STATUS_SCHEMA, _training_status, finished_row, job_campaign
 from core.errors import ConfigError, RealmError
 from core.job import Job
 from core.paths import RealmPaths, complete_step_folders
@@ -34,12 +34,6 @@ def job_view(queue: TrainingQueue, ref: str) -> dict[str, Any]:
             "progress": progress if progress.get("job_id") == job.id else None,
             "campaign": job_campaign(job), "config": _config_of(queue.paths, job),
             "log_path": queue.paths.relative(log), "log_tail": _tail(log)}
-
-
-def job_campaign(job: Job) -> str | None:
-    """``hero/name`` of the campaign a job trains (or trained) in, where one is known."""
-    recorded = (job.resolved_config or {}).get("campaign")
-    return recorded or finished_row(job)["campaign"]
 
 
 def _config_of(paths: RealmPaths, job: Job) -> dict[str, Any]:
@@ -102,14 +96,12 @@ def campaign_view(paths: RealmPaths, queue: TrainingQueue, hero: str, name: str
     for job in jobs:
         governor = job.governor or {}
         rows.append({**finished_row(job), "rollbacks": governor.get("rollbacks", 0)})
-        if job.start_step is None or job.final_step is None:
-            continue
+        rollbacks += [{"job_id": job.id, "step": e.get("step"), "reason": e.get("reason"),
+                       "new_lr": e.get("new_lr")} for e in governor.get("events", [])]
         points = _job_curve(job)
         if points:
             boundaries.append(job.start_step)
             curve += points
-        rollbacks += [{"job_id": job.id, "step": e.get("step"), "reason": e.get("reason"),
-                       "new_lr": e.get("new_lr")} for e in governor.get("events", [])]
     checkpoints = []
     for step, folder in complete_step_folders(_checkpoint_root(campaign)):
         try:
@@ -155,6 +147,8 @@ def _training_order(job: Job) -> tuple:
 def _job_curve(job: Job) -> list[list[float]]:
     """The job's recorded loss curve (evenly thinned over its steps) on the campaign's axis."""
     losses = ((job.metadata or {}).get("data") or {}).get("loss_curve") or []
+    if job.start_step is None or job.final_step is None:
+        return []  # it never trained to the end
     span = job.final_step - job.start_step
     if not losses or span <= 0:
         return []

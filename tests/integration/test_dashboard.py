@@ -340,3 +340,27 @@ def test_the_page_fetches_nothing_from_the_internet():
         text = f.read_text()
         assert not re.search(r"""(src|href|url\(|import|fetch\()\s*=?\s*["']?(https?:)?//""",
                              text), f"{f.name} loads something from outside the server"
+
+
+def test_a_failed_jobs_rollbacks_and_campaign_show_in_the_lineage_and_the_status(tmp_path):
+    """A job the governor failed never reached a final step: it draws no curve, but its
+    rollbacks are on the campaign's chart and its campaign (known only from the config it
+    resolved) is named in the status' recent failures."""
+    from cli.dashboard.views import campaign_view
+    from cli.status import build_status
+
+    paths = make_realm(tmp_path / "r")
+    queue = TrainingQueue(paths.base)
+    queue.add(write_dataset(tmp_path / "bad.jsonl", 10, seed=1))
+    events = [{"reason": "spike", "step": s, "loss": 9.0, "threshold": 6.0, "consecutive": 2,
+               "snapshot_step": s - 2, "batches_skipped": 2, "new_lr": 5e-4,
+               "rollback_number": i + 1} for i, s in enumerate((4, 7, 9))]
+    failed = queue.fail(queue.claim_next(), "governor gave up after 3 rollbacks", results={
+        "governor": {"rollbacks": 3, "events": events},
+        "resolved_config": {"campaign": "tiny-qwen3/c1", "explain": []}})
+    lineage = campaign_view(paths, queue, "tiny-qwen3", "c1")
+    assert [j["id"] for j in lineage["jobs"]] == [failed.id]
+    assert lineage["jobs"][0]["rollbacks"] == 3 and lineage["curve"] == []
+    assert [(r["job_id"], r["step"]) for r in lineage["rollbacks"]] == \
+        [(failed.id, 4), (failed.id, 7), (failed.id, 9)]
+    assert build_status(queue)["recent_failed"][0]["campaign"] == "tiny-qwen3/c1"
