@@ -135,7 +135,7 @@ def _prepare_demo(paths, say, adapter: bool = False) -> Path:
     return write_addition(scratch / "held-out.jsonl", held)
 
 
-def _report(summary, held_out: Path, say) -> None:
+def _report(summary, held_out: Path, say, paths: RealmPaths) -> None:
     curve = [v for job in summary.completed
              for v in (job.metadata.get("data") or {}).get("loss_curve", [])]
     guess = math.log(512)  # tiny-qwen3's output vocabulary
@@ -153,6 +153,8 @@ def _report(summary, held_out: Path, say) -> None:
                 f"unseen sums (chance: about 1%, one of 99 possible answers)")
         say(f"latest checkpoint: {ckpt}\nload it with: "
             f"AutoModelForCausalLM.from_pretrained('{ckpt}')")
+    say(f"watch it in a browser: realm serve --base-dir {paths.base}   (curves per campaign: "
+        f"tensorboard --logdir {paths.logs / 'tensorboard'})")
 
 
 def cmd_demo(args) -> int:
@@ -170,7 +172,7 @@ def cmd_demo(args) -> int:
     print()
     print(render_status(build_status(TrainingQueue(paths.base))))
     print()
-    _report(summary, held_out, print)
+    _report(summary, held_out, print, paths)
     return 1 if summary.failed else 0
 
 

@@ -65,6 +65,7 @@ def test_demo_end_to_end(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     trained = re.findall(r"^  completed \d{8}-\d{6}-\S+: steps (\d+) -> (\d+)", out.stdout, re.M)
     assert len(trained) == 2 and "latest checkpoint:" in out.stdout
+    assert f"realm serve --base-dir {tmp_path / 'demo'}" in out.stdout, "says how to watch"
     assert trained[1][0] == trained[0][1], "the second job continues from the first"
     start, end = map(float, re.search(r"loss: ([\d.]+) at the start -> ([\d.]+) at the end",
                                       out.stdout).groups())
