@@ -5,9 +5,10 @@ nothing. The two actions, ``POST /api/jobs/<job>/cancel`` and ``.../retry``, run
 code (``cli.queue_cmds``) and need the token in an ``Authorization: Bearer`` header, never in a
 cookie or the URL, so a page on another site cannot make a browser send them. Without a token
 the actions are off (403). Bound to anything but loopback, realm refuses to start without a token
-and then asks it of every request (the browser's event stream may give it as ``?token=``). On
-loopback, requests must name a loopback host, so a web page cannot reach the dashboard through a
-DNS name that resolves to 127.0.0.1 (DNS rebinding).
+and then asks it of every request (the browser's event stream may give it as ``?token=``) but
+those for the page's own script and styles under ``/static/``: a browser fetches them without the
+token, and they hold no realm data. On loopback, requests must name a loopback host, so a web page
+cannot reach the dashboard through a DNS name that resolves to 127.0.0.1 (DNS rebinding).
 """
 
 from __future__ import annotations
@@ -71,8 +72,8 @@ def create_app(base: Path, *, token: str | None, loopback: bool, interval: float
             hmac.compare_digest(given.encode(), token.encode())
 
     async def guard(request: Request, call_next):
-        """Non-loopback: every request carries the token. Actions: always the token, header
-        only (a cross-site form can set neither the header nor read the answer)."""
+        """Non-loopback: every request but ``/static/`` carries the token. Actions: always the
+        token, header only (a cross-site form can set neither the header nor read the answer)."""
         if request.method == "POST":
             if token is None:
                 return error(403, "actions are off: this dashboard was started without a token. "
@@ -82,7 +83,8 @@ def create_app(base: Path, *, token: str | None, loopback: bool, interval: float
             if not token_ok(token_given(request, query=False)):
                 return error(401, "this action needs the dashboard's token in an "
                                   "'Authorization: Bearer TOKEN' header.")
-        elif not loopback and not token_ok(token_given(request, query=True)):
+        elif not loopback and not request.url.path.startswith("/static/") and \
+                not token_ok(token_given(request, query=True)):
             return error(401, "this dashboard needs its token: open it as /?token=TOKEN, or send "
                               "'Authorization: Bearer TOKEN'.")
         return await call_next(request)

@@ -289,7 +289,7 @@ def snapshot(base: Path) -> dict[str, tuple]:
     return out
 
 
-def test_off_loopback_needs_a_token_and_every_request_carries_it(tmp_path):
+def test_off_loopback_needs_a_token_and_every_request_but_the_pages_assets_carries_it(tmp_path):
     paths = make_realm(tmp_path / "r")
     refused = subprocess.run([sys.executable, "-m", "cli", "--base-dir", str(paths.base),
                               "serve", "--host", "0.0.0.0", "--port", "0"],
@@ -312,6 +312,13 @@ def test_off_loopback_needs_a_token_and_every_request_carries_it(tmp_path):
         assert get(f"{url}/api/status", token=TOKEN)["schema"] == 1
         assert get(f"{url}/api/status?token={TOKEN}")["schema"] == 1, "the browser's way"
         assert call(f"{url}/", headers={"Host": "realm.example.org"})[0] == 401
+        # what a browser fetches for /?token=TOKEN: the page, then its script and styles
+        # without the token (index.html names them as plain static/ URLs)
+        status, page = call(f"{url}/?token={TOKEN}")
+        assert status == 200
+        for asset in re.findall(r'(?:src|href)="(static/[^"]+)"', page):
+            assert call(f"{url}/{asset}")[0] == 200, asset
+        assert "static/app.js" in page
     finally:
         stop(serve)
 
