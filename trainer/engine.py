@@ -919,11 +919,11 @@ class Trainer:
 
 
 MAX_EVAL_POINTS = 200
+"""Evaluations the job record keeps (evenly thinned, the last one always kept)."""
 LIVE_CURVE_POINTS = 300
 """Points of the running job's loss curve in its progress file (evenly thinned)."""
 LIVE_ROLLBACKS = 50
 """The newest rollbacks the progress file lists."""
-"""Evaluations the job record keeps (evenly thinned, the last one always kept)."""
 
 
 def thin(points: list, limit: int) -> list:
