@@ -34,6 +34,10 @@ class JobNotFound(UsageError):
     """No job matches the identifier given on the command line."""
 
 
+class CampaignNotFound(UsageError):
+    """No campaign of the name (and hero) given."""
+
+
 class JobRunning(UsageError):
     """The job is processing: this change needs its daemon (a cancel request) or a stop."""
 

@@ -35,7 +35,8 @@ from starlette.routing import Mount, Route
 from starlette.staticfiles import StaticFiles
 
 from cli.status import build_list, build_status, LIST_STATES
-from core.errors import IllegalTransition, JobNotFound, RealmError, UsageError
+from core.errors import (CampaignNotFound, IllegalTransition, JobNotFound, RealmError,
+                         UsageError)
 from core.training_queue import TrainingQueue
 from cli.dashboard.views import campaign_view, campaigns_view, job_view
 
@@ -93,7 +94,7 @@ def create_app(base: Path, *, token: str | None, loopback: bool, interval: float
         async def endpoint(request: Request) -> Response:
             try:
                 data = await run_in_threadpool(view, request)
-            except JobNotFound as exc:
+            except (JobNotFound, CampaignNotFound) as exc:
                 return error(404, str(exc))
             except RealmError as exc:
                 return error(400 if isinstance(exc, UsageError) else 500, str(exc))

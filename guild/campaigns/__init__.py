@@ -19,7 +19,7 @@ from typing import Any, Callable, Optional
 from config.layers import resolve_layers
 from config.locked import LOCKED_FIELDS
 from config.reader import load_json_object
-from core.errors import ConfigError, UsageError
+from core.errors import CampaignNotFound, ConfigError, UsageError
 from core.fsutil import rename_noreplace, write_json_atomic
 from core.job import utc_now
 from core.paths import RealmPaths, check_name
@@ -162,8 +162,8 @@ def find_campaign(paths: RealmPaths, ref: str | None = None, *, hero_id: str | N
     if ref_hero:
         path = campaign_dir(paths, ref_hero, name) / "campaign.json"
         if not path.exists():
-            raise UsageError(f"no campaign '{ref_hero}/{name}' ({path} does not exist); "
-                             "`realm campaign list` shows the campaigns.")
+            raise CampaignNotFound(f"no campaign '{ref_hero}/{name}' ({path} does not exist); "
+                                   "`realm campaign list` shows the campaigns.")
         return read_campaign(path)
     # only the folders of that name are read: another campaign's broken file does not matter
     found = [p for p in sorted(paths.campaigns.glob(f"*/{name}/campaign.json"))
@@ -172,8 +172,9 @@ def find_campaign(paths: RealmPaths, ref: str | None = None, *, hero_id: str | N
     if len(matches) != 1:
         which = "no campaign" if not matches else f"{len(matches)} campaigns"
         heroes = f" (heroes: {', '.join(p.parent.parent.name for p in found)})" if found else ""
-        raise UsageError(f"{which} named '{name}'{heroes}; give it as HERO/NAME "
-                         "(`realm campaign list` shows them).")
+        error = CampaignNotFound if not matches else UsageError
+        raise error(f"{which} named '{name}'{heroes}; give it as HERO/NAME "
+                    "(`realm campaign list` shows them).")
     return matches[0]
 
 

@@ -270,6 +270,11 @@ def test_the_dashboard_reads_and_never_writes(tmp_path):
                      f"/api/jobs/{broken.id}", "/api/jobs/waiting", "/", "/static/app.js"):
             status, _ = call(url + path)
             assert status == 200, path
+        for path, what in (("/api/jobs/nosuchjob", "no job matches"),
+                           ("/api/campaigns/tiny-qwen3/nosuch", "no campaign"),
+                           ("/api/campaigns/nohero/c1", "no campaign")):
+            status, said = call(url + path)
+            assert status == 404 and what in said["error"], (path, status, said)
         assert len(events(f"{url}/api/events", 2)) == 2
         assert call(f"{url}/api/jobs/{done.id}/cancel", method="POST")[0] == 403, \
             "no token: actions are off"
