@@ -50,7 +50,8 @@ def cmd_serve(args) -> int:
     actions = f"cancel/retry on (token from {source})" if token else \
         "read-only (no token: cancel/retry off)"
     print(f"realm serve: http://{shown}:{port}/  {paths.base}  {actions}", flush=True)
-    app = create_app(paths.base, token=token, loopback=loopback, interval=args.interval)
+    app = create_app(paths.base, token=token, loopback=loopback, interval=args.interval,
+                     host=host)
     serve(app, sock)
     return 0
 

@@ -54,8 +54,10 @@ def is_loopback(host: str) -> bool:
         return False
 
 
-def create_app(base: Path, *, token: str | None, loopback: bool, interval: float = 1.0
-               ) -> Starlette:
+def create_app(base: Path, *, token: str | None, loopback: bool, interval: float = 1.0,
+               host: str | None = None) -> Starlette:
+    """``host``: the address listened on; on loopback it is a Host name requests may give
+    beside ``LOOPBACK_NAMES`` (``--host 127.0.0.2`` is reached as ``http://127.0.0.2:PORT/``)."""
     queue = TrainingQueue(base)
     paths = queue.paths
 
@@ -177,7 +179,8 @@ def create_app(base: Path, *, token: str | None, loopback: bool, interval: float
     ]
     middleware = [Middleware(BaseHTTPMiddleware, dispatch=guard)]
     if loopback:
-        middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=list(LOOPBACK_NAMES)))
+        names = [*LOOPBACK_NAMES, *([host] if host else [])]
+        middleware.insert(0, Middleware(TrustedHostMiddleware, allowed_hosts=names))
     return Starlette(routes=routes, middleware=middleware)
 
 

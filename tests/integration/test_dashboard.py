@@ -342,6 +342,14 @@ def test_loopback_refuses_other_host_names_and_keeps_actions_off_without_a_token
         assert TrainingQueue(paths.base).find(job.id).status.value == "queued"
     finally:
         stop(serve)
+    # another loopback address answers by its own name (the browser's Host header)
+    serve, url = start_serve(paths.base, "--host", "127.0.0.2")
+    try:
+        assert url.startswith("http://127.0.0.2:")
+        assert get(f"{url}/api/status")["counts"]["queued"] == 1
+        assert call(f"{url}/api/status", headers={"Host": "attacker.example"})[0] == 400
+    finally:
+        stop(serve)
 
 
 def test_the_page_fetches_nothing_from_the_internet():
