@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 from pathlib import Path
@@ -20,7 +21,12 @@ def read_token(args) -> tuple[str | None, str]:
     """(token, where it came from): ``--token-file`` first, else ``$REALM_SERVE_TOKEN``. A
     token is never taken on the command line, where ``ps`` shows it to every user."""
     if args.token_file:
-        raw = read_regular(Path(args.token_file), MAX_TOKEN_BYTES, what="--token-file")
+        try:
+            raw = read_regular(Path(args.token_file), MAX_TOKEN_BYTES, what="--token-file")
+        except FileNotFoundError:
+            raise UsageError(f"realm serve: --token-file {args.token_file} does not exist; write "
+                             "the token there (for example `python -c \"import secrets; "
+                             "print(secrets.token_urlsafe(24))\" > FILE`).") from None
         token, source = raw.decode("utf-8", "replace").strip(), f"--token-file {args.token_file}"
     else:
         token, source = os.environ.get(TOKEN_ENV, "").strip() or None, f"${TOKEN_ENV}"
@@ -71,13 +77,25 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def port_number(text: str) -> int:
+    """An argparse ``type``: a TCP port, 0 (any free one) to 65535."""
+    try:
+        port = int(text)
+    except ValueError:
+        port = -1
+    if not 0 <= port <= 65535:
+        raise argparse.ArgumentTypeError(f"--port {text}: give a port from 1 to 65535 (or 0 for "
+                                         "a free one)")
+    return port
+
+
 def add_parsers(sub) -> None:
     p = sub.add_parser("serve", help="the web dashboard: queue, running job, governor, campaigns",
                        description="Serve a live dashboard of this realm (read-only unless a "
                                    "token is given: then cancel and retry work from the page).")
     p.add_argument("--host", default="127.0.0.1",
                    help="address to listen on (default 127.0.0.1; any other needs a token)")
-    p.add_argument("--port", type=int, default=8765, help="port (default 8765; 0: a free one)")
+    p.add_argument("--port", type=port_number, default=8765, help="port (default 8765; 0: a free one)")
     p.add_argument("--token-file", metavar="FILE",
                    help=f"a file holding the token (else ${TOKEN_ENV}): enables cancel/retry, "
                         "and is required off loopback")

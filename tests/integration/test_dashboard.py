@@ -328,6 +328,17 @@ def test_off_loopback_needs_a_token_and_every_request_but_the_pages_assets_carri
         stop(serve)
 
 
+def test_serve_refuses_a_port_out_of_range_and_a_missing_token_file(tmp_path):
+    paths = make_realm(tmp_path / "r")
+    for args, said in ((["--port", "70000"], "--port 70000: give a port from 1 to 65535"),
+                       (["--port", "-1"], "--port -1: give a port"),
+                       (["--token-file", str(tmp_path / "nope")], "nope does not exist; write")):
+        run = subprocess.run([sys.executable, "-m", "cli", "--base-dir", str(paths.base), "serve",
+                              *args], capture_output=True, text=True, env=env(), timeout=60)
+        assert run.returncode == 2 and said in run.stderr and "Traceback" not in run.stderr, \
+            (args, run.stderr)
+
+
 def test_loopback_refuses_other_host_names_and_keeps_actions_off_without_a_token(tmp_path):
     """A page elsewhere cannot reach a loopback dashboard through a DNS name that resolves to
     127.0.0.1 (DNS rebinding), and without a token nothing can be changed."""
