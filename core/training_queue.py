@@ -128,11 +128,27 @@ class TrainingQueue:
         for folder in STATE_FOLDERS:
             yield from self.jobs_in(folder, problems)
 
+    def _distinct(self, jobs: Iterator[Job]) -> list[Job]:
+        """One record per job id. A scan that lists folders one after another can meet a job
+        twice while another process moves it (its sidecar renamed between two listings): the
+        copy whose sidecar is still where it was read is the current one."""
+        by_id: dict[str, list[Job]] = {}
+        for job in jobs:
+            by_id.setdefault(job.id, []).append(job)
+        out = []
+        for copies in by_id.values():
+            if len(copies) > 1:
+                here = [j for j in copies
+                        if sidecar_of(self.paths.queue_entry(j.dataset_path)).exists()]
+                copies = here or copies
+            out.append(copies[-1])
+        return out
+
     def find(self, ref: str) -> Job:
         """A job by id, current dataset file name or path, dataset stem (``addition-a`` for
         ``addition-a.jsonl``, the name it was added under or the one it has now), or unique id
         prefix; the first of these that matches anything decides."""
-        jobs = list(self.all_jobs())
+        jobs = self._distinct(self.all_jobs())
         for match in (lambda j: ref in (j.id, Path(j.dataset_path).name, j.dataset_path),
                       lambda j: ref in (_stem(j.dataset_name), _stem(Path(j.dataset_path).name)),
                       lambda j: j.id.startswith(ref)):

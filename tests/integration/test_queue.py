@@ -239,3 +239,19 @@ def test_skip_sets_a_queued_job_aside_and_retry_brings_it_back(realm, queue):
     again = queue.retry(skipped)
     assert again.status is JobState.QUEUED and again.dataset_path == "queue/high/later.jsonl"
     assert queue.claim_next().id == skipped.id
+
+
+@pytest.mark.parametrize("stale_first", [True, False])
+def test_find_meets_a_job_twice_mid_move_and_names_it_once(realm, queue, monkeypatch,
+                                                            stale_first):
+    """A scan lists folders one after another: a daemon claiming a job between two listings
+    makes it appear in both. find() returns the copy whose sidecar is where it was read (a
+    dashboard polling `queue show` answered 404 'matches 2 jobs' here)."""
+    drop(realm, "normal", "a.jsonl")
+    stale = queue.adopt_new()[0]
+    claimed = queue.claim_next()
+    copies = [stale, claimed] if stale_first else [claimed, stale]
+    monkeypatch.setattr(queue, "all_jobs", lambda problems=None: iter(copies))
+    found = queue.find(claimed.id)
+    assert found.status is JobState.PROCESSING and found.dataset_path == claimed.dataset_path
+    assert queue.find("a").id == claimed.id
