@@ -29,7 +29,8 @@ from guild.selection import resolve_for
 PLAN_SCHEMA = 1
 CHECK_LINES = 50
 KEY_SETTINGS = ("training.learning_rate", "training.micro_batch_size", "training.grad_accum",
-                "training.epochs", "training.max_steps", "data.max_length", "adapter.method")
+                "training.epochs", "training.max_steps", "data.max_length", "adapter.method",
+                "training.parallelism")
 
 
 _REPORTED = (RealmError, OSError, ValueError, RecursionError)

@@ -215,8 +215,9 @@ def _progress_line(r: dict) -> str:
     p = r.get("progress") or {}
     if p.get("metrics"):
         m = p["metrics"]
+        ranks = f"  {p['parallelism']} x{p['world_size']}" if p.get("world_size", 1) > 1 else ""
         line += (f"\n    step {p['job_step']}/{p['total_steps']}  loss {m['loss']:.4f}  "
-                 f"{m['tokens_per_sec']:,.0f} tokens/s  eta {p['eta_seconds']:.0f}s")
+                 f"{m['tokens_per_sec']:,.0f} tokens/s  eta {p['eta_seconds']:.0f}s{ranks}")
     return line
 
 

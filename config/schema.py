@@ -74,6 +74,10 @@ class TrainingConfig:
     gradient_checkpointing: bool = False
     """Recompute each decoder layer's activations in the backward pass instead of keeping them:
     less memory for longer rows, about a third more compute per step."""
+    parallelism: Literal["ddp", "fsdp"] = "ddp"
+    """A job on several devices (daemon.devices): ddp keeps the whole model and optimizer on
+    every rank; fsdp (FSDP2) shards weights, gradients and AdamW moments across the ranks, per
+    decoder layer. Checkpoints are the same full folders either way."""
 
 
 @dataclass

@@ -137,6 +137,12 @@ def _check_finite(model: torch.nn.Module) -> None:
             raise NonFiniteWeights(f"parameter {name} holds NaN/Inf; checkpoint not written")
 
 
+def _check_finite_tensors(weights: dict[str, torch.Tensor]) -> None:
+    for name, t in weights.items():
+        if t.is_floating_point() and not torch.isfinite(t).all():
+            raise NonFiniteWeights(f"parameter {name} holds NaN/Inf; checkpoint not written")
+
+
 def fsync_tree(folder: Path) -> None:
     """The files of a written folder, then the folder itself, on disk."""
     for path in folder.iterdir():
@@ -178,10 +184,16 @@ class Staged:
 
 def stage_checkpoint(root: Path, step: int, model, tokenizer, *, state: dict[str, Any],
                      torch_state: dict[str, Any], locked: dict[str, Any],
-                     config: dict[str, Any] | None = None) -> Staged:
+                     config: dict[str, Any] | None = None,
+                     weights: dict[str, torch.Tensor] | None = None) -> Staged:
     """Write everything but the completion marker into ``.step-<step>.tmp-<host>-<pid>``;
-    ``config`` (the job's ``Resolved.record()``) becomes ``realm_config.json``."""
-    _check_finite(model)
+    ``config`` (the job's ``Resolved.record()``) becomes ``realm_config.json``. ``weights``: the
+    full state dict of a sharded model (gathered by the ranks), written instead of the live
+    parameters."""
+    if weights is None:
+        _check_finite(model)
+    else:
+        _check_finite_tensors(weights)
     root.mkdir(parents=True, exist_ok=True)
     if (root / f"step-{step}").exists():
         raise CheckpointExists(f"{root / f'step-{step}'} already exists: checkpoint names are "
@@ -189,7 +201,7 @@ def stage_checkpoint(root: Path, step: int, model, tokenizer, *, state: dict[str
     tmp = root / f".step-{step}.tmp-{host_name()}-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        model.save_pretrained(tmp, safe_serialization=True)
+        model.save_pretrained(tmp, safe_serialization=True, state_dict=weights)
         generation = getattr(model, "generation_config", None)
         if generation is not None and not (tmp / "generation_config.json").exists():
             generation.save_pretrained(tmp)  # an adapter's folder: its stop tokens go along

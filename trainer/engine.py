@@ -67,6 +67,7 @@ from trainer.model import load_model
 from trainer.optim import Schedule, load_moments, moments_problem, param_groups
 from trainer.state import TrainState, campaign_tokens_of
 from trainer.telemetry import TensorBoardLog
+from trainer import sharding
 
 
 class StopRequested(Exception):
@@ -281,6 +282,9 @@ class Trainer:
         self.rollbacks: list[dict] = []
         """The governor's rollback events of this attempt (the live view shows them)."""
         self.board: TensorBoardLog | None = None
+        self.sharded = False
+        """FSDP2: every rank holds a shard of the weights and optimizer state (collectives for
+        checkpoints and evaluations; ``trainer.sharding``)."""
 
     # --- the spine ------------------------------------------------------------------------
 
@@ -314,6 +318,11 @@ class Trainer:
             if self.board is not None:
                 self.board.close()
 
+    @property
+    def parallelism(self) -> str:
+        """How the job's ranks share the model: single, ddp or fsdp."""
+        return "single" if not self.group.active else ("fsdp" if self.sharded else "ddp")
+
     def finished(self) -> bool:
         return (self.state.job_step >= self.total_steps
                 or self.state.epoch >= self.cfg.training.epochs)
@@ -329,6 +338,8 @@ class Trainer:
         and the sample prompts file (read now: a bad path fails the job at once)."""
         requested = self.cfg.training.precision
         problem = qlora_problem() if self.cfg.adapter.method == "qlora" else None
+        if self.cfg.training.parallelism == "fsdp" and self.group.active:
+            problem = problem or _fsdp_problem(self.cfg)
         if problem:  # before anything loads (a fresh campaign's base is built first)
             raise ConfigError(problem)
         if requested == "bf16" and self.precision != "bf16":
@@ -380,7 +391,11 @@ class Trainer:
                       gradient_checkpointing=self.cfg.training.gradient_checkpointing,
                       **adapter_summary(self.model))
         self.loss_module = TokenLoss(self.lm, self.autocast_dtype)
-        if self.group.active:
+        if self.group.active and self.cfg.training.parallelism == "fsdp":
+            sharding.shard(self.loss_module, self.lm, bf16=self.autocast_dtype is torch.bfloat16)
+            self.sharded = True
+            self.log.info("model.sharded", parallelism="fsdp", world=self.group.world)
+        elif self.group.active:
             from torch.nn.parallel import DistributedDataParallel
 
             # buffers (rotary tables) are constant: no per-step broadcast
@@ -595,7 +610,7 @@ class Trainer:
             problem = moments_problem(saved, self.optimizer)
         if problem is None:
             try:
-                load_moments(self.optimizer, saved)
+                load_moments(self.optimizer, saved, self.loss_module if self.sharded else None)
             except (ValueError, KeyError, TypeError, RuntimeError) as exc:
                 problem = f"loading them failed: {exc}"
         if problem is not None:
@@ -615,7 +630,11 @@ class Trainer:
                       epoch=self.state.epoch, rows_done=self.state.rows_done)
 
     def _load_torch_state(self, saved: dict) -> None:
-        self.optimizer.load_state_dict(saved["optimizer"])
+        if self.sharded:
+            sharding.load_full_optimizer_state(self.loss_module, self.optimizer,
+                                               saved["optimizer"])
+        else:
+            self.optimizer.load_state_dict(saved["optimizer"])
         self.scheduler.load_state_dict(saved["scheduler"])
         self._set_rng(saved["rng_cpu"], saved.get("rng_cuda"))
 
@@ -630,6 +649,12 @@ class Trainer:
         """Called at the start (every rank) when the governor keeps fewer than two snapshots:
         keep what restoring the start needs. A job that starts from no checkpoint writes its
         initial trainable weights once (rank 0, to a temporary folder every rank reads)."""
+        if self.sharded:
+            raise ConfigError(
+                "the governor's snapshots do not fit governor.snapshot_memory_gb, and rolling "
+                "back from disk is not built for training.parallelism fsdp yet: raise "
+                "governor.snapshot_memory_gb (each rank keeps two snapshots of its own shard) "
+                "or use training.parallelism ddp.")
         ckpt, weights, own = self.start_checkpoint, None, False
         if ckpt is not None:
             weights = ckpt.path
@@ -745,7 +770,7 @@ class Trainer:
         batch = collate(rows, self.store, self.tokenizer.pad_token_id).to(self.device)
         self.model.eval()
         try:
-            loss = float(token_loss_sum(self.lm, batch, self.autocast_dtype))
+            loss = float(self._loss_sum(batch))
         finally:
             self.model.train()
         return loss / max(1, batch.target_tokens)
@@ -755,15 +780,21 @@ class Trainer:
         approved state (none when nothing past the job's start was approved)."""
         decision = self._judge_final()
         ckpt = None
-        if decision.action is not Action.FAIL and self.group.main:
-            ckpt = self._stage(finished=False).commit()
+        staged = self._stage(finished=False) if decision.action is not Action.FAIL else None
+        if staged is not None:
+            ckpt = staged.commit()
             self.log.info("checkpoint.saved", step=ckpt.step, path=str(ckpt.path))
         raise StopRequested(ckpt, self.global_step)
 
     # --- checkpoints ----------------------------------------------------------------------
 
     def _stage(self, *, finished: bool) -> Staged | None:
-        """Rank 0 writes the live state into a staged checkpoint; other ranks return None."""
+        """Rank 0 writes the live state into a staged checkpoint; other ranks return None. A
+        sharded model's weights and optimizer state are gathered to rank 0 first (every rank
+        takes part)."""
+        weights = optimizer = None
+        if self.sharded:
+            weights, optimizer = sharding.full_states(self.loss_module, self.optimizer)
         if not self.group.main:
             return None
         last = self.stats.last
@@ -771,13 +802,14 @@ class Trainer:
                  "last_loss": last.loss if last else None, "world_size": self.group.world,
                  "dataset_sha256": self.spec.dataset_sha256, "config_hash": self.spec.config_hash,
                  "tokens_seen": self.stats.tokens}
-        torch_state = {"optimizer": self.optimizer.state_dict(),
+        torch_state = {"optimizer": optimizer or self.optimizer.state_dict(),
                        "scheduler": self.scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
                        "rng_cuda": torch.cuda.get_rng_state() if self.device.type == "cuda"
                        else None}
         return stage_checkpoint(self.spec.checkpoint_root, self.global_step, self.model,
                                 self.tokenizer, state=state, torch_state=torch_state,
-                                locked=self.spec.locked, config=self.spec.config_record)
+                                locked=self.spec.locked, config=self.spec.config_record,
+                                weights=weights)
 
     def _discard_own_checkpoints(self) -> None:
         if self.group.main:
@@ -796,7 +828,7 @@ class Trainer:
         if self.group.active:
             self.data_stats["ranks"] = self._check_replicas(counts)
         ckpt = before or self._write_final()
-        val = self._evaluate_and_sample() if self.group.main else None
+        val = self._evaluate_and_sample() if self.group.main or self.sharded else None
         last = self.stats.last
         self.status.write({"state": "finished", "job_id": self.spec.job_id,
                            "step": self.global_step, "eval": self.last_eval()}, force=True)
@@ -839,13 +871,15 @@ class Trainer:
     def _check_replicas(self, counts: dict) -> dict:
         """All ranks must end with the same weights and the same rollbacks; otherwise nothing
         is saved (a replica that missed a rollback would be silently different)."""
-        rows = self.group.gather(weights_digest(self.model) + [counts.get("rollbacks", 0)])
+        digest = [0.0, 0.0] if self.sharded else weights_digest(self.model)  # shards differ
+        rows = self.group.gather(digest + [counts.get("rollbacks", 0)])
         rollbacks = [int(r[2]) for r in rows]
         if any(r != rows[0] for r in rows):
             raise RanksDiverged(f"replicas differ at step {self.global_step}: weight digests "
                                 f"{[r[:2] for r in rows]}, rollbacks per rank {rollbacks}")
         return {"world": self.group.world, "rollbacks_per_rank": rollbacks,
-                "weights_agree": True}
+                "parallelism": self.parallelism,
+                "weights_agree": True if not self.sharded else None}
 
     # --- evaluation -----------------------------------------------------------------------
 
@@ -854,9 +888,9 @@ class Trainer:
         collectives: the other ranks go on and wait in the next step's all-reduce). The last
         step is left to the final evaluation, which judges the weights the job keeps."""
         every = self.cfg.eval.every_steps
-        if (not every or not self.group.main or not self.val_rows or self.finished()
-                or self.state.job_step % every):
-            return
+        if (not every or not (self.group.main or self.sharded) or not self.val_rows
+                or self.finished() or self.state.job_step % every):
+            return  # sharded: every rank runs the model (it gathers weights layer by layer)
         self._evaluate_and_sample()
 
     def _evaluate_and_sample(self) -> float | None:
@@ -885,6 +919,10 @@ class Trainer:
         the span-wise attention then falls back to plain causal sdpa, which generation uses)."""
         if not self.sample_prompts:
             return
+        if self.sharded:  # generate() calls the model outside the sharded root
+            self.log.warning("eval.samples_skipped", reason="eval.sample_prompts is not run "
+                             "under training.parallelism fsdp yet")
+            return
         tok, new = self.tokenizer, self.cfg.eval.sample_max_new_tokens
         self.model.eval()
         try:
@@ -906,13 +944,21 @@ class Trainer:
             self.model.train()
 
     @torch.no_grad()
+    def _loss_sum(self, batch: Batch) -> torch.Tensor:
+        """The summed token loss of a batch outside a training step: through the sharded root
+        (its hooks gather the weights) or, unsharded, straight through the model (not DDP's
+        forward, which would arm a gradient all-reduce)."""
+        if self.sharded:
+            return self.loss_module(batch)
+        return token_loss_sum(self.lm, batch, self.autocast_dtype)
+
     def evaluate(self, rows: list[list[int]]) -> float:
         self.model.eval()
         total, count = 0.0, 0
         B = self.cfg.training.micro_batch_size
         for i in range(0, len(rows), B):
             batch = collate(rows[i:i + B], self.store, self.tokenizer.pad_token_id).to(self.device)
-            total += float(token_loss_sum(self.lm, batch, self.autocast_dtype))
+            total += float(self._loss_sum(batch))
             count += batch.target_tokens
         self.model.train()
         return total / max(1, count)
@@ -924,6 +970,18 @@ LIVE_CURVE_POINTS = 300
 """Points of the running job's loss curve in its progress file (evenly thinned)."""
 LIVE_ROLLBACKS = 50
 """The newest rollbacks the progress file lists."""
+
+
+def _fsdp_problem(cfg) -> str | None:
+    """Why ``training.parallelism: fsdp`` cannot run this job (None: it can)."""
+    if not sharding.available():
+        return (f"training.parallelism fsdp needs FSDP2 (torch >= 2.6); this is torch "
+                f"{torch.__version__}. Use training.parallelism ddp.")
+    if cfg.adapter.method != "none":
+        return (f"training.parallelism fsdp does not shard adapter jobs yet (adapter.method "
+                f"{cfg.adapter.method}): an adapter's weights are small, so use "
+                "training.parallelism ddp.")
+    return None
 
 
 def thin(points: list, limit: int) -> list:
@@ -1031,6 +1089,7 @@ class EpochRunner:
             h2d_ms += ms
             last = i == len(batches) - 1
             with contextlib.nullcontext() if last or not group.active else \
+                    sharding.no_gradient_sync(t.loss_module) if t.sharded else \
                     t.loss_module.no_sync():  # one gradient all-reduce per step
                 loss_sum += self._forward_backward(device_batch, step_tokens, weight)
         grad_norm, lr = self._optimizer_step()
@@ -1078,7 +1137,8 @@ class EpochRunner:
         t = self.t
         max_norm = t.cfg.training.max_grad_norm
         params = [p for p in t.model.parameters() if p.grad is not None]
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0 else math.inf)
+        norm = sharding.full(torch.nn.utils.clip_grad_norm_(params, max_norm if max_norm > 0
+                                                            else math.inf))
         lr = t.optimizer.param_groups[0]["lr"]
         t.guard.before_optimizer_step()  # e.g. a snapshot copy still reading the weights
         t.optimizer.step()
@@ -1106,7 +1166,9 @@ class EpochRunner:
                                               total_steps=t.total_steps, stats=t.stats,
                                               evaluation=last_eval,
                                               curve=thin(t.curve, LIVE_CURVE_POINTS),
-                                              rollbacks=t.rollbacks[-LIVE_ROLLBACKS:]),
+                                              rollbacks=t.rollbacks[-LIVE_ROLLBACKS:],
+                                              world=t.group.world,
+                                              parallelism=t.parallelism),
                        force=job_step == t.total_steps)  # the bar and status see the last step
 
     def _finalize_epoch(self) -> None:

@@ -44,6 +44,8 @@ import psutil
 import structlog
 import torch
 
+from trainer.sharding import DTensor, local
+
 from trainer.guard import Action, Decision
 from trainer.state import TrainState
 
@@ -108,8 +110,27 @@ class Snapshot:
     """CUDA event recorded after the copies (None on CPU)."""
 
 
+@dataclass
+class _Shard:
+    """This rank's shard of a DTensor (a sharded model's weight or moment) in a snapshot: the
+    host copy of the local tensor, and what makes it the same DTensor again."""
+
+    local: torch.Tensor
+    mesh: Any
+    placements: tuple
+    shape: torch.Size
+    stride: tuple
+
+    def restore(self) -> Any:
+        return DTensor.from_local(self.local.clone().to(self.mesh.device_type), self.mesh,
+                                  self.placements, run_check=False, shape=self.shape,
+                                  stride=self.stride)
+
+
 def _clone_tree(value: Any) -> Any:
     """Fresh copies of every tensor in a nested state dict (what a restore hands out)."""
+    if isinstance(value, _Shard):
+        return value.restore()
     if isinstance(value, torch.Tensor):
         return value.clone()
     if isinstance(value, dict):
@@ -125,6 +146,10 @@ def _copy_tree(value: Any, out: list[int], pin: bool, into: Any = None) -> Any:
     ``into`` is the same tree from an older snapshot: its (pinned) buffers are reused when shape
     and dtype match, so a snapshot on CUDA does not pay for a pinned allocation every time.
     """
+    if DTensor is not None and isinstance(value, DTensor):
+        copy = _copy_tree(value.to_local(), out, pin, into.local if isinstance(into, _Shard)
+                          else None)
+        return _Shard(copy, value.device_mesh, value.placements, value.shape, value.stride())
     if isinstance(value, torch.Tensor):
         t = value.detach()
         reuse = isinstance(into, torch.Tensor) and into.shape == t.shape and \
@@ -150,6 +175,7 @@ def trainable_params(model) -> dict[str, torch.Tensor]:
 
 
 def _nbytes(t: torch.Tensor) -> int:
+    t = local(t)  # a sharded tensor: this rank's part
     return t.numel() * t.element_size()
 
 
@@ -355,7 +381,8 @@ class Governor:
             raise RuntimeError(f"snapshot does not match the model's trainable parameters: "
                                f"missing {missing[:5]}, unexpected {extra[:5]}")
         for name, p in params.items():
-            p.copy_(snap.model[name])  # into the live parameter: the snapshot stays a copy
+            saved = snap.model[name]  # into the live parameter: the snapshot stays a copy
+            local(p).copy_(saved.local if isinstance(saved, _Shard) else saved)
         if optimizer is not None and snap.optimizer is not None:
             optimizer.load_state_dict(_clone_tree(snap.optimizer))
         if scheduler is not None and snap.scheduler is not None:

@@ -172,11 +172,16 @@ def moments_problem(saved: Any, optimizer: torch.optim.Optimizer) -> str | None:
     return None
 
 
-def load_moments(optimizer: torch.optim.Optimizer, saved: dict) -> None:
+def load_moments(optimizer: torch.optim.Optimizer, saved: dict, sharded_model=None) -> None:
     """Load the saved moments (and per-parameter step counts); every group keeps its current
     hyperparameters (lr, betas, weight_decay, eps): the config, not the checkpoint, says how
-    this job trains. Call only when ``moments_problem`` found none."""
+    this job trains. Call only when ``moments_problem`` found none. ``sharded_model``: the
+    FSDP2 model whose shards the moments are cut into."""
     current = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    optimizer.load_state_dict(saved)
+    if sharded_model is not None:
+        from trainer.sharding import load_full_optimizer_state
+        load_full_optimizer_state(sharded_model, optimizer, saved)
+    else:
+        optimizer.load_state_dict(saved)
     for group, hyper in zip(optimizer.param_groups, current):
         group.update(hyper)

@@ -65,6 +65,7 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     assert rows % 4 == 1 and b.metadata["data"]["rows"] == rows
     assert b.metadata["data"]["world_size"] == 2
     assert b.metadata["data"]["ranks"] == {"world": 2, "rollbacks_per_rank": [0, 0],
+                                           "parallelism": "ddp",
                                            "weights_agree": True}
     la, lb = step_losses(one, a), step_losses(two, b)
     assert len(la) == len(lb) == a.final_step == math.ceil(math.ceil(rows / 4) / 2)
@@ -208,7 +209,7 @@ def test_a_lora_job_on_two_ranks_builds_one_base_and_the_ranks_agree(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     job = only_job(paths)
     assert job.metadata["data"]["ranks"] == {"world": 2, "rollbacks_per_rank": [0, 0],
-                                             "weights_agree": True}
+                                             "parallelism": "ddp", "weights_agree": True}
     folder = paths.campaigns / "tiny-qwen3" / "c1"
     assert (folder / "base" / "model.safetensors").exists()
     assert not list(folder.glob(".base.tmp-*")), "no scratch base left behind"

@@ -1,0 +1,121 @@
+"""FSDP2 jobs (``training.parallelism: fsdp``) on two real gloo ranks: the same loss curve as
+one process, a consolidated Hugging Face folder that loads and gives the same logits, a SIGKILL
+of a rank retried into the same weights bit for bit, and a NaN on one rank rolled back on every
+rank."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+
+import psutil
+import pytest
+import torch
+
+from tests.integration.test_daemon import realm_cmd, start_daemon, wait_for
+from tests.integration.test_distributed import (at_step, events, final_weights, only_job,
+                                                ranks_of, realm, step_losses)
+from tests.trainer.test_training import ckpt_root
+
+pytestmark = pytest.mark.slow
+
+FSDP = {"parallelism": "fsdp"}
+
+
+def logits_of(folder, ids: torch.Tensor) -> torch.Tensor:
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # its monitor thread outlives the test
+    model = AutoModelForCausalLM.from_pretrained(folder)
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.slow(seconds=60)
+def test_fsdp_matches_one_process_loads_back_and_a_killed_rank_resumes_bit_identically(tmp_path):
+    one = realm(tmp_path / "one", micro_batch_size=4, max_steps=10, epochs=3)
+    straight = realm(tmp_path / "straight", micro_batch_size=2, max_steps=10, epochs=3, **FSDP)
+    killed = realm(tmp_path / "killed", micro_batch_size=2, max_steps=10, epochs=3, **FSDP)
+    assert realm_cmd(one.base, "daemon", "--once", "--devices", "cpu").returncode == 0
+    out = realm_cmd(straight.base, "daemon", "--once", "--devices", "cpu:2")
+    assert out.returncode == 0, out.stderr
+    a, b = only_job(one), only_job(straight)
+    assert b.metadata["data"]["ranks"]["parallelism"] == "fsdp"
+    assert events(straight.logs / "jobs" / f"{b.id}.log", "model.sharded")
+    la, lb = step_losses(one, a), step_losses(straight, b)
+    assert len(la) == len(lb) == 10
+    assert max(abs(x - y) for x, y in zip(la, lb)) <= 1e-5, (la, lb)
+
+    # the consolidated folder is a plain Hugging Face model: same logits as one process's
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    from safetensors.torch import load_file
+
+    assert load_file(f"{a.metadata['checkpoint']}/model.safetensors").keys() == \
+        load_file(f"{b.metadata['checkpoint']}/model.safetensors").keys(), "the same tensors"
+    fsdp_logits = logits_of(b.metadata["checkpoint"], ids)
+    assert torch.allclose(fsdp_logits, logits_of(a.metadata["checkpoint"], ids), atol=1e-4)
+
+    daemon = start_daemon(killed.base, "--once", "--devices", "cpu:2")
+
+    def kill_rank_one():
+        wait_for(lambda: list(ckpt_root(killed).glob("step-*/COMPLETE")), what="a checkpoint")
+        ranks = wait_for(lambda: ranks_of(psutil.Process(daemon.pid)), what="ranks")
+        ranks[1].send_signal(signal.SIGKILL)
+
+    _, err = at_step(killed, daemon, 4, kill_rank_one)
+    assert daemon.returncode == 0, err
+    c = only_job(killed)
+    assert c.attempts == 1 and c.last_error.startswith("crashed:")
+    assert c.metadata["resumed_from"] >= 3 and c.final_step == 10
+    wb, wc = final_weights(straight, b), final_weights(killed, c)
+    assert wb.keys() == wc.keys() and all(torch.equal(wb[k], wc[k]) for k in wb), \
+        "the retry resumed the sharded optimizer and weights exactly"
+
+
+@pytest.mark.slow(seconds=20)
+def test_nan_on_one_fsdp_rank_rolls_back_every_rank(tmp_path):
+    paths = realm(tmp_path / "r", micro_batch_size=2, max_steps=8, **FSDP)
+    env = {**os.environ, "REALM_TEST_NAN_AT": "1:5"}
+    env.pop("REALM_DEBUG", None)
+    out = subprocess.run([sys.executable, "-m", "cli", "--base-dir", str(paths.base),
+                          "daemon", "--once", "--devices", "cpu:2"], capture_output=True,
+                         text=True, env=env, timeout=300)
+    assert out.returncode == 0, out.stderr
+    job = only_job(paths)
+    assert job.governor["rollbacks"] == 1 and job.governor["snapshot_mode"] == "two_slots"
+    assert job.metadata["data"]["ranks"]["rollbacks_per_rank"] == [1, 1]
+    for log in (paths.logs / "jobs" / f"{job.id}.log",
+                paths.logs / "jobs" / f"{job.id}.rank1.log"):
+        (rollback,) = events(log, "governor.rollback")
+        assert (rollback["reason"], rollback["step"], rollback["snapshot_step"]) == ("nan", 5, 3)
+
+
+def test_fsdp_refuses_an_adapter_job_with_the_fix():
+    from config.schema import RealmConfig
+    from trainer.engine import _fsdp_problem
+
+    cfg = RealmConfig()
+    cfg.training.parallelism = "fsdp"
+    assert _fsdp_problem(cfg) is None
+    cfg.adapter.method = "lora"
+    problem = _fsdp_problem(cfg)
+    assert "adapter.method lora" in problem and "training.parallelism ddp" in problem
+
+
+def test_the_plan_and_the_status_line_show_the_parallelism(tmp_path):
+    from cli.status import _progress_line
+
+    paths = realm(tmp_path / "r", micro_batch_size=2, max_steps=3)
+    out = realm_cmd(paths.base, "daemon", "--plan", "--devices", "cpu:2", "--set",
+                    "training.parallelism=fsdp")
+    assert out.returncode == 0, out.stderr
+    assert "2 process(es) per job" in out.stdout
+    assert "training.parallelism = fsdp (cli)" in out.stdout, out.stdout
+    row = {"id": "j", "dataset": "d.jsonl", "priority": "normal", "started_at": None,
+           "worker": {}, "progress": {"job_step": 3, "total_steps": 9, "eta_seconds": 4.0,
+                                     "world_size": 2, "parallelism": "fsdp",
+                                     "metrics": {"loss": 1.0, "tokens_per_sec": 10.0}}}
+    assert "fsdp x2" in _progress_line(row)

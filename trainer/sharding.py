@@ -1,0 +1,124 @@
+"""FSDP2 for a job on several ranks (``training.parallelism: fsdp``).
+
+Each decoder layer and then the root module are wrapped with ``fully_shard``: every rank keeps
+1/world of each parameter, of its gradient and of its AdamW moments, as DTensors, and gathers a
+layer's full weights only while that layer runs. On CUDA a bf16 mixed-precision policy gathers
+and computes in bf16 and reduces gradients in fp32; on CPU (gloo) everything stays fp32.
+
+Checkpoints stay the format every other job writes and reads: before a checkpoint, the ranks
+gather the full weights and the full optimizer state to rank 0 on the CPU (a collective), which
+writes the usual Hugging Face folder and an index-keyed optimizer state. So a sharded job
+resumes on any world size, under ddp or fsdp, and any job can continue an fsdp campaign. The
+governor's snapshots hold each rank's own shard (``local``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import torch
+
+try:  # torch >= 2.6: public FSDP2 and DTensor
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.tensor import DTensor
+except ImportError:  # pragma: no cover - older torch: parallelism fsdp is refused
+    fully_shard = MixedPrecisionPolicy = DTensor = None
+
+
+def available() -> bool:
+    return fully_shard is not None
+
+
+def shard(root: torch.nn.Module, lm: torch.nn.Module, *, bf16: bool) -> None:
+    """``fully_shard`` per decoder layer of ``lm``, then ``root`` (the module a step calls: the
+    model with its loss), which holds the embeddings, the final norm and the head (a tied head
+    stays one parameter with the embedding). The loss runs the decoder and the head apart, so
+    the root must be the module around both, or their weights would stay sharded."""
+    policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
+        if bf16 else MixedPrecisionPolicy()
+    for layer in lm.model.layers:
+        fully_shard(layer, mp_policy=policy)
+    fully_shard(root, mp_policy=policy)
+
+
+def is_sharded(model: torch.nn.Module) -> bool:
+    return DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
+
+
+def local(t: Any) -> Any:
+    """This rank's shard of a DTensor; any other tensor as it is."""
+    return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+def full(t: Any) -> Any:
+    """The whole tensor of a DTensor (a collective: every rank calls it)."""
+    return t.full_tensor() if DTensor is not None and isinstance(t, DTensor) else t
+
+
+@contextlib.contextmanager
+def no_gradient_sync(lm: torch.nn.Module):
+    """Accumulate this micro-batch's gradients without the reduce-scatter (the last one of a
+    step reduces them all): FSDP2's counterpart of DDP's ``no_sync``."""
+    lm.set_requires_gradient_sync(False)
+    try:
+        yield
+    finally:
+        lm.set_requires_gradient_sync(True)
+
+
+def _names(model: torch.nn.Module, optimizer) -> list[str]:
+    """The optimizer's parameters in index order, by name."""
+    by_id = {id(p): name for name, p in model.named_parameters()}
+    return [by_id[id(p)] for g in optimizer.param_groups for p in g["params"]]
+
+
+def full_states(model: torch.nn.Module, optimizer, prefix: str = "model."
+                ) -> tuple[dict | None, dict | None]:
+    """(weights, optimizer state) of the sharded root ``model`` gathered whole to rank 0 on the
+    CPU; (None, None) elsewhere. Weight names lose ``prefix`` (the root's name for the causal
+    LM), so they are the Hugging Face model's; the optimizer state is keyed by parameter index,
+    as ``optimizer.state_dict()`` is. Every rank must call this."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         get_model_state_dict,
+                                                         get_optimizer_state_dict)
+
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    weights = get_model_state_dict(model, options=options)
+    by_name = get_optimizer_state_dict(model, optimizer, options=options)
+    if not weights:
+        return None, None
+    # a tied head is one parameter, listed once by named_parameters but twice in the state
+    # dict: keep it once, as an unsharded model's save_pretrained does
+    unique = {name for name, _ in model.named_parameters()}
+    every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
+    weights = {k.removeprefix(prefix): v for k, v in weights.items()
+               if k in unique or k not in every}
+    names = _names(model, optimizer)
+    state = {i: by_name["state"][name] for i, name in enumerate(names)
+             if name in by_name.get("state", {})}
+    groups, start = [], 0
+    for group in optimizer.param_groups:
+        size = len(group["params"])
+        groups.append({**{k: v for k, v in group.items() if k != "params"},
+                       "params": list(range(start, start + size))})
+        start += size
+    return weights, {"state": state, "param_groups": groups}
+
+
+def load_full_optimizer_state(model: torch.nn.Module, optimizer, saved: dict) -> None:
+    """An index-keyed optimizer state (any checkpoint's) into this rank's shards."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
+                                                         set_optimizer_state_dict)
+
+    names = _names(model, optimizer)
+    groups, start = [], 0
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        size = len(group["params"])
+        groups.append({**{k: v for k, v in saved_group.items() if k != "params"},
+                       "params": names[start:start + size]})
+        start += size
+    by_name = {"state": {names[i]: v for i, v in saved["state"].items()},
+               "param_groups": groups}
+    set_optimizer_state_dict(model, optimizer, by_name,
+                             options=StateDictOptions(full_state_dict=True))
