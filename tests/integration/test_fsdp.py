@@ -21,7 +21,11 @@ from tests.trainer.test_training import ckpt_root
 
 pytestmark = pytest.mark.slow
 
-FSDP = {"parallelism": "fsdp"}
+FSDP = {"parallelism": "fsdp", "precision": "fp32"}
+GROUP = os.environ.get("REALM_FSDP_DEVICES", "cpu:2")
+"""The two ranks' devices: gloo on CPU here; ``0,1`` runs the same tests on NCCL
+(scripts/check_fsdp_nccl.sh, on a machine with two GPUs)."""
+SINGLE = "cpu" if GROUP.startswith("cpu") else GROUP.split(",")[0]
 
 
 def logits_of(folder, ids: torch.Tensor) -> torch.Tensor:
@@ -36,11 +40,11 @@ def logits_of(folder, ids: torch.Tensor) -> torch.Tensor:
 
 @pytest.mark.slow(seconds=60)
 def test_fsdp_matches_one_process_loads_back_and_a_killed_rank_resumes_bit_identically(tmp_path):
-    one = realm(tmp_path / "one", micro_batch_size=4, max_steps=10, epochs=3)
+    one = realm(tmp_path / "one", micro_batch_size=4, max_steps=10, epochs=3, precision="fp32")
     straight = realm(tmp_path / "straight", micro_batch_size=2, max_steps=10, epochs=3, **FSDP)
     killed = realm(tmp_path / "killed", micro_batch_size=2, max_steps=10, epochs=3, **FSDP)
-    assert realm_cmd(one.base, "daemon", "--once", "--devices", "cpu").returncode == 0
-    out = realm_cmd(straight.base, "daemon", "--once", "--devices", "cpu:2")
+    assert realm_cmd(one.base, "daemon", "--once", "--devices", SINGLE).returncode == 0
+    out = realm_cmd(straight.base, "daemon", "--once", "--devices", GROUP)
     assert out.returncode == 0, out.stderr
     a, b = only_job(one), only_job(straight)
     assert b.metadata["data"]["ranks"]["parallelism"] == "fsdp"
@@ -58,7 +62,7 @@ def test_fsdp_matches_one_process_loads_back_and_a_killed_rank_resumes_bit_ident
     fsdp_logits = logits_of(b.metadata["checkpoint"], ids)
     assert torch.allclose(fsdp_logits, logits_of(a.metadata["checkpoint"], ids), atol=1e-4)
 
-    daemon = start_daemon(killed.base, "--once", "--devices", "cpu:2")
+    daemon = start_daemon(killed.base, "--once", "--devices", GROUP)
 
     def kill_rank_one():
         wait_for(lambda: list(ckpt_root(killed).glob("step-*/COMPLETE")), what="a checkpoint")
@@ -81,7 +85,7 @@ def test_nan_on_one_fsdp_rank_rolls_back_every_rank(tmp_path):
     env = {**os.environ, "REALM_TEST_NAN_AT": "1:5"}
     env.pop("REALM_DEBUG", None)
     out = subprocess.run([sys.executable, "-m", "cli", "--base-dir", str(paths.base),
-                          "daemon", "--once", "--devices", "cpu:2"], capture_output=True,
+                          "daemon", "--once", "--devices", GROUP], capture_output=True,
                          text=True, env=env, timeout=300)
     assert out.returncode == 0, out.stderr
     job = only_job(paths)
