@@ -100,10 +100,12 @@ def main() -> int:
             cmd = [sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={args.ranks}",
                    "--master-port=29631", __file__, "--layers", str(args.layers),
                    "--steps", str(args.steps), "--rank-main", mode, out]
-            done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"},
+            done = subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "2",
+                                            "CUDA_VISIBLE_DEVICES": ""},  # gloo ranks, on CPU
                                   capture_output=True, text=True)
             if done.returncode != 0:
-                print(f"{mode}: failed\n{done.stderr[-3000:]}")
+                errors = [line for line in done.stderr.splitlines() if "Error" in line]
+                print(f"{mode}: failed\n" + "\n".join(errors[-10:]) + done.stderr[-2000:])
                 return 1
             rows += [json.loads(p.read_text()) for p in sorted(Path(out).glob(f"{mode}-*.json"))]
     n = rows[0]["params"]

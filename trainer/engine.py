@@ -392,7 +392,8 @@ class Trainer:
                       **adapter_summary(self.model))
         self.loss_module = TokenLoss(self.lm, self.autocast_dtype)
         if self.group.active and self.cfg.training.parallelism == "fsdp":
-            sharding.shard(self.loss_module, self.lm, bf16=self.autocast_dtype is torch.bfloat16)
+            sharding.shard(self.loss_module, self.lm, bf16=self.autocast_dtype is torch.bfloat16,
+                           device_type=self.device.type)
             self.sharded = True
             self.log.info("model.sharded", parallelism="fsdp", world=self.group.world)
         elif self.group.active:

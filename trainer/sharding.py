@@ -30,16 +30,23 @@ def available() -> bool:
     return fully_shard is not None
 
 
-def shard(root: torch.nn.Module, lm: torch.nn.Module, *, bf16: bool) -> None:
+def shard(root: torch.nn.Module, lm: torch.nn.Module, *, bf16: bool, device_type: str = "cpu"
+          ) -> None:
     """``fully_shard`` per decoder layer of ``lm``, then ``root`` (the module a step calls: the
     model with its loss), which holds the embeddings, the final norm and the head (a tied head
     stays one parameter with the embedding). The loss runs the decoder and the head apart, so
     the root must be the module around both, or their weights would stay sharded."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+
+    # the mesh names the job's device type: left to itself FSDP2 picks CUDA whenever a GPU is
+    # visible, even for a gloo job on the CPU
+    mesh = init_device_mesh(device_type, (dist.get_world_size(),))
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) \
         if bf16 else MixedPrecisionPolicy()
     for layer in lm.model.layers:
-        fully_shard(layer, mp_policy=policy)
-    fully_shard(root, mp_policy=policy)
+        fully_shard(layer, mesh=mesh, mp_policy=policy)
+    fully_shard(root, mesh=mesh, mp_policy=policy)
 
 
 def is_sharded(model: torch.nn.Module) -> bool:
