@@ -15,13 +15,14 @@ from config.flags import add_common_flags, cli_layer_from, parse_sets_checked
 from config.reader import MAX_YAML_BYTES
 from config.locked import LOCKED_DOCS
 from config.resolver import SPECS
-from core.errors import ConfigError, UsageError
+from core.errors import UsageError
 from core.job import Job
 from core.paths import SIDECAR_SUFFIX, sidecar_of
 from core.queue_scan import read_sidecar_json, unadopted_job
 from core.training_queue import TrainingQueue
 from core.validate import read_regular
-from guild.campaigns import activate, active_ref, create_campaign, find_campaign, survey_campaigns
+from guild.campaigns import (activate, active_ref, create_campaign, find_campaign,
+                             survey_with_active)
 from guild.heroes import list_heroes, load_hero
 from guild.heroes.from_folder import add_hero_from_folder
 from guild.selection import resolve_for
@@ -87,13 +88,7 @@ def cmd_campaign_create(args) -> int:
 
 def cmd_campaign_list(args) -> int:
     paths = realm_paths(args)
-    campaigns, broken = survey_campaigns(paths)
-    problems = [{"path": str(path), "problem": reason} for path, reason in broken]
-    try:
-        active = active_ref(paths)
-    except ConfigError as exc:
-        active = None
-        problems.append({"path": str(paths.campaigns / "active.json"), "problem": str(exc)})
+    campaigns, active, problems = survey_with_active(paths)
     rows = [{**c.to_dict(), "active": c.ref == active} for c in campaigns]
     if args.json:
         print_json({"schema": CONFIG_SCHEMA, "active": active, "campaigns": rows,

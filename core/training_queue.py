@@ -17,6 +17,7 @@ import contextlib
 import os
 import re
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterator
@@ -36,6 +37,8 @@ from core.sidecar import RealmKey
 from core.validate import check_file_name
 
 log = structlog.get_logger("realm.queue")
+MID_MOVE_READS, MID_MOVE_PAUSE = 40, 0.005
+"""A record read mid-move is read again up to 40 times, 5 ms apart (``_after_move``)."""
 
 
 
@@ -74,6 +77,8 @@ class TrainingQueue:
             if loaded is None and sidecar is not None and not os.path.exists(sidecar.path):
                 continue  # the pair moved on (another process claimed it): not ours to show
             if isinstance(loaded, Job):
+                if loaded.status is not state:  # read between a move's rename and rewrite
+                    loaded = self._after_move(Path(sidecar.path), state) or loaded
                 # the folder is the truth: a sidecar read between a move's rename and its
                 # rewrite still names its previous folder
                 loaded.status = state
@@ -111,6 +116,22 @@ class TrainingQueue:
                     problem += " (Deleting it makes realm adopt the dataset as a new job.)"
                 problems.append({"path": rel, "problem": problem})
             return None
+
+    def _after_move(self, path: Path, state: JobState) -> Job | None:
+        """The record a move is writing. A sidecar read between a move's rename and its rewrite
+        is the record as it was before the move: its previous state, and none of what the move
+        records (a completed job's steps and loss, a failure's reason). The mover holds the
+        queue lock and rewrites it at once, so read it again for a moment; None when it does
+        not settle (a move a crash cut short: the folder stays the truth)."""
+        for _ in range(MID_MOVE_READS):
+            time.sleep(MID_MOVE_PAUSE)
+            try:
+                job = parse_sidecar(path, self.key)
+            except (FileNotFoundError, SidecarError):
+                return None
+            if isinstance(job, Job) and job.status is state:
+                return job
+        return None
 
     def queued(self, problems: list | None = None) -> list[Job]:
         """Adopted queued jobs in the exact order they will be claimed."""

@@ -17,7 +17,7 @@ from core.errors import ConfigError, RealmError
 from core.job import Job
 from core.paths import RealmPaths, complete_step_folders
 from core.training_queue import TrainingQueue
-from guild.campaigns import Campaign, active_ref, find_campaign, survey_campaigns
+from guild.campaigns import Campaign, active_ref, find_campaign, survey_with_active
 
 LOG_TAIL_LINES = 80
 LOG_TAIL_BYTES = 64 * 1024
@@ -68,13 +68,7 @@ def _tail(path: Path, lines: int = LOG_TAIL_LINES) -> list[str]:
 
 
 def campaigns_view(paths: RealmPaths, queue: TrainingQueue) -> dict[str, Any]:
-    campaigns, broken = survey_campaigns(paths)
-    problems = [{"path": str(path), "problem": reason} for path, reason in broken]
-    try:
-        active = active_ref(paths)
-    except ConfigError as exc:
-        active = None
-        problems.append({"path": str(paths.campaigns / "active.json"), "problem": str(exc)})
+    campaigns, active, problems = survey_with_active(paths)
     jobs = _jobs_by_campaign(queue, problems)
     rows = []
     for c in campaigns:
@@ -121,7 +115,7 @@ def campaign_view(paths: RealmPaths, queue: TrainingQueue, hero: str, name: str
 def _active(paths: RealmPaths) -> str | None:
     try:
         return active_ref(paths)
-    except ConfigError:
+    except ConfigError:  # the campaigns list names the broken active.json
         return None
 
 

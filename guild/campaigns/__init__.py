@@ -119,6 +119,20 @@ def survey_campaigns(paths: RealmPaths) -> tuple[list[Campaign], list[tuple[Path
     return good, bad
 
 
+def survey_with_active(paths: RealmPaths) -> tuple[list[Campaign], str | None, list[dict]]:
+    """(readable campaigns, the active one's ref, problems as ``{"path", "problem"}``): what
+    `realm campaign list` and the dashboard show; a broken campaign.json or active.json is a
+    problem listed, never a failure."""
+    campaigns, broken = survey_campaigns(paths)
+    problems = [{"path": str(path), "problem": reason} for path, reason in broken]
+    try:
+        active = active_ref(paths)
+    except ConfigError as exc:
+        active = None
+        problems.append({"path": str(paths.campaigns / "active.json"), "problem": str(exc)})
+    return campaigns, active, problems
+
+
 def active_ref(paths: RealmPaths) -> str | None:
     pointer = paths.campaigns / "active.json"
     if not os.path.lexists(pointer):

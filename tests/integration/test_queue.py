@@ -255,3 +255,32 @@ def test_find_meets_a_job_twice_mid_move_and_names_it_once(realm, queue, monkeyp
     found = queue.find(claimed.id)
     assert found.status is JobState.PROCESSING and found.dataset_path == claimed.dataset_path
     assert queue.find("a").id == claimed.id
+
+
+def test_a_record_read_mid_move_is_read_again_until_the_move_has_written_it(realm, queue,
+                                                                            monkeypatch):
+    """Between a move's rename and its rewrite, queue/completed/ holds the record as it was in
+    processing: a reader then saw a completed job with no steps or loss (the dashboard did)."""
+    import core.training_queue as tq
+
+    drop(realm, "normal", "a.jsonl")
+    queue.adopt_new()
+    claimed = queue.claim_next()
+    processing = (realm.base / (claimed.dataset_path + ".job.json")).read_bytes()
+    done = queue.complete(claimed, final_step=3, final_loss=1.5)
+    sidecar = realm.base / (done.dataset_path + ".job.json")
+    written = sidecar.read_bytes()
+    sidecar.write_bytes(processing)  # the moment after the rename, before the rewrite
+    pauses = []
+
+    def the_mover_finishes(seconds):
+        pauses.append(seconds)
+        if len(pauses) == 2:
+            tmp = sidecar.with_suffix(".tmp")
+            tmp.write_bytes(written)
+            os.replace(tmp, sidecar)
+
+    monkeypatch.setattr(tq.time, "sleep", the_mover_finishes)
+    (job,) = TrainingQueue(realm.base).jobs_in("completed")
+    assert (job.status, job.final_step, job.final_loss) == (JobState.COMPLETED, 3, 1.5)
+    assert len(pauses) == 2
