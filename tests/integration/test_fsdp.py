@@ -123,3 +123,52 @@ def test_the_plan_and_the_status_line_show_the_parallelism(tmp_path):
                                      "world_size": 2, "parallelism": "fsdp",
                                      "metrics": {"loss": 1.0, "tokens_per_sec": 10.0}}}
     assert "fsdp x2" in _progress_line(row)
+
+
+@pytest.mark.slow(seconds=15)
+def test_snapshots_that_do_not_fit_fail_an_fsdp_job_once_with_the_fix(tmp_path):
+    paths = realm(tmp_path / "r", micro_batch_size=2, max_steps=4,
+                  governor={"snapshot_memory_gb": 1e-6}, **FSDP)
+    out = realm_cmd(paths.base, "daemon", "--once", "--devices", GROUP)
+    assert "0 completed, 1 failed, 0 requeued" in out.stdout, out.stdout + out.stderr
+    job = only_job(paths, "failed")
+    assert job.attempts <= 1, "a config error is permanent: no retry"
+    assert "governor.snapshot_memory_gb" in job.last_error, job.last_error
+    assert "training.parallelism ddp" in job.last_error
+
+
+@pytest.mark.slow(seconds=75)
+def test_moments_carry_from_one_process_into_fsdp_and_from_fsdp_into_ddp(tmp_path):
+    """A campaign whose jobs change parallelism: each job takes the AdamW moments of the one
+    before (index-keyed state), and the fsdp job evaluates its validation split on the way."""
+    import json
+
+    from core.training_queue import TrainingQueue
+    from trainer.data.synthetic import write_dataset
+
+    paths = realm(tmp_path / "r", micro_batch_size=2, max_steps=4, max_grad_norm=0.0,
+                  precision="fp32")
+    campaign = paths.campaigns / "tiny-qwen3" / "c1" / "campaign.json"
+    data = json.loads(campaign.read_text())
+    data["overrides"]["data"]["val_fraction"] = 0.1
+    data["overrides"]["eval"] = {"every_steps": 2}
+    campaign.write_text(json.dumps(data))
+    runs = [(SINGLE, "ddp"), (GROUP, "fsdp"), (GROUP, "ddp")]
+    for i, (devices, parallelism) in enumerate(runs):
+        if i:
+            write_dataset(paths.state_dir("normal") / f"job{i}.jsonl", 150, seed=i)
+        out = realm_cmd(paths.base, "daemon", "--once", "--devices", devices, "--set",
+                        f"training.parallelism={parallelism}")
+        assert out.returncode == 0, out.stdout + out.stderr
+    jobs = sorted(TrainingQueue(paths.base).jobs_in("completed"), key=lambda j: j.final_step)
+    assert [j.final_step for j in jobs] == [4, 8, 12]
+    assert jobs[1].metadata["data"]["ranks"]["parallelism"] == "fsdp"
+    for job in jobs[1:]:
+        log = paths.logs / "jobs" / f"{job.id}.log"
+        assert events(log, "optimizer.moments_carried"), \
+            events(log, "optimizer.moments_not_carried")
+    fsdp = jobs[1]
+    for log in (paths.logs / "jobs" / f"{fsdp.id}.log",
+                paths.logs / "jobs" / f"{fsdp.id}.rank1.log"):
+        assert [e["step"] for e in events(log, "eval.loss")] == [6, 8]
+    assert fsdp.metadata["data"]["eval"]["last"]["step"] == 8
