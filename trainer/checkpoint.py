@@ -59,7 +59,7 @@ CONFIG_FILE = "realm_config.json"
 """The resolved config of the job that wrote the checkpoint (values, layers, sources, hash)."""
 STATE_SCHEMA = 1
 _STEP_DIR = re.compile(r"step-(\d+)")  # also unmarked ones (clean_incomplete)
-_TMP_DIR = re.compile(r"\.step-\d+\.tmp-(?P<host>.+)-(?P<pid>\d+)")
+_TMP_DIR = re.compile(r"\.(?:step|shards)-\d+\.tmp-(?P<host>.+)-(?P<pid>\d+)")
 _INITIAL_DIR = re.compile(r"\.initial-.+?\.tmp-(?P<host>.+)-(?P<pid>\d+)")
 WEIGHTS = "model.safetensors"
 WEIGHTS_INDEX = "model.safetensors.index.json"
@@ -185,11 +185,13 @@ class Staged:
 def stage_checkpoint(root: Path, step: int, model, tokenizer, *, state: dict[str, Any],
                      torch_state: dict[str, Any], locked: dict[str, Any],
                      config: dict[str, Any] | None = None,
-                     weights: dict[str, torch.Tensor] | None = None) -> Staged:
+                     weights: dict[str, torch.Tensor] | None = None,
+                     move_in: dict[str, Path] | None = None) -> Staged:
     """Write everything but the completion marker into ``.step-<step>.tmp-<host>-<pid>``;
     ``config`` (the job's ``Resolved.record()``) becomes ``realm_config.json``. ``weights``: the
     full state dict of a sharded model (gathered by the ranks), written instead of the live
-    parameters."""
+    parameters. ``move_in``: folders other processes wrote for this checkpoint (a sharded job's
+    optimizer shards), renamed into it under their names."""
     if weights is None:
         _check_finite(model)
     else:
@@ -212,6 +214,8 @@ def stage_checkpoint(root: Path, step: int, model, tokenizer, *, state: dict[str
         write_json_atomic(tmp / "locked.json", locked)
         if config is not None:
             write_json_atomic(tmp / CONFIG_FILE, config)
+        for name, folder in (move_in or {}).items():
+            os.rename(folder, tmp / name)
         fsync_tree(tmp)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -335,6 +339,12 @@ def save_trainable(model: torch.nn.Module, folder: Path) -> None:
     tensors = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters()
                if p.requires_grad}
     save_file(tensors, folder / WEIGHTS)
+
+
+def shards_dir(root: Path, step: int, pid: int) -> Path:
+    """Where the ranks of a sharded job write a checkpoint's optimizer shards before rank 0
+    (process ``pid`` on this host) moves them into the staged checkpoint."""
+    return root / f".shards-{step}.tmp-{host_name()}-{pid}"
 
 
 def initial_weights_dir(root: Path, job_id: str, pid: int) -> Path:

@@ -49,7 +49,7 @@ from config.locked import verify_locked
 from core.errors import ConfigError, InputError, RealmError
 from core.validate import read_regular
 from trainer.attention import NAME as ATTENTION, use_packed_attention
-from trainer.checkpoint import (Checkpoint, Staged, apply_retention, clean_incomplete,
+from trainer.checkpoint import (Checkpoint, Staged, apply_retention, clean_incomplete, shards_dir,
                                 complete_checkpoints, initial_weights_dir, lineage_head,
                                 load_trainable, remove_checkpoint, remove_unfinished_of,
                                 save_trainable, stage_checkpoint)
@@ -390,11 +390,15 @@ class Trainer:
                       param_dtype=self.cfg.training.param_dtype,
                       gradient_checkpointing=self.cfg.training.gradient_checkpointing,
                       **adapter_summary(self.model))
-        self.loss_module = TokenLoss(self.lm, self.autocast_dtype)
+        self.loss_module = self.token_loss = TokenLoss(self.lm, self.autocast_dtype)
         if self.group.active and self.cfg.training.parallelism == "fsdp":
             sharding.shard(self.loss_module, self.lm, bf16=self.autocast_dtype is torch.bfloat16,
                            device_type=self.device.type)
             self.sharded = True
+            # where the ranks write a checkpoint's optimizer shards: named by rank 0's pid, as
+            # its staged folder is (a dead writer's leftovers are cleaned the same way)
+            self.shards_pid = int(self.group.max([float(os.getpid() if self.group.main
+                                                         else 0)])[0])
             self.log.info("model.sharded", parallelism="fsdp", world=self.group.world)
         elif self.group.active:
             from torch.nn.parallel import DistributedDataParallel
@@ -605,10 +609,20 @@ class Trainer:
             return
         try:
             saved = ckpt.torch_state().get("optimizer")
-        except (OSError, EOFError, RuntimeError) as exc:  # UnsafeCheckpoint still fails the job
-            saved, problem = None, f"cannot read trainer_state.pt: {exc}"
+            shards = ckpt.path / sharding.SHARDS
+            if saved is None and shards.is_dir():  # a sharded job wrote it
+                if self.sharded:
+                    saved = self._carry_sharded(shards)
+                else:
+                    saved = sharding.optimizer_from_shards(shards, self.token_loss,
+                                                           self.optimizer)
+        except (OSError, EOFError, RuntimeError, ValueError, KeyError) as exc:
+            saved, problem = None, f"cannot read its optimizer state: {exc}"
         else:
-            problem = moments_problem(saved, self.optimizer)
+            problem = None if saved == "loaded" else moments_problem(saved, self.optimizer)
+        if saved == "loaded":
+            self.log.info("optimizer.moments_carried", checkpoint=str(ckpt.path), sharded=True)
+            return
         if problem is None:
             try:
                 load_moments(self.optimizer, saved, self.loss_module if self.sharded else None)
@@ -621,17 +635,34 @@ class Trainer:
         self.log.info("optimizer.moments_carried", checkpoint=str(ckpt.path),
                       params=len(saved["state"]))
 
+    def _carry_sharded(self, shards: Path) -> str:
+        """A sharded job continuing a sharded checkpoint: its optimizer shards, resharded to
+        this world size, with this job's hyperparameters (as ``load_moments`` keeps them)."""
+        current = [{k: v for k, v in g.items() if k != "params"}
+                   for g in self.optimizer.param_groups]
+        sharding.load_optimizer_shards(self.loss_module, self.optimizer, shards)
+        for group, hyper in zip(self.optimizer.param_groups, current):
+            group.update(hyper)
+        return "loaded"
+
     def _resume(self, ckpt: Checkpoint, state: dict) -> None:
         """This job's own checkpoint: optimizer, scheduler, RNG and counters exactly."""
-        self._load_torch_state(ckpt.torch_state())
+        self._load_torch_state(ckpt.torch_state(), ckpt.path)
         self.state = TrainState.from_json(state)
         self.stats.loss_ewma = self.state.loss_ewma
         self.resumed_from = ckpt.step
         self.log.info("job.resumed", checkpoint=str(ckpt.path), step=ckpt.step,
                       epoch=self.state.epoch, rows_done=self.state.rows_done)
 
-    def _load_torch_state(self, saved: dict) -> None:
-        if self.sharded:
+    def _load_torch_state(self, saved: dict, folder: Path) -> None:
+        shards = folder / sharding.SHARDS
+        if saved.get("optimizer") is None and shards.is_dir():
+            if self.sharded:
+                sharding.load_optimizer_shards(self.loss_module, self.optimizer, shards)
+            else:
+                self.optimizer.load_state_dict(
+                    sharding.optimizer_from_shards(shards, self.token_loss, self.optimizer))
+        elif self.sharded:
             sharding.load_full_optimizer_state(self.loss_module, self.optimizer,
                                                saved["optimizer"])
         else:
@@ -691,7 +722,7 @@ class Trainer:
         if ckpt is None:
             return self._restore_start()
         load_trainable(self.model, ckpt.path)
-        self._load_torch_state(ckpt.torch_state())
+        self._load_torch_state(ckpt.torch_state(), ckpt.path)
         self.log.info("governor.restored_from_disk", step=ckpt.step, path=str(ckpt.path))
         return TrainState.from_json(ckpt.state())
 
@@ -793,9 +824,11 @@ class Trainer:
         """Rank 0 writes the live state into a staged checkpoint; other ranks return None. A
         sharded model's weights and optimizer state are gathered to rank 0 first (every rank
         takes part)."""
-        weights = optimizer = None
+        weights = shards = None
         if self.sharded:
-            weights, optimizer = sharding.full_states(self.loss_module, self.optimizer)
+            weights = sharding.full_weights(self.loss_module)
+            shards = shards_dir(self.spec.checkpoint_root, self.global_step, self.shards_pid)
+            sharding.save_optimizer_shards(self.loss_module, self.optimizer, shards)
         if not self.group.main:
             return None
         last = self.stats.last
@@ -803,14 +836,15 @@ class Trainer:
                  "last_loss": last.loss if last else None, "world_size": self.group.world,
                  "dataset_sha256": self.spec.dataset_sha256, "config_hash": self.spec.config_hash,
                  "tokens_seen": self.stats.tokens}
-        torch_state = {"optimizer": optimizer or self.optimizer.state_dict(),
+        torch_state = {"optimizer": None if self.sharded else self.optimizer.state_dict(),
                        "scheduler": self.scheduler.state_dict(), "rng_cpu": torch.get_rng_state(),
                        "rng_cuda": torch.cuda.get_rng_state() if self.device.type == "cuda"
                        else None}
         return stage_checkpoint(self.spec.checkpoint_root, self.global_step, self.model,
                                 self.tokenizer, state=state, torch_state=torch_state,
                                 locked=self.spec.locked, config=self.spec.config_record,
-                                weights=weights)
+                                weights=weights,
+                                move_in={sharding.SHARDS: shards} if shards else None)
 
     def _discard_own_checkpoints(self) -> None:
         if self.group.main:

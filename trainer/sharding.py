@@ -5,11 +5,12 @@ Each decoder layer and then the root module are wrapped with ``fully_shard``: ev
 layer's full weights only while that layer runs. On CUDA a bf16 mixed-precision policy gathers
 and computes in bf16 and reduces gradients in fp32; on CPU (gloo) everything stays fp32.
 
-Checkpoints stay the format every other job writes and reads: before a checkpoint, the ranks
-gather the full weights and the full optimizer state to rank 0 on the CPU (a collective), which
-writes the usual Hugging Face folder and an index-keyed optimizer state. So a sharded job
-resumes on any world size, under ddp or fsdp, and any job can continue an fsdp campaign. The
-governor's snapshots hold each rank's own shard (``local``).
+A checkpoint keeps the weights whole: the ranks gather them to rank 0 on the CPU, which writes
+the usual Hugging Face folder. The AdamW state, twice the weights, stays sharded: every rank
+writes its part with ``torch.distributed.checkpoint`` into ``optimizer_shards/``, which a later
+sharded job reads on any world size (DCP reshards), and a job on one process or under ddp reads
+whole (``optimizer_from_shards``). The governor's snapshots hold each rank's own shard
+(``local``).
 """
 
 from __future__ import annotations
@@ -80,37 +81,22 @@ def _names(model: torch.nn.Module, optimizer) -> list[str]:
     return [by_id[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
 
-def full_states(model: torch.nn.Module, optimizer, prefix: str = "model."
-                ) -> tuple[dict | None, dict | None]:
-    """(weights, optimizer state) of the sharded root ``model`` gathered whole to rank 0 on the
-    CPU; (None, None) elsewhere. Weight names lose ``prefix`` (the root's name for the causal
-    LM), so they are the Hugging Face model's; the optimizer state is keyed by parameter index,
-    as ``optimizer.state_dict()`` is. Every rank must call this."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions,
-                                                         get_model_state_dict,
-                                                         get_optimizer_state_dict)
+def full_weights(model: torch.nn.Module, prefix: str = "model.") -> dict | None:
+    """The sharded root ``model``'s weights gathered whole to rank 0 on the CPU (None
+    elsewhere), named as the Hugging Face model names them (``prefix``, the root's name for
+    the causal LM, removed). Every rank must call this."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    weights = get_model_state_dict(model, options=options)
-    by_name = get_optimizer_state_dict(model, optimizer, options=options)
+    weights = get_model_state_dict(
+        model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
     if not weights:
-        return None, None
+        return None
     # a tied head is one parameter, listed once by named_parameters but twice in the state
     # dict: keep it once, as an unsharded model's save_pretrained does
     unique = {name for name, _ in model.named_parameters()}
     every = {name for name, _ in model.named_parameters(remove_duplicate=False)}
-    weights = {k.removeprefix(prefix): v for k, v in weights.items()
-               if k in unique or k not in every}
-    names = _names(model, optimizer)
-    state = {i: by_name["state"][name] for i, name in enumerate(names)
-             if name in by_name.get("state", {})}
-    groups, start = [], 0
-    for group in optimizer.param_groups:
-        size = len(group["params"])
-        groups.append({**{k: v for k, v in group.items() if k != "params"},
-                       "params": list(range(start, start + size))})
-        start += size
-    return weights, {"state": state, "param_groups": groups}
+    return {k.removeprefix(prefix): v for k, v in weights.items()
+            if k in unique or k not in every}
 
 
 def load_full_optimizer_state(model: torch.nn.Module, optimizer, saved: dict) -> None:
@@ -129,3 +115,51 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer, saved: dict) ->
                "param_groups": groups}
     set_optimizer_state_dict(model, optimizer, by_name,
                              options=StateDictOptions(full_state_dict=True))
+
+
+SHARDS = "optimizer_shards"
+"""A sharded job's checkpoint keeps its AdamW state here, one file per rank
+(``torch.distributed.checkpoint``), instead of whole in ``trainer_state.pt``."""
+
+
+def save_optimizer_shards(root: torch.nn.Module, optimizer, folder) -> None:
+    """Every rank writes its own part of the optimizer state (a collective); the coordinator
+    writes the ``.metadata`` that names them."""
+    from torch.distributed.checkpoint import save
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
+
+    save({"optimizer": get_optimizer_state_dict(root, optimizer)}, checkpoint_id=str(folder))
+
+
+def load_optimizer_shards(root: torch.nn.Module, optimizer, folder) -> None:
+    """The optimizer state of ``folder`` into this job's shards, whatever world size wrote it
+    (``torch.distributed.checkpoint`` reshards)."""
+    from torch.distributed.checkpoint import load
+    from torch.distributed.checkpoint.state_dict import (get_optimizer_state_dict,
+                                                         set_optimizer_state_dict)
+
+    state = {"optimizer": get_optimizer_state_dict(root, optimizer)}
+    load(state, checkpoint_id=str(folder))
+    set_optimizer_state_dict(root, optimizer, state["optimizer"])
+
+
+def optimizer_from_shards(folder, root: torch.nn.Module, optimizer) -> dict:
+    """The optimizer state of ``folder``, whole and keyed by parameter index, for a job that is
+    not sharded (one process, or ddp) continuing a sharded campaign."""
+    import tempfile
+
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    with tempfile.TemporaryDirectory() as tmp:
+        dcp_to_torch_save(str(folder), f"{tmp}/optimizer.pt")
+        saved = torch.load(f"{tmp}/optimizer.pt", weights_only=True)["optimizer"]
+    names = _names(root, optimizer)
+    index = {name: i for i, name in enumerate(names)}
+    state = {index[name]: v for name, v in saved["state"].items() if name in index}
+    groups, start = [], 0
+    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
+        size = len(group["params"])
+        groups.append({**{k: v for k, v in saved_group.items() if k != "params"},
+                       "params": list(range(start, start + size))})
+        start += size
+    return {"state": state, "param_groups": groups}

@@ -9,6 +9,7 @@ import os
 import signal
 import subprocess
 import sys
+from pathlib import Path
 
 import psutil
 import pytest
@@ -53,6 +54,12 @@ def test_fsdp_matches_one_process_loads_back_and_a_killed_rank_resumes_bit_ident
     assert len(la) == len(lb) == 10
     assert max(abs(x - y) for x, y in zip(la, lb)) <= 1e-5, (la, lb)
 
+    # the weights are whole, the AdamW state stays sharded (one file per rank, DCP)
+    folder = Path(b.metadata["checkpoint"])
+    assert (folder / "optimizer_shards" / ".metadata").is_file()
+    assert len(list((folder / "optimizer_shards").glob("*.distcp"))) == 2
+    assert torch.load(folder / "trainer_state.pt", weights_only=True)["optimizer"] is None
+    assert not list(folder.parent.glob(".shards-*")), "every shard folder moved in or removed"
     # the consolidated folder is a plain Hugging Face model: same logits as one process's
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     from safetensors.torch import load_file
@@ -140,7 +147,9 @@ def test_snapshots_that_do_not_fit_fail_an_fsdp_job_once_with_the_fix(tmp_path):
 @pytest.mark.slow(seconds=75)
 def test_moments_carry_from_one_process_into_fsdp_and_from_fsdp_into_ddp(tmp_path):
     """A campaign whose jobs change parallelism: each job takes the AdamW moments of the one
-    before (index-keyed state), and the fsdp job evaluates its validation split on the way."""
+    before (one process -> fsdp: index-keyed state cut into shards; fsdp -> fsdp: the DCP
+    shards; fsdp -> ddp: the shards read whole), and the fsdp job evaluates its validation
+    split on the way."""
     import json
 
     from core.training_queue import TrainingQueue
@@ -153,7 +162,7 @@ def test_moments_carry_from_one_process_into_fsdp_and_from_fsdp_into_ddp(tmp_pat
     data["overrides"]["data"]["val_fraction"] = 0.1
     data["overrides"]["eval"] = {"every_steps": 2}
     campaign.write_text(json.dumps(data))
-    runs = [(SINGLE, "ddp"), (GROUP, "fsdp"), (GROUP, "ddp")]
+    runs = [(SINGLE, "ddp"), (GROUP, "fsdp"), (GROUP, "fsdp"), (GROUP, "ddp")]
     for i, (devices, parallelism) in enumerate(runs):
         if i:
             write_dataset(paths.state_dir("normal") / f"job{i}.jsonl", 150, seed=i)
@@ -161,7 +170,7 @@ def test_moments_carry_from_one_process_into_fsdp_and_from_fsdp_into_ddp(tmp_pat
                         f"training.parallelism={parallelism}")
         assert out.returncode == 0, out.stdout + out.stderr
     jobs = sorted(TrainingQueue(paths.base).jobs_in("completed"), key=lambda j: j.final_step)
-    assert [j.final_step for j in jobs] == [4, 8, 12]
+    assert [j.final_step for j in jobs] == [4, 8, 12, 16]  # index-keyed, shards, shards
     assert jobs[1].metadata["data"]["ranks"]["parallelism"] == "fsdp"
     for job in jobs[1:]:
         log = paths.logs / "jobs" / f"{job.id}.log"
