@@ -147,9 +147,9 @@ def test_snapshots_that_do_not_fit_fail_an_fsdp_job_once_with_the_fix(tmp_path):
 @pytest.mark.slow(seconds=75)
 def test_moments_carry_from_one_process_into_fsdp_and_from_fsdp_into_ddp(tmp_path):
     """A campaign whose jobs change parallelism: each job takes the AdamW moments of the one
-    before (one process -> fsdp: index-keyed state cut into shards; fsdp -> fsdp: the DCP
-    shards; fsdp -> ddp: the shards read whole), and the fsdp job evaluates its validation
-    split on the way."""
+    before (one process -> fsdp: index-keyed state cut into shards; fsdp on 2 ranks -> fsdp on
+    3: the DCP shards resharded; fsdp -> ddp: the shards read whole), and the fsdp job
+    evaluates its validation split on the way."""
     import json
 
     from core.training_queue import TrainingQueue
@@ -162,7 +162,8 @@ def test_moments_carry_from_one_process_into_fsdp_and_from_fsdp_into_ddp(tmp_pat
     data["overrides"]["data"]["val_fraction"] = 0.1
     data["overrides"]["eval"] = {"every_steps": 2}
     campaign.write_text(json.dumps(data))
-    runs = [(SINGLE, "ddp"), (GROUP, "fsdp"), (GROUP, "fsdp"), (GROUP, "ddp")]
+    three = "cpu:3" if GROUP.startswith("cpu") else GROUP  # shards resharded to 3 ranks
+    runs = [(SINGLE, "ddp"), (GROUP, "fsdp"), (three, "fsdp"), (GROUP, "ddp")]
     for i, (devices, parallelism) in enumerate(runs):
         if i:
             write_dataset(paths.state_dir("normal") / f"job{i}.jsonl", 150, seed=i)
@@ -170,7 +171,9 @@ def test_moments_carry_from_one_process_into_fsdp_and_from_fsdp_into_ddp(tmp_pat
                         f"training.parallelism={parallelism}")
         assert out.returncode == 0, out.stdout + out.stderr
     jobs = sorted(TrainingQueue(paths.base).jobs_in("completed"), key=lambda j: j.final_step)
-    assert [j.final_step for j in jobs] == [4, 8, 12, 16]  # index-keyed, shards, shards
+    assert [j.final_step for j in jobs] == [4, 8, 12, 16]
+    assert [j.metadata["data"]["ranks"]["world"] for j in jobs[1:]] == \
+        [2, 3 if three == "cpu:3" else 2, 2]
     assert jobs[1].metadata["data"]["ranks"]["parallelism"] == "fsdp"
     for job in jobs[1:]:
         log = paths.logs / "jobs" / f"{job.id}.log"
