@@ -87,19 +87,23 @@ def shown(name: str) -> str:
 
 
 class SidecarCache:
-    """Parsed sidecars keyed by (path, inode). Only sealed records are cached: realm writes every
-    sidecar by atomic rename (a new inode), so such a parse is never stale. A person's sidecar
-    or a refused one is read again on every scan, so a fix made in place is seen at once."""
+    """Parsed sidecars keyed by (path, inode, mtime, size). Only sealed records are cached: realm
+    writes every sidecar by atomic rename (a new inode). The inode alone is not enough: a file
+    system reuses a freed inode number, so a new record at the path of an old one (the same
+    dataset name queued again) could get the old one's number and its stale parse; mtime and
+    size tell them apart. A person's sidecar or a refused one is read again on every scan, so a
+    fix made in place is seen at once."""
 
     def __init__(self, key: RealmKey) -> None:
         self.key = key
-        self._parsed: dict[tuple[str, int], Job] = {}
+        self._parsed: dict[tuple[str, int, int, int], Job] = {}
 
     def load(self, entry: os.DirEntry) -> Job | dict | None:
         """A Job for an adopted sidecar, a dict for one a person wrote before adoption, None if
         it has been moved away since the folder was listed. SidecarError when refused."""
         try:
-            key = (entry.path, entry.inode())
+            st = entry.stat(follow_symlinks=False)
+            key = (entry.path, st.st_ino, st.st_mtime_ns, st.st_size)
         except FileNotFoundError:
             return None
         hit = self._parsed.get(key)

@@ -284,3 +284,25 @@ def test_a_record_read_mid_move_is_read_again_until_the_move_has_written_it(real
     (job,) = TrainingQueue(realm.base).jobs_in("completed")
     assert (job.status, job.final_step, job.final_loss) == (JobState.COMPLETED, 3, 1.5)
     assert len(pauses) == 2
+
+
+def test_a_new_record_on_an_old_records_inode_is_read_afresh(realm, queue):
+    """A file system reuses freed inode numbers: the same dataset name queued again after the
+    first job completed can get a sidecar whose (path, inode) equals the first one's, and a
+    cache keyed by them alone handed back the first job (claim_next then found nothing; seen
+    once in CI). Here the same inode is kept by rewriting a sealed record in place."""
+    drop(realm, "normal", "a.jsonl")
+    drop(realm, "normal", "b.jsonl")
+    first, other = queue.adopt_new()
+    assert sorted(j.id for j in queue.jobs_in("normal")) == sorted([first.id, other.id])
+    sidecar = realm.state_dir("normal") / "a.jsonl.job.json"
+    inode = sidecar.stat().st_ino
+    replacement = (realm.state_dir("normal") / "b.jsonl.job.json").read_bytes()
+    with open(sidecar, "r+b") as fh:  # same inode, another sealed record
+        fh.write(replacement)
+        fh.truncate()
+    os.utime(sidecar, ns=(time.time_ns(), time.time_ns() + 1_000_000))
+    assert sidecar.stat().st_ino == inode
+    ids = [j.id for j in queue.jobs_in("normal")]
+    assert ids == [other.id, other.id], "the rewritten record is parsed again, not the cached one"
+    assert first.id not in ids
