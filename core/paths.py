@@ -151,7 +151,8 @@ def is_initialised(paths: RealmPaths) -> bool:
 
 CHECKPOINT_MARKER = "COMPLETE"
 """Written last into a checkpoint folder: only folders holding it count."""
-_STEP_DIR = re.compile(r"step-(\d+)")
+STEP_DIR = re.compile(r"step-(\d+)")
+"""A checkpoint folder's name (complete only once it holds ``CHECKPOINT_MARKER``)."""
 
 
 def complete_step_folders(root: Path) -> list[tuple[int, Path]]:
@@ -160,7 +161,7 @@ def complete_step_folders(root: Path) -> list[tuple[int, Path]]:
     found = []
     if root.is_dir():
         for child in root.iterdir():
-            m = _STEP_DIR.fullmatch(child.name)
+            m = STEP_DIR.fullmatch(child.name)
             if m and (child / CHECKPOINT_MARKER).is_file():
                 found.append((int(m.group(1)), child))
     return sorted(found)

@@ -49,7 +49,7 @@ from safetensors.torch import save_file
 from core.errors import InputError
 from core.fsutil import fsync_dir, host_name, process_alive, rename_noreplace, write_json_atomic
 from core.job import utc_now
-from core.paths import CHECKPOINT_MARKER, complete_step_folders
+from core.paths import CHECKPOINT_MARKER, STEP_DIR, complete_step_folders
 
 log = structlog.get_logger("realm.checkpoint")
 
@@ -58,7 +58,6 @@ ADAPTER_WEIGHTS = "adapter_model.safetensors"
 CONFIG_FILE = "realm_config.json"
 """The resolved config of the job that wrote the checkpoint (values, layers, sources, hash)."""
 STATE_SCHEMA = 1
-_STEP_DIR = re.compile(r"step-(\d+)")  # also unmarked ones (clean_incomplete)
 _TMP_DIR = re.compile(r"\.(?:step|shards)-\d+\.tmp-(?P<host>.+)-(?P<pid>\d+)")
 _INITIAL_DIR = re.compile(r"\.initial-.+?\.tmp-(?P<host>.+)-(?P<pid>\d+)")
 WEIGHTS = "model.safetensors"
@@ -130,15 +129,9 @@ def latest_checkpoint(root: Path) -> Checkpoint | None:
     return found[-1] if found else None
 
 
-def _check_finite(model: torch.nn.Module) -> None:
-    """Every trained weight is finite (frozen ones, such as an adapter's base, never change)."""
-    for name, p in model.named_parameters():
-        if p.requires_grad and p.is_floating_point() and not torch.isfinite(p).all():
-            raise NonFiniteWeights(f"parameter {name} holds NaN/Inf; checkpoint not written")
-
-
-def _check_finite_tensors(weights: dict[str, torch.Tensor]) -> None:
-    for name, t in weights.items():
+def _check_finite(weights) -> None:
+    """Every (name, tensor) of ``weights`` is finite."""
+    for name, t in weights:
         if t.is_floating_point() and not torch.isfinite(t).all():
             raise NonFiniteWeights(f"parameter {name} holds NaN/Inf; checkpoint not written")
 
@@ -192,10 +185,9 @@ def stage_checkpoint(root: Path, step: int, model, tokenizer, *, state: dict[str
     full state dict of a sharded model (gathered by the ranks), written instead of the live
     parameters. ``move_in``: folders other processes wrote for this checkpoint (a sharded job's
     optimizer shards), renamed into it under their names."""
-    if weights is None:
-        _check_finite(model)
-    else:
-        _check_finite_tensors(weights)
+    # the trained weights (frozen ones, such as an adapter's base, never change)
+    _check_finite(weights.items() if weights is not None else
+                  ((n, p) for n, p in model.named_parameters() if p.requires_grad))
     root.mkdir(parents=True, exist_ok=True)
     if (root / f"step-{step}").exists():
         raise CheckpointExists(f"{root / f'step-{step}'} already exists: checkpoint names are "
@@ -363,7 +355,7 @@ def clean_incomplete(root: Path) -> list[Path]:
     for child in root.iterdir():
         tmp = _TMP_DIR.fullmatch(child.name) or _INITIAL_DIR.fullmatch(child.name)
         stale_tmp = tmp and tmp["host"] == host and not process_alive(tmp["pid"])
-        unmarked = _STEP_DIR.fullmatch(child.name) and not (child / MARKER).exists()
+        unmarked = STEP_DIR.fullmatch(child.name) and not (child / MARKER).exists()
         if child.is_dir() and (stale_tmp or unmarked):
             log.warning("checkpoint.incomplete_removed", path=str(child))
             shutil.rmtree(child)

@@ -64,7 +64,8 @@ from trainer.metrics import (STEP_METRICS, RunningStats, StatusWriter, StepMetri
 from trainer.adapters import (adapter_summary, base_source, causal_lm, is_quantized,
                               load_adapter_model, qlora_problem)
 from trainer.model import load_model
-from trainer.optim import Schedule, load_moments, moments_problem, param_groups
+from trainer.optim import (Schedule, keep_hyperparameters, load_moments, moments_problem,
+                           param_groups)
 from trainer.state import TrainState, campaign_tokens_of
 from trainer.telemetry import TensorBoardLog
 from trainer import sharding
@@ -397,8 +398,7 @@ class Trainer:
             self.sharded = True
             # where the ranks write a checkpoint's optimizer shards: named by rank 0's pid, as
             # its staged folder is (a dead writer's leftovers are cleaned the same way)
-            self.shards_pid = int(self.group.max([float(os.getpid() if self.group.main
-                                                         else 0)])[0])
+            self.shards_pid = self._main_pid()
             self.log.info("model.sharded", parallelism="fsdp", world=self.group.world)
         elif self.group.active:
             from torch.nn.parallel import DistributedDataParallel
@@ -608,24 +608,15 @@ class Trainer:
             self.log.info("optimizer.fresh_moments", reason="training.carry_optimizer is false")
             return
         try:
-            saved = ckpt.torch_state().get("optimizer")
-            shards = ckpt.path / sharding.SHARDS
-            if saved is None and shards.is_dir():  # a sharded job wrote it
-                if self.sharded:
-                    saved = self._carry_sharded(shards)
-                else:
-                    saved = sharding.optimizer_from_shards(shards, self.token_loss,
-                                                           self.optimizer)
+            saved = self._optimizer_state(ckpt.torch_state().get("optimizer"), ckpt.path)
         except (OSError, EOFError, RuntimeError, ValueError, KeyError) as exc:
             saved, problem = None, f"cannot read its optimizer state: {exc}"
-        else:
-            problem = None if saved == "loaded" else moments_problem(saved, self.optimizer)
-        if saved == "loaded":
-            self.log.info("optimizer.moments_carried", checkpoint=str(ckpt.path), sharded=True)
-            return
+        else:  # shards are checked as DCP loads them
+            problem = None if isinstance(saved, Path) else moments_problem(saved, self.optimizer)
         if problem is None:
             try:
-                load_moments(self.optimizer, saved, self.loss_module if self.sharded else None)
+                with keep_hyperparameters(self.optimizer):
+                    self._load_optimizer(saved)
             except (ValueError, KeyError, TypeError, RuntimeError) as exc:
                 problem = f"loading them failed: {exc}"
         if problem is not None:
@@ -633,17 +624,28 @@ class Trainer:
                              reason=problem, note="this job starts with fresh AdamW moments")
             return
         self.log.info("optimizer.moments_carried", checkpoint=str(ckpt.path),
-                      params=len(saved["state"]))
+                      **({"sharded": True} if isinstance(saved, Path)
+                         else {"params": len(saved["state"])}))
 
-    def _carry_sharded(self, shards: Path) -> str:
-        """A sharded job continuing a sharded checkpoint: its optimizer shards, resharded to
-        this world size, with this job's hyperparameters (as ``load_moments`` keeps them)."""
-        current = [{k: v for k, v in g.items() if k != "params"}
-                   for g in self.optimizer.param_groups]
-        sharding.load_optimizer_shards(self.loss_module, self.optimizer, shards)
-        for group, hyper in zip(self.optimizer.param_groups, current):
-            group.update(hyper)
-        return "loaded"
+    def _optimizer_state(self, saved: dict | None, folder: Path) -> dict | Path | None:
+        """What checkpoint ``folder`` holds of the optimizer, in the form this job loads: an
+        index-keyed state dict (``trainer_state.pt``'s, or a sharded job's shards read whole
+        for a job that is not sharded), or for a sharded job the shards folder itself."""
+        shards = folder / sharding.SHARDS
+        if saved is None and shards.is_dir():
+            return shards if self.sharded else \
+                sharding.optimizer_from_shards(shards, self.token_loss, self.optimizer)
+        return saved
+
+    def _load_optimizer(self, state: dict | Path) -> None:
+        """``_optimizer_state``'s answer into the live optimizer (a sharded job's: into its
+        shards, resharded to this world size)."""
+        if isinstance(state, Path):
+            sharding.load_optimizer_shards(self.loss_module, self.optimizer, state)
+        elif self.sharded:
+            sharding.load_full_optimizer_state(self.loss_module, self.optimizer, state)
+        else:
+            self.optimizer.load_state_dict(state)
 
     def _resume(self, ckpt: Checkpoint, state: dict) -> None:
         """This job's own checkpoint: optimizer, scheduler, RNG and counters exactly."""
@@ -655,18 +657,7 @@ class Trainer:
                       epoch=self.state.epoch, rows_done=self.state.rows_done)
 
     def _load_torch_state(self, saved: dict, folder: Path) -> None:
-        shards = folder / sharding.SHARDS
-        if saved.get("optimizer") is None and shards.is_dir():
-            if self.sharded:
-                sharding.load_optimizer_shards(self.loss_module, self.optimizer, shards)
-            else:
-                self.optimizer.load_state_dict(
-                    sharding.optimizer_from_shards(shards, self.token_loss, self.optimizer))
-        elif self.sharded:
-            sharding.load_full_optimizer_state(self.loss_module, self.optimizer,
-                                               saved["optimizer"])
-        else:
-            self.optimizer.load_state_dict(saved["optimizer"])
+        self._load_optimizer(self._optimizer_state(saved["optimizer"], folder))
         self.scheduler.load_state_dict(saved["scheduler"])
         self._set_rng(saved["rng_cpu"], saved.get("rng_cuda"))
 
@@ -692,7 +683,7 @@ class Trainer:
             weights = ckpt.path
         else:
             # every rank names rank 0's folder (the ranks of a job share one host)
-            pid = int(self.group.max([float(os.getpid() if self.group.main else 0)])[0])
+            pid = self._main_pid()
             weights, own = initial_weights_dir(self.spec.checkpoint_root, self.spec.job_id,
                                                pid), True
             if self.group.main:
@@ -712,6 +703,11 @@ class Trainer:
         mine = [c for c in complete_checkpoints(self.spec.checkpoint_root)
                 if c.step > start and c.lineage() == me]
         return mine[-1] if mine else None
+
+    def _main_pid(self) -> int:
+        """Rank 0's process id, agreed by every rank (it names the temporary folders they
+        share, so a dead writer's are recognised and cleaned)."""
+        return int(self.group.max([float(os.getpid() if self.group.main else 0)])[0])
 
     def restore_from_disk(self) -> TrainState:
         """Load the last approved state on disk into the live model (trainable weights),
@@ -978,7 +974,6 @@ class Trainer:
         finally:
             self.model.train()
 
-    @torch.no_grad()
     def _loss_sum(self, batch: Batch) -> torch.Tensor:
         """The summed token loss of a batch outside a training step: through the sharded root
         (its hooks gather the weights) or, unsharded, straight through the model (not DDP's
@@ -987,6 +982,7 @@ class Trainer:
             return self.loss_module(batch)
         return token_loss_sum(self.lm, batch, self.autocast_dtype)
 
+    @torch.no_grad()
     def evaluate(self, rows: list[list[int]]) -> float:
         self.model.eval()
         total, count = 0.0, 0

@@ -20,6 +20,8 @@ schedule of a job or of a whole campaign, and carrying AdamW moments from one jo
 
 from __future__ import annotations
 
+import contextlib
+
 import math
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -172,16 +174,19 @@ def moments_problem(saved: Any, optimizer: torch.optim.Optimizer) -> str | None:
     return None
 
 
-def load_moments(optimizer: torch.optim.Optimizer, saved: dict, sharded_model=None) -> None:
+def load_moments(optimizer: torch.optim.Optimizer, saved: dict) -> None:
     """Load the saved moments (and per-parameter step counts); every group keeps its current
     hyperparameters (lr, betas, weight_decay, eps): the config, not the checkpoint, says how
-    this job trains. Call only when ``moments_problem`` found none. ``sharded_model``: the
-    FSDP2 model whose shards the moments are cut into."""
-    current = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-    if sharded_model is not None:
-        from trainer.sharding import load_full_optimizer_state
-        load_full_optimizer_state(sharded_model, optimizer, saved)
-    else:
+    this job trains. Call only when ``moments_problem`` found none."""
+    with keep_hyperparameters(optimizer):
         optimizer.load_state_dict(saved)
+
+
+@contextlib.contextmanager
+def keep_hyperparameters(optimizer: torch.optim.Optimizer):
+    """Whatever the block loads into ``optimizer`` (moments of another job, by any route), its
+    groups end with the hyperparameters they had before it."""
+    current = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+    yield
     for group, hyper in zip(optimizer.param_groups, current):
         group.update(hyper)

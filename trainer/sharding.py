@@ -50,10 +50,6 @@ def shard(root: torch.nn.Module, lm: torch.nn.Module, *, bf16: bool, device_type
     fully_shard(root, mesh=mesh, mp_policy=policy)
 
 
-def is_sharded(model: torch.nn.Module) -> bool:
-    return DTensor is not None and any(isinstance(p, DTensor) for p in model.parameters())
-
-
 def local(t: Any) -> Any:
     """This rank's shard of a DTensor; any other tensor as it is."""
     return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
@@ -81,6 +77,18 @@ def _names(model: torch.nn.Module, optimizer) -> list[str]:
     return [by_id[id(p)] for g in optimizer.param_groups for p in g["params"]]
 
 
+def _regroup(optimizer, saved_groups: list[dict], keys: list) -> list[dict]:
+    """The saved parameter groups' settings, each holding this optimizer's parameters of that
+    group as ``keys`` (names or indices, in the optimizer's order)."""
+    groups, start = [], 0
+    for group, saved in zip(optimizer.param_groups, saved_groups):
+        size = len(group["params"])
+        groups.append({**{k: v for k, v in saved.items() if k != "params"},
+                       "params": keys[start:start + size]})
+        start += size
+    return groups
+
+
 def full_weights(model: torch.nn.Module, prefix: str = "model.") -> dict | None:
     """The sharded root ``model``'s weights gathered whole to rank 0 on the CPU (None
     elsewhere), named as the Hugging Face model names them (``prefix``, the root's name for
@@ -105,14 +113,8 @@ def load_full_optimizer_state(model: torch.nn.Module, optimizer, saved: dict) ->
                                                          set_optimizer_state_dict)
 
     names = _names(model, optimizer)
-    groups, start = [], 0
-    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
-        size = len(group["params"])
-        groups.append({**{k: v for k, v in saved_group.items() if k != "params"},
-                       "params": names[start:start + size]})
-        start += size
     by_name = {"state": {names[i]: v for i, v in saved["state"].items()},
-               "param_groups": groups}
+               "param_groups": _regroup(optimizer, saved["param_groups"], names)}
     set_optimizer_state_dict(model, optimizer, by_name,
                              options=StateDictOptions(full_state_dict=True))
 
@@ -156,10 +158,5 @@ def optimizer_from_shards(folder, root: torch.nn.Module, optimizer) -> dict:
     names = _names(root, optimizer)
     index = {name: i for i, name in enumerate(names)}
     state = {index[name]: v for name, v in saved["state"].items() if name in index}
-    groups, start = [], 0
-    for group, saved_group in zip(optimizer.param_groups, saved["param_groups"]):
-        size = len(group["params"])
-        groups.append({**{k: v for k, v in saved_group.items() if k != "params"},
-                       "params": list(range(start, start + size))})
-        start += size
-    return {"state": state, "param_groups": groups}
+    return {"state": state,
+            "param_groups": _regroup(optimizer, saved["param_groups"], list(range(len(names))))}

@@ -64,6 +64,14 @@ def create_app(base: Path, *, token: str | None, loopback: bool, interval: float
     def error(status: int, message: str) -> JSONResponse:
         return JSONResponse({"schema": 1, "ok": False, "error": message}, status_code=status)
 
+    def failure(exc: RealmError, refused: int) -> JSONResponse:
+        """A realm error as its answer: 404 for what does not exist, ``refused`` for a request
+        realm refuses (400 for a view, 409 for an action the job's state forbids), else 500."""
+        if isinstance(exc, (JobNotFound, CampaignNotFound)):
+            return error(404, str(exc))
+        return error(refused if isinstance(exc, (UsageError, IllegalTransition)) else 500,
+                     str(exc))
+
     def token_given(request: Request, *, query: bool) -> str | None:
         header = request.headers.get("authorization", "")
         if header.lower().startswith("bearer "):
@@ -96,10 +104,8 @@ def create_app(base: Path, *, token: str | None, loopback: bool, interval: float
         async def endpoint(request: Request) -> Response:
             try:
                 data = await run_in_threadpool(view, request)
-            except (JobNotFound, CampaignNotFound) as exc:
-                return error(404, str(exc))
             except RealmError as exc:
-                return error(400 if isinstance(exc, UsageError) else 500, str(exc))
+                return failure(exc, 400)
             return JSONResponse(json_safe(data))
         return endpoint
 
@@ -148,12 +154,8 @@ def create_app(base: Path, *, token: str | None, loopback: bool, interval: float
                 who = f"dashboard ({request.client.host if request.client else 'unknown'})"
                 message = await run_in_threadpool(_act, queue, name, request.path_params["job"],
                                                   reason, who)
-            except JobNotFound as exc:
-                return error(404, str(exc))
-            except (IllegalTransition, UsageError) as exc:
-                return error(409, str(exc))
             except RealmError as exc:
-                return error(500, str(exc))
+                return failure(exc, 409)
             return JSONResponse({"schema": 1, "ok": True, "message": message})
         return endpoint
 
