@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import subprocess
@@ -11,6 +12,7 @@ from pathlib import Path
 from cli.common import positive_seconds, realm_paths
 from config.flags import FLAG_KEYS, add_common_flags, cli_layer_from
 from config.schema import BOUNDS
+from core.errors import UsageError
 from core.logsetup import configure
 from core.paths import RealmPaths, init_layout
 from core.training_queue import TrainingQueue
@@ -30,6 +32,17 @@ def _flag_args(args) -> list[str]:
             out.append(f"--{flag.replace('_', '-')}={value}")
     out += [f"--set={item}" for item in args.set or []]
     return out
+
+
+def _node_count(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    low, high = BOUNDS["daemon.nodes"]
+    if not low <= n <= high:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a node count from {low} to {high}")
+    return n
 
 
 def _open_daemon_log(paths, level: str):
@@ -56,11 +69,18 @@ def cmd_daemon(args) -> int:
     # (a typo or a NaN in --set), so a bad command line exits 2 before any job is claimed.
     config = resolve_for(paths, cli=cli_layer_from(args)).config
     DeviceSet.parse(args.devices or config.daemon.devices)  # a bad set is refused before anything
+    if args.join and args.once:
+        raise UsageError("--join with --once: a member daemon waits for jobs spanning hosts to "
+                         "join; run it without --once and stop it with SIGTERM.")
+    if args.join and args.nodes:
+        raise UsageError("--join with --nodes: a member joins the jobs other daemons claim; "
+                         "give --nodes to the claiming daemon.")
     stream = _open_daemon_log(paths, config.logging.level)
     try:
         summary = Daemon(paths, config.daemon, devices=args.devices, poll=args.poll,
                          once=args.once, extra_args=_flag_args(args),
-                         keep_last=config.checkpoint.keep_last).run()
+                         keep_last=config.checkpoint.keep_last, nodes=args.nodes,
+                         join=args.join or None).run()
     finally:
         stream.close()
     left = f"; {summary.left_queued} job(s) left queued: not claiming: {summary.guard}" \
@@ -189,6 +209,13 @@ def add_parsers(sub) -> None:
                    help="device set this daemon serves: cpu, cpu:N (N processes per job on CPU, "
                         "gloo), or CUDA ids such as 0 or 0,1 (one process per id, NCCL); "
                         "default: daemon.devices (cpu)")
+    p.add_argument("--nodes", type=_node_count, default=None, metavar="N",
+                   help="each job spans N hosts sharing this realm: this one and N-1 running "
+                        "`realm daemon --join` with the same number of processes (default: "
+                        "daemon.nodes, 1)")
+    p.add_argument("--join", action="store_true",
+                   help="member: claim nothing, lend this host's devices to jobs other daemons "
+                        "claim with --nodes above 1")
     p.add_argument("--plan", action="store_true", help="print the ordered plan; change nothing")
     p.add_argument("--json", action="store_true", help="with --plan: machine-readable")
     add_common_flags(p)

@@ -161,20 +161,24 @@ def build_plan(paths: RealmPaths, cli_args=None) -> dict[str, Any]:
     cli = cli_layer_from(cli_args) if cli_args is not None else None
     throughput = _throughput(queue)
     devices = getattr(cli_args, "devices", None)
+    nodes = getattr(cli_args, "nodes", None)
     try:
-        device_set = DeviceSet.parse(devices or resolve_for(paths, cli=cli).config.daemon.devices)
+        daemon_cfg = resolve_for(paths, cli=cli).config.daemon
+        device_set = DeviceSet.parse(devices or daemon_cfg.devices)
+        nodes = nodes or daemon_cfg.nodes
     except _REPORTED as exc:
         where = "--devices" if devices else "config"
         problems.append({"path": where, "problem": str(exc)})
-        device_set = DeviceSet("cpu", 1, "")
+        device_set, nodes = DeviceSet("cpu", 1, ""), nodes or 1
     entries = _entries(queue, problems)
     counters: dict = {}  # hero id -> its token counter, loaded once per plan
-    rows = [_plan_row(paths, p, path, job, cli, throughput, device_set.ranks, counters)
+    rows = [_plan_row(paths, p, path, job, cli, throughput, device_set.ranks * nodes, counters)
             for p, path, job in entries if not (job and job.held)]
     held = [{"job_id": job.id, "file": job.dataset_path, "reason": job.held}
             for _, _, job in entries if job and job.held]
     return {"schema": PLAN_SCHEMA, "realm": str(paths.base), "tokens_per_sec": throughput,
-            "devices": device_set.spec, "ranks_per_job": device_set.ranks,
+            "devices": device_set.spec, "nodes": nodes,
+            "ranks_per_job": device_set.ranks * nodes,
             "jobs": rows, "held": held, "paused": paused(paths), "problems": problems}
 
 
@@ -185,8 +189,10 @@ def _shown_value(key: str, value: Any) -> Any:
 
 
 def render_plan(plan: dict[str, Any]) -> str:
-    lines = [f"plan for {plan['realm']} ({len(plan['jobs'])} jobs; devices {plan['devices']}, "
-             f"{plan['ranks_per_job']} process(es) per job; throughput "
+    nodes = plan.get("nodes") or 1
+    on = f" on each of {nodes} nodes" if nodes > 1 else ""
+    lines = [f"plan for {plan['realm']} ({len(plan['jobs'])} jobs; devices {plan['devices']}"
+             f"{on}, {plan['ranks_per_job']} process(es) per job; throughput "
              f"{plan['tokens_per_sec'] or 'unknown until a job completes'} tokens/s)"]
     for i, r in enumerate(plan["jobs"], 1):
         eta = f", eta {r['eta_seconds']} s" if r.get("eta_seconds") else ""

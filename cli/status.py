@@ -203,6 +203,11 @@ def _section(title: str, rows: list[dict], fmt) -> list[str]:
 
 def _daemon_line(d: dict) -> str:
     extra = d.get("reason") or (f"job {d['job_id']}" if d.get("job_id") else "")
+    if d.get("role") == "member":
+        extra = (f"member node {d['node'] + 1} of {extra}" if d.get("node") is not None
+                 else f"member, {extra}" if extra else "member (joins jobs spanning hosts)")
+    elif (d.get("nodes") or 1) > 1:
+        extra = f"jobs span {d['nodes']} nodes{'; ' + extra if extra else ''}"
     return (f"  {d.get('host')}:{d.get('pid')} [{d.get('devices')}] {d.get('state')}"
             f"{': ' + extra if extra else ''}  (updated {_ago(d.get('updated_at'))})")
 
@@ -216,6 +221,8 @@ def _progress_line(r: dict) -> str:
     if p.get("metrics"):
         m = p["metrics"]
         ranks = f"  {p['parallelism']} x{p['world_size']}" if p.get("world_size", 1) > 1 else ""
+        if (p.get("nodes") or 1) > 1:
+            ranks += f" on {p['nodes']} nodes"
         line += (f"\n    step {p['job_step']}/{p['total_steps']}  loss {m['loss']:.4f}  "
                  f"{m['tokens_per_sec']:,.0f} tokens/s  eta {p['eta_seconds']:.0f}s{ranks}")
     return line

@@ -211,6 +211,21 @@ class DaemonConfig:
     on_job_end_timeout: float = 60.0
     """Seconds daemon.on_job_end may run before it is killed (the daemon claims nothing
     meanwhile)."""
+    nodes: int = 1
+    """Hosts each job this daemon claims spans, itself included. More than one: the job waits
+    for member daemons (``realm daemon --join``) on other hosts sharing the realm, with as many
+    processes per host as this daemon (daemon.devices), and runs as one torch.distributed group
+    through torchrun's c10d rendezvous (``daemon.nodes``)."""
+    join: bool = False
+    """A member daemon (``realm daemon --join``): it claims no job of its own; it lends its
+    devices to the jobs other daemons claim with daemon.nodes above 1 (its own daemon.nodes is
+    not used, so one config.json can serve both kinds)."""
+    address: Optional[str] = None
+    """The address other hosts reach this one at (the rendezvous endpoint, and each node's
+    address in the group); None: this host's fully qualified name."""
+    rendezvous_timeout: float = 600.0
+    """Seconds a job spanning hosts waits for every node to join before it fails (a retryable
+    failure)."""
 
 
 @dataclass
@@ -284,11 +299,13 @@ BOUNDS: dict[str, tuple[float | None, float | None]] = {
     "daemon.setup_timeout": (1, MAX_SECONDS),
     "daemon.stop_grace_seconds": (0, MAX_SECONDS), "daemon.min_free_disk_gb": (0, None),
     "daemon.min_free_memory_gb": (0, None), "daemon.on_job_end_timeout": (0.1, MAX_SECONDS),
+    "daemon.nodes": (1, 1024), "daemon.rendezvous_timeout": (1, MAX_SECONDS),
     "logging.log_every_steps": (1, None), "logging.status_every_seconds": (0, MAX_SECONDS),
 }
 
 
 NO_DECAY_KINDS = ("bias", "norm", "embedding")
+_ADDRESS = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]*")
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 
 
@@ -310,6 +327,9 @@ def string_problem(key: str, value: Any) -> str | None:
                     "the quote, or give the command without one")
         if not words:
             return "daemon.on_job_end: empty command; give a program and its arguments, or null"
+    if key == "daemon.address" and value is not None and not _ADDRESS.fullmatch(str(value)):
+        return (f"daemon.address: {value!r} is not a host name or IP address (letters, digits, "
+                "dots, dashes, colons); give the address other hosts reach this one at")
     if key in ("adapter.target_modules", "adapter.modules_to_save") and value is not None:
         names = [n.strip() for n in str(value).split(",")]
         if key == "adapter.target_modules" and value.strip() == "all-linear":

@@ -84,11 +84,15 @@ class Child:
     """One running training child."""
 
     def __init__(self, cmd: list[str], log_path: Path, files: JobFiles, env: dict | None = None,
-                 *, group: bool = False):
+                 *, group: bool = False, clear: bool = True):
+        """``clear``: remove what an earlier attempt left in the job's files (False for a
+        member node of a job spanning hosts: the claiming daemon cleared them, and its rank 0
+        may already be speaking)."""
         log_path.parent.mkdir(parents=True, exist_ok=True)
         self.files, self.group = files, group
         files.alive.parent.mkdir(parents=True, exist_ok=True)  # a stop may come at once
-        files.clear()
+        if clear:
+            files.clear()
         self.alive = AliveWatch(files.alive)
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=log, env=env,

@@ -22,6 +22,7 @@ import contextlib
 import errno
 import json
 import os
+import re
 import signal
 import sys
 import threading
@@ -35,6 +36,7 @@ import structlog
 from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
+from config.flags import FLAG_KEYS
 from core import exitcodes
 from core.errors import ClaimLost, UsageError
 from core.fsutil import host_name, process_alive, write_json_atomic
@@ -44,6 +46,7 @@ from core.queue_scan import read_sidecar_json
 from core.training_queue import TrainingQueue
 from daemon.hooks import run_job_end_hook
 from daemon.lock import DaemonLock, DeviceSet, device_label
+from daemon.nodes import MemberWatch, Rendezvous, node_log, this_address, withdraw
 from daemon.pause import describe, paused
 from daemon.protocol import CancelRequest, JobFiles, Outcome
 from daemon.supervisor import Child, ChildEnd, child_command, setup_limit
@@ -167,10 +170,18 @@ class _Wakeups:
 class Daemon:
     def __init__(self, paths: RealmPaths, daemon_cfg, *, devices: str | None = None,
                  poll: float | None = None, once: bool = False,
-                 extra_args: list[str] | None = None, say=print, keep_last: int = 3):
+                 extra_args: list[str] | None = None, say=print, keep_last: int = 3,
+                 nodes: int | None = None, join: bool | None = None):
         self.paths, self.cfg = paths, daemon_cfg
         self.device_set = DeviceSet.parse(devices or daemon_cfg.devices)
         self.devices = self.device_set.spec
+        self.kind = "cuda" if self.device_set.visible else "cpu"
+        self.join = daemon_cfg.join if join is None else join
+        """A member: claims nothing, joins the jobs other daemons claim across hosts."""
+        self.nodes = 1 if self.join else (nodes or daemon_cfg.nodes)
+        """Hosts each job this daemon claims spans (daemon.nodes)."""
+        self.address = this_address(daemon_cfg.address)
+        self.members = MemberWatch(daemon_cfg.lease_seconds, time.monotonic)
         self.poll, self.once, self.extra_args, self.say = poll, once, extra_args or [], say
         self.queue = TrainingQueue(paths.base, settle_seconds=daemon_cfg.settle_seconds)
         self.lock = DaemonLock(paths.status, self.devices)
@@ -256,6 +267,8 @@ class Daemon:
             log.warning("daemon.layout_recreated", folders=[str(p) for p in created])
         self._record_again()
         self.reap_dead_leases()
+        if self.join:
+            return self._join_round()
         if self.claiming_paused() or not self.resources_ok():
             return False
         job = self.queue.claim_next(self.worker, defer=self._campaign_busy())
@@ -332,7 +345,7 @@ class Daemon:
             self._job_ended(moved)
         return reaped
 
-    def _reap(self, job: Job, why: str) -> Job:
+    def _reap_claim(self, job: Job, why: str) -> Job:
         """A dead owner's job goes back to its queue (a retryable failure), or to cancelled
         when someone asked to cancel it (its checkpoints: the campaign's next job discards
         them, as any unfinished attempt's)."""
@@ -345,6 +358,12 @@ class Daemon:
                                   same_lease=True)
         with contextlib.suppress(OSError):
             files.remove()
+        return moved
+
+    def _reap(self, job: Job, why: str) -> Job:
+        moved = self._reap_claim(job, why)
+        with contextlib.suppress(OSError):
+            withdraw(self.paths.status, job.id)  # a dead claimer's rendezvous: nobody joins it
         return moved
 
     # --- pause and resource guard ------------------------------------------------------
@@ -415,6 +434,14 @@ class Daemon:
         if mem < self.cfg.min_free_memory_gb:
             problems.append(f"available memory {mem:.1f} GB < daemon.min_free_memory_gb "
                             f"{self.cfg.min_free_memory_gb}")
+        if self.nodes > 1:
+            idle = len(self.members.idle(self.paths.status, self.device_set.ranks, self.kind))
+            if idle < self.nodes - 1:
+                problems.append(
+                    f"{idle} of {self.nodes - 1} member daemon(s) idle for daemon.nodes "
+                    f"{self.nodes} ({self.device_set.ranks} {self.kind} process(es) per host): "
+                    f"start `realm daemon --join --devices {self.devices}` on another host "
+                    "sharing this realm")
         reason = "; ".join(problems) or None
         if reason and reason.split(" GB")[0] != (self._guard_said or "").split(" GB")[0]:
             log.warning("daemon.resources_low", reason=reason)
@@ -431,12 +458,25 @@ class Daemon:
                  f"{job.priority})")
         sidecar = sidecar_of(self.paths.base / job.dataset_path)
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": self.device_set.visible}
-        ranks = self.device_set.ranks
+        ranks, rdzv = self.device_set.ranks, None
         try:
-            child = Child(child_command(self.paths.base, sidecar, self.extra_args, ranks),
-                          self.paths.logs / "jobs" / f"{job.id}.log",
-                          JobFiles.of(self.paths.status, job.id), env, group=ranks > 1)
+            if self.nodes > 1:
+                rdzv = Rendezvous.for_claim(
+                    job, self.paths.relative(sidecar), nodes=self.nodes, nproc=ranks,
+                    kind=self.kind, address=self.address, flags=self.extra_args,
+                    leader=self.worker, timeout=self.cfg.rendezvous_timeout)
+                rdzv.publish(self.paths.status)
+                cmd = rdzv.launcher(self.paths.base, hosts_store=True, address=self.address)
+                log_path = node_log(self.paths.logs, job.id)
+                self.say(f"  waiting for {self.nodes - 1} member node(s) at {rdzv.endpoint}")
+            else:
+                cmd = child_command(self.paths.base, sidecar, self.extra_args, ranks)
+                log_path = self.paths.logs / "jobs" / f"{job.id}.log"
+            child = Child(cmd, log_path, JobFiles.of(self.paths.status, job.id), env,
+                          group=ranks > 1 or rdzv is not None)
         except OSError as exc:  # e.g. ENOSPC on the job log: the job goes back, visibly
+            if rdzv is not None:
+                withdraw(self.paths.status, job.id)
             why = f"could not start the training child: {exc}"
             kind = "no_space" if exc.errno == errno.ENOSPC else "crash"
             moved = self._record(job, ChildEnd(None, None, why), Outcome(
@@ -453,10 +493,98 @@ class Daemon:
         end = child.end()
         self.progress.close()
         outcome = child.outcome(end)
+        if rdzv is not None:
+            outcome = self._rendezvous_ended(rdzv, outcome)
         moved = self._record(job, end, outcome)
         self.say(_describe(moved, outcome))
         self._job_ended(moved)
         return moved
+
+    def _rendezvous_ended(self, rdzv: Rendezvous, outcome: Outcome) -> Outcome:
+        """Withdraw the claim's rendezvous; a group that died before every node joined says
+        so (the usual cause: a member went away after the claim)."""
+        joined = rdzv.joined(self.paths.status)
+        with contextlib.suppress(OSError):
+            withdraw(self.paths.status, rdzv.job_id)
+        if outcome.kind in ("crash", "timeout") and len(joined) < rdzv.nodes - 1:
+            outcome.reason = (
+                f"the job's {rdzv.nodes} nodes never met: {len(joined)} of {rdzv.nodes - 1} "
+                f"member node(s) joined the rendezvous at {rdzv.endpoint} (daemon."
+                f"rendezvous_timeout {rdzv.timeout:g} s); is `realm daemon --join` running on "
+                f"another host, and can it reach {rdzv.endpoint}? {outcome.reason or ''}")
+        return outcome
+
+    # --- a member node of jobs spanning hosts ---------------------------------------------
+
+    def _join_round(self) -> bool:
+        """A member: join the first published rendezvous this device set fits (same processes
+        per node, same device kind) whose claim is still running and has a free node slot."""
+        for rdzv in Rendezvous.published(self.paths.status):
+            if rdzv.nproc != self.device_set.ranks or rdzv.kind != self.kind:
+                continue
+            problem = self._rendezvous_problem(rdzv)
+            if problem:
+                log.warning("rendezvous.refused", job_id=rdzv.job_id, problem=problem)
+                continue
+            if not rdzv.still_claimed(self.paths.base):
+                continue
+            node = rdzv.take_slot(self.paths.status, self.worker)
+            if node is not None:
+                self._serve_node(rdzv, node)
+                return True
+        self._write_status("idle")
+        return False
+
+    def _rendezvous_problem(self, rdzv: Rendezvous) -> str | None:
+        """Why a rendezvous file is not one a claiming daemon wrote (its sidecar outside
+        processing/, flags that are not training flags): a member never runs it."""
+        sidecar = (self.paths.base / rdzv.sidecar).resolve()
+        if sidecar.parent != self.paths.state_dir("processing").resolve():
+            return f"sidecar {rdzv.sidecar!r} is not in processing/"
+        bad = [f for f in rdzv.flags if not _TRAINING_FLAG.fullmatch(f)]
+        if bad:
+            return f"flags {bad} are not training flags"
+        if not isinstance(rdzv.nodes, int) or not 1 < rdzv.nodes <= 1024:
+            return f"node count {rdzv.nodes!r}"
+        return None
+
+    def _serve_node(self, rdzv: Rendezvous, node: int) -> None:
+        """Run this host's launcher for node ``node`` of the job until it ends. A stop signal
+        is a warm stop of the whole job (the stop file every rank reads: a node is leaving);
+        the claim ending under it (recorded, reaped) stops it after a grace."""
+        leader = f"{rdzv.leader.get('host')}:{rdzv.leader.get('pid')}"
+        self.say(f"joining {rdzv.job_id} as node {node + 1} of {rdzv.nodes} (claimed by "
+                 f"{leader}, rendezvous {rdzv.endpoint})")
+        env = {**os.environ, "CUDA_VISIBLE_DEVICES": self.device_set.visible}
+        child = Child(rdzv.launcher(self.paths.base, hosts_store=False, address=self.address),
+                      node_log(self.paths.logs, rdzv.job_id),
+                      JobFiles.of(self.paths.status, rdzv.job_id), env, group=True, clear=False)
+        log.info("node.joined", job_id=rdzv.job_id, node=node, child_pid=child.pid,
+                 leader=leader)
+        self._write_status("joined", job_id=rdzv.job_id, node=node, child_pid=child.pid)
+        over_since = None
+        try:
+            while not child.wait(timeout=self.cfg.heartbeat_seconds):
+                if self.stop_requests >= 2:
+                    child.kill("second stop signal (cold stop)")
+                elif self.stop_requests == 1:
+                    child.request_stop()  # the whole job checkpoints and stops; it is requeued
+                if rdzv.still_claimed(self.paths.base):
+                    over_since = None
+                    continue
+                over_since = over_since or time.monotonic()
+                if time.monotonic() - over_since > NODE_GRACE:
+                    child.kill(f"the claim this node joined has ended (job {rdzv.job_id} is "
+                               f"no longer in processing under claim {rdzv.claim})")
+        except Exception as exc:  # noqa: BLE001 - never leave a launcher unwatched
+            log.error("node.supervise_failed", job_id=rdzv.job_id,
+                      traceback=traceback.format_exc())
+            child.kill(f"the daemon failed while supervising it: {type(exc).__name__}: {exc}")
+        end = child.end()
+        log.info("node.left", job_id=rdzv.job_id, node=node, code=end.code, signal=end.signal)
+        ended = "its launcher exited 0" if end.code == 0 else end.reason
+        self.say(f"  left {rdzv.job_id} (node {node + 1}): {ended}; the claiming daemon "
+                 f"{leader} records the outcome")
 
     def _job_ended(self, job: Job) -> None:
         """daemon.on_job_end, once the job's outcome is recorded (never fatal)."""
@@ -660,11 +788,20 @@ class Daemon:
             self.status_path.parent.mkdir(parents=True, exist_ok=True)
             write_json_atomic(self.status_path, {
                 "schema": 1, "state": state, "pid": os.getpid(), "host": host_name(),
-                "started": self.worker["started"],
-                "devices": self.devices, "updated_at": utc_now(), **fields}, fsync=False)
+                "started": self.worker["started"], "devices": self.devices,
+                "role": "member" if self.join else "claims", "ranks": self.device_set.ranks,
+                "kind": self.kind, "nodes": self.nodes, "updated_at": utc_now(), **fields},
+                fsync=False)
         except OSError as exc:  # a full disk or a removed status/ must not stop the daemon
             log.error("daemon.status_not_written", state=state, error=str(exc))
 
+
+NODE_GRACE = 30.0
+"""Seconds a member's launcher may outlive the claim it joined (a group ending on its own
+finishes well within it) before the member kills it."""
+_TRAINING_FLAG = re.compile("--(?:%s)=.*" % "|".join(
+    [f.replace("_", "-") for f in FLAG_KEYS] + ["set"]), re.S)
+"""The flags a claiming daemon passes to its ranks (``cli.daemon_cmds._flag_args``)."""
 
 PROGRESS_SECONDS = 0.2
 """How often the terminal bar reads the child's progress file (the lease is still renewed every

@@ -333,16 +333,16 @@ def save_trainable(model: torch.nn.Module, folder: Path) -> None:
     save_file(tensors, folder / WEIGHTS)
 
 
-def shards_dir(root: Path, step: int, pid: int) -> Path:
+def shards_dir(root: Path, step: int, pid: int, host: str | None = None) -> Path:
     """Where the ranks of a sharded job write a checkpoint's optimizer shards before rank 0
-    (process ``pid`` on this host) moves them into the staged checkpoint."""
-    return root / f".shards-{step}.tmp-{host_name()}-{pid}"
+    (process ``pid`` on ``host``, this one by default) moves them into the staged checkpoint."""
+    return root / f".shards-{step}.tmp-{host or host_name()}-{pid}"
 
 
-def initial_weights_dir(root: Path, job_id: str, pid: int) -> Path:
-    """Where process ``pid`` on this host keeps a job's initial trainable weights
-    (``clean_incomplete`` removes it once that process is dead)."""
-    return root / f".initial-{job_id}.tmp-{host_name()}-{pid}"
+def initial_weights_dir(root: Path, job_id: str, pid: int, host: str | None = None) -> Path:
+    """Where process ``pid`` on ``host`` (this one by default) keeps a job's initial trainable
+    weights (``clean_incomplete`` on that host removes it once that process is dead)."""
+    return root / f".initial-{job_id}.tmp-{host or host_name()}-{pid}"
 
 
 def clean_incomplete(root: Path) -> list[Path]:

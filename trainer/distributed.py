@@ -2,7 +2,7 @@
 
 A job on several devices runs as one process per device, started by torch's own elastic
 launcher (``python -m torch.distributed.run``), which sets ``RANK``, ``WORLD_SIZE`` and
-``LOCAL_RANK``. ``Group.from_env`` joins the process group (gloo on CPU, NCCL on CUDA); without
+``LOCAL_RANK`` (and, for a job spanning hosts, ``GROUP_WORLD_SIZE``: the node count). ``Group.from_env`` joins the process group (gloo on CPU, NCCL on CUDA); without
 those variables it is a group of one and every method is a no-op, so the single-process path
 never touches ``torch.distributed``.
 
@@ -33,6 +33,8 @@ class Group:
     backend: str | None = None
     local_world: int = 1
     """Ranks of this job on this host (they share its memory)."""
+    nodes: int = 1
+    """Hosts the job spans (torchrun's node count: ``GROUP_WORLD_SIZE``)."""
 
     @property
     def main(self) -> bool:
@@ -57,7 +59,8 @@ class Group:
         if not dist.is_initialized():
             dist.init_process_group(backend=backend, timeout=TIMEOUT)
         return cls(rank, world, local, backend,
-                   int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
+                   int(os.environ.get("LOCAL_WORLD_SIZE", str(world))),
+                   int(os.environ.get("GROUP_WORLD_SIZE", "1")))
 
     def device(self) -> torch.device | None:
         """This rank's device when it is a CUDA rank (None: pick as a single process does)."""
@@ -92,6 +95,26 @@ class Group:
         out = [torch.empty_like(t) for _ in range(self.world)]
         dist.all_gather(out, t)
         return [o.tolist() for o in out]
+
+    def broadcast(self, value):
+        """Rank 0's ``value`` (any picklable object), on every rank."""
+        if not self.active:
+            return value
+        import torch.distributed as dist
+
+        box = [value if self.main else None]
+        dist.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def gather_object(self, value) -> list:
+        """Every rank's ``value`` (any picklable object), in rank order, on every rank."""
+        if not self.active:
+            return [value]
+        import torch.distributed as dist
+
+        out = [None] * self.world
+        dist.all_gather_object(out, value)
+        return out
 
     def barrier(self) -> None:
         if self.active:

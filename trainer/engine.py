@@ -47,6 +47,7 @@ import torch
 
 from config.locked import verify_locked
 from core.errors import ConfigError, InputError, RealmError
+from core.fsutil import host_name
 from core.validate import read_regular
 from trainer.attention import NAME as ATTENTION, use_packed_attention
 from trainer.checkpoint import (Checkpoint, Staged, apply_retention, clean_incomplete, shards_dir,
@@ -398,7 +399,7 @@ class Trainer:
             self.sharded = True
             # where the ranks write a checkpoint's optimizer shards: named by rank 0's pid, as
             # its staged folder is (a dead writer's leftovers are cleaned the same way)
-            self.shards_pid = self._main_pid()
+            self.shards_writer = self._main_writer()
             self.log.info("model.sharded", parallelism="fsdp", world=self.group.world)
         elif self.group.active:
             from torch.nn.parallel import DistributedDataParallel
@@ -682,10 +683,10 @@ class Trainer:
         if ckpt is not None:
             weights = ckpt.path
         else:
-            # every rank names rank 0's folder (the ranks of a job share one host)
-            pid = self._main_pid()
+            # every rank names rank 0's folder (wherever rank 0 runs: the realm is shared)
+            pid, host = self._main_writer()
             weights, own = initial_weights_dir(self.spec.checkpoint_root, self.spec.job_id,
-                                               pid), True
+                                               pid, host), True
             if self.group.main:
                 save_trainable(self.model, weights)
             self.group.barrier()
@@ -704,10 +705,11 @@ class Trainer:
                 if c.step > start and c.lineage() == me]
         return mine[-1] if mine else None
 
-    def _main_pid(self) -> int:
-        """Rank 0's process id, agreed by every rank (it names the temporary folders they
-        share, so a dead writer's are recognised and cleaned)."""
-        return int(self.group.max([float(os.getpid() if self.group.main else 0)])[0])
+    def _main_writer(self) -> tuple[int, str]:
+        """Rank 0's process id and host, agreed by every rank (they name the temporary folders
+        the ranks share, so a dead writer's are recognised and cleaned on its host)."""
+        pid, host = self.group.broadcast((os.getpid(), host_name()))
+        return int(pid), str(host)
 
     def restore_from_disk(self) -> TrainState:
         """Load the last approved state on disk into the live model (trainable weights),
@@ -823,7 +825,7 @@ class Trainer:
         weights = shards = None
         if self.sharded:
             weights = sharding.full_weights(self.loss_module)
-            shards = shards_dir(self.spec.checkpoint_root, self.global_step, self.shards_pid)
+            shards = shards_dir(self.spec.checkpoint_root, self.global_step, *self.shards_writer)
             sharding.save_optimizer_shards(self.loss_module, self.optimizer, shards)
         if not self.group.main:
             return None
@@ -909,7 +911,8 @@ class Trainer:
             raise RanksDiverged(f"replicas differ at step {self.global_step}: weight digests "
                                 f"{[r[:2] for r in rows]}, rollbacks per rank {rollbacks}")
         return {"world": self.group.world, "rollbacks_per_rank": rollbacks,
-                "parallelism": self.parallelism,
+                "parallelism": self.parallelism, "nodes": self.group.nodes,
+                "hosts": self.group.gather_object(host_name()),
                 "weights_agree": True if not self.sharded else None}
 
     # --- evaluation -----------------------------------------------------------------------
@@ -1198,7 +1201,7 @@ class EpochRunner:
                                               evaluation=last_eval,
                                               curve=thin(t.curve, LIVE_CURVE_POINTS),
                                               rollbacks=t.rollbacks[-LIVE_ROLLBACKS:],
-                                              world=t.group.world,
+                                              world=t.group.world, nodes=t.group.nodes,
                                               parallelism=t.parallelism),
                        force=job_step == t.total_steps)  # the bar and status see the last step
 

@@ -116,7 +116,8 @@ def status_payload(job_id: str, m: StepMetrics, *, job_step: int, total_steps: i
                    stats: RunningStats, state: str = "training",
                    evaluation: dict[str, Any] | None = None,
                    curve: list | None = None, rollbacks: list | None = None,
-                   world: int = 1, parallelism: str = "single") -> dict[str, Any]:
+                   world: int = 1, parallelism: str = "single", nodes: int = 1
+                   ) -> dict[str, Any]:
     """``evaluation``: the latest ``{"step", "eval_loss"}``, when the job evaluated; ``curve``:
     ``[global step, loss]`` pairs of the job so far; ``rollbacks``: the governor's rollback
     events of the job (reason, step, loss, threshold, learning rate after)."""
@@ -124,7 +125,7 @@ def status_payload(job_id: str, m: StepMetrics, *, job_step: int, total_steps: i
     sec_per_step = stats.seconds / stats.steps if stats.steps else 0.0
     payload = {"state": state, "job_id": job_id, "step": m.step, "job_step": job_step,
                "total_steps": total_steps, "eta_seconds": round(remaining * sec_per_step, 1),
-               "world_size": world, "parallelism": parallelism,
+               "world_size": world, "parallelism": parallelism, "nodes": nodes,
                "metrics": {k: v for k, v in asdict(m).items() if k != "step"}}
     if evaluation is not None:
         payload["eval"] = evaluation

@@ -264,11 +264,15 @@ def _own_resume_point(paths: RealmPaths, spec, job: Job) -> dict | None:
 
 
 def _rank_log(paths: RealmPaths, job: Job, group):
-    """Rank 0 logs to the job log (the launcher's stdout); rank N>0 to ``<job>.rank<N>.log``
-    beside it, so JSON lines from several processes never interleave."""
-    if group.main:
+    """Rank 0 logs to the job log (the launcher's stdout, or the file itself when the job spans
+    hosts); rank N>0 to ``<job>.rank<N>.log`` beside it, so JSON lines from several processes
+    never interleave."""
+    if group.main and group.nodes <= 1:
         return None
-    path = paths.logs / "jobs" / f"{job.id}.rank{group.rank}.log"
+    # a job spanning hosts: rank 0 writes the job log itself, wherever it runs (each host's
+    # launcher writes <job>.node-<host>.log)
+    name = f"{job.id}.log" if group.main else f"{job.id}.rank{group.rank}.log"
+    path = paths.logs / "jobs" / name
     path.parent.mkdir(parents=True, exist_ok=True)
     return open(path, "a", buffering=1)
 

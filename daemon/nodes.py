@@ -1,0 +1,205 @@
+"""Jobs across hosts: torchrun's c10d rendezvous among the daemons that share a realm.
+
+A daemon with ``daemon.nodes: N`` (N > 1) claims a job as any daemon does and trains it on N
+hosts: its own devices and those of N - 1 *member* daemons (``realm daemon --join``) on other
+hosts that mount the same realm. It claims only while enough members are idle (their status
+files say so), and for the claim it publishes a rendezvous, ``status/jobs/<job>.rdzv.json``: the
+c10d endpoint (its address and a free port; its launcher hosts the store), a run id unique to
+the claim, the node count, the processes per node, the device kind, the job's sidecar and the
+claiming daemon's training flags (every rank must resolve the same config). A member takes a
+node slot by creating ``<job>.rdzv.node-<i>`` exclusively, so a job never gets more nodes than
+it asked for (a surplus agent would wait in torch's redundancy list for ever), and starts the
+same launcher against the endpoint; torchrun's rendezvous numbers the ranks.
+
+Wherever rank 0 lands, it writes through the shared realm: the job log, the liveness counter,
+the outcome file and the checkpoints. The claiming daemon supervises the job as a one-host job
+(lease, liveness, warm stop by the stop file every rank reads, cancel) and records its outcome;
+a member supervises only its own launcher: it stops it when the claim it joined has ended, and a
+SIGTERM to a member is a warm stop of the whole job (a node is leaving: checkpoint, requeue).
+A node that dies takes the group down (its peers' collectives fail), and the job is retried as
+a one-host crash is. Never imports torch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import socket
+import sys
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from core.fsutil import host_name, process_alive, write_json_atomic
+from core.job import Job, JobState, utc_now
+from core.queue_scan import read_sidecar_json
+
+SCHEMA = 1
+
+
+def this_address(configured: str | None) -> str:
+    """The address other hosts reach this one at: daemon.address, else the FQDN."""
+    return configured or socket.getfqdn()
+
+
+def free_port() -> int:
+    """A port free on this host now (the launcher binds it a moment later)."""
+    with socket.socket() as s:
+        s.bind(("", 0))
+        return s.getsockname()[1]
+
+
+@dataclass
+class Rendezvous:
+    """One claim's rendezvous, as the claiming daemon publishes it."""
+
+    job_id: str
+    claim: str
+    """The claim's ``started_at``: a member joins only while the job is still this claim."""
+    run_id: str
+    endpoint: str
+    nodes: int
+    nproc: int
+    """Processes per node (the claiming daemon's device set)."""
+    kind: str
+    """``cpu`` or ``cuda``: a member joins only with devices of the same kind."""
+    sidecar: str
+    """The job's sidecar in processing/, relative to the realm (mount points differ by host)."""
+    flags: list[str]
+    """The claiming daemon's training flags, passed to every node's ranks."""
+    leader: dict
+    timeout: float
+    created_at: str
+
+    @staticmethod
+    def path(status_dir: Path, job_id: str) -> Path:
+        return status_dir / "jobs" / f"{job_id}.rdzv.json"
+
+    @classmethod
+    def for_claim(cls, job: Job, sidecar: str, *, nodes: int, nproc: int, kind: str,
+                  address: str, flags: list[str], leader: dict, timeout: float
+                  ) -> "Rendezvous":
+        digest = hashlib.sha256(f"{job.id}|{job.started_at}|{leader}".encode()).hexdigest()
+        return cls(job.id, job.started_at or "", f"realm-{digest[:16]}",
+                   f"{address}:{free_port()}", nodes, nproc, kind, sidecar, list(flags),
+                   dict(leader), timeout, utc_now())
+
+    def publish(self, status_dir: Path) -> None:
+        """Clear what an earlier claim of the job left (a daemon killed mid-job), then write."""
+        withdraw(status_dir, self.job_id)
+        (status_dir / "jobs").mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.path(status_dir, self.job_id),
+                          {"schema": SCHEMA, **asdict(self)}, fsync=False)
+
+    @classmethod
+    def read(cls, path: Path) -> "Rendezvous | None":
+        try:
+            data = json.loads(path.read_bytes()[:1 << 16])
+            data.pop("schema", None)
+            return cls(**data)
+        except (OSError, ValueError, TypeError):
+            return None
+
+    @classmethod
+    def published(cls, status_dir: Path) -> list["Rendezvous"]:
+        found = (cls.read(p) for p in sorted((status_dir / "jobs").glob("*.rdzv.json")))
+        return [r for r in found if r is not None]
+
+    def _slot(self, status_dir: Path, node: int) -> Path:
+        return status_dir / "jobs" / f"{self.job_id}.rdzv.node-{node}"
+
+    def take_slot(self, status_dir: Path, member: dict) -> int | None:
+        """Node slot 1..nodes-1 for ``member`` (slot 0 is the claiming daemon's), created
+        exclusively; None when every slot is taken."""
+        for node in range(1, self.nodes):
+            try:
+                fd = os.open(self._slot(status_dir, node), os.O_WRONLY | os.O_CREAT | os.O_EXCL,
+                             0o644)
+            except FileExistsError:
+                continue
+            with os.fdopen(fd, "w") as f:
+                json.dump({"run_id": self.run_id, "node": node, "at": utc_now(), **member}, f)
+            return node
+        return None
+
+    def joined(self, status_dir: Path) -> list[dict]:
+        """The members that took a slot of this claim."""
+        out = []
+        for node in range(1, self.nodes):
+            with contextlib.suppress(OSError, ValueError):
+                taken = json.loads(self._slot(status_dir, node).read_text())
+                if taken.get("run_id") == self.run_id:
+                    out.append(taken)
+        return out
+
+    def still_claimed(self, base: Path) -> bool:
+        """The job is still in processing under this claim (its sidecar says so)."""
+        try:
+            job = Job.from_dict(read_sidecar_json(base / self.sidecar))
+        except Exception:  # noqa: BLE001 - gone, moved or unreadable: not a claim to join
+            return False
+        return job.status is JobState.PROCESSING and job.started_at == self.claim
+
+    def launcher(self, base: Path, *, hosts_store: bool, address: str) -> list[str]:
+        """torchrun for one node of this job (the claiming daemon's launcher hosts the c10d
+        store; members connect to it)."""
+        return [sys.executable, "-m", "torch.distributed.run",
+                "--nnodes", str(self.nodes), "--nproc-per-node", str(self.nproc),
+                "--rdzv-backend", "c10d", "--rdzv-endpoint", self.endpoint,
+                "--rdzv-id", self.run_id,
+                "--rdzv-conf", f"is_host={str(hosts_store).lower()},"
+                               f"join_timeout={max(1, int(self.timeout))}",
+                "--local-addr", address,
+                "--max-restarts", "0", "--monitor-interval", "0.2", "--shutdown-timeout", "10",
+                "-m", "trainer.run_job", "--base-dir", str(base),
+                "--job", str(base / self.sidecar), *self.flags]
+
+
+def withdraw(status_dir: Path, job_id: str) -> None:
+    """Remove a job's rendezvous and its node slots."""
+    for p in (status_dir / "jobs").glob(f"{job_id}.rdzv.*"):
+        p.unlink(missing_ok=True)
+
+
+def node_log(logs_dir: Path, job_id: str) -> Path:
+    """One host's launcher output for a job spanning hosts (rank 0's log is ``<job>.log``,
+    written by rank 0 itself wherever it runs)."""
+    return logs_dir / "jobs" / f"{job_id}.node-{host_name()}.log"
+
+
+class MemberWatch:
+    """Which member daemons are idle now, judged as leases are: on this host the process
+    exists; on another host its status file's ``updated_at`` changed within ``lease_seconds``
+    of this daemon's monotonic clock (never compared with this host's wall clock)."""
+
+    def __init__(self, lease_seconds: float, clock):
+        self.lease_seconds, self.clock = lease_seconds, clock
+        self._seen: dict[str, tuple[str | None, float]] = {}
+
+    def _alive(self, path: Path, status: dict) -> bool:
+        if status.get("host") == host_name():
+            return process_alive(status.get("pid"), status.get("started"))
+        now, stamp = self.clock(), status.get("updated_at")
+        seen = self._seen.get(str(path))
+        if seen is None or seen[0] != stamp:
+            self._seen[str(path)] = (stamp, now)
+            return True
+        return now - seen[1] < self.lease_seconds
+
+    def idle(self, status_dir: Path, nproc: int, kind: str) -> list[dict]:
+        """Idle members whose device sets match (as many processes, the same kind)."""
+        out = []
+        for path in sorted(status_dir.glob("daemon-*.json")):
+            try:
+                status = json.loads(path.read_bytes()[:1 << 16])
+            except (OSError, ValueError):
+                continue
+            if not isinstance(status, dict) or status.get("role") != "member":
+                continue
+            if status.get("state") != "idle" or status.get("ranks") != nproc or \
+                    status.get("kind") != kind:
+                continue
+            if self._alive(path, status):
+                out.append(status)
+        return out
