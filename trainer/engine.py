@@ -953,12 +953,28 @@ class Trainer:
         the span-wise attention then falls back to plain causal sdpa, which generation uses)."""
         if not self.sample_prompts:
             return
-        if self.sharded:  # generate() calls the model outside the sharded root
-            self.log.warning("eval.samples_skipped", reason="eval.sample_prompts is not run "
-                             "under training.parallelism fsdp yet")
-            return
         tok, new = self.tokenizer, self.cfg.eval.sample_max_new_tokens
         self.model.eval()
+        # fsdp: generate() calls the LM outside the sharded root; every rank decodes the same
+        # prompts greedily in step (the layers' gathers are collectives)
+        with self._whole_root():
+            self._sample_each(tok, new)
+
+    def _whole_root(self):
+        return sharding.gathered(self.loss_module) if self.sharded else contextlib.nullcontext()
+
+    @torch.no_grad()
+    def logits(self, ids: torch.Tensor) -> torch.Tensor:
+        """The live model's logits for ``ids`` (sharded or not; every rank of a sharded job
+        calls it), on the CPU in fp32."""
+        self.model.eval()
+        try:
+            with self._whole_root():
+                return self.lm(input_ids=ids.to(self.device)).logits.float().cpu()
+        finally:
+            self.model.train()
+
+    def _sample_each(self, tok, new: int) -> None:
         try:
             for prompt in self.sample_prompts:
                 ids = tok(prompt, add_special_tokens=False)["input_ids"]

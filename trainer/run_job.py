@@ -17,7 +17,8 @@ launcher tear the group down).
 Test-only hooks (environment): ``REALM_TEST_NAN_AT=RANK:STEP`` makes that rank's loss NaN once,
 at that step; ``REALM_TEST_HANG=setup|step`` hangs rank 0 after its model is loaded, or after
 its first optimizer step, without a sign of life; ``REALM_TEST_ENOSPC=STEP`` raises ENOSPC after
-that optimizer step.
+that optimizer step; ``REALM_TEST_LOGITS=FILE`` saves the trained model's logits for fixed ids
+(``_test_logits_hook``).
 """
 
 from __future__ import annotations
@@ -193,6 +194,21 @@ def _test_nan_hook(group):
     return hook
 
 
+def _test_logits_hook(trainer, group) -> None:
+    """``REALM_TEST_LOGITS=FILE``: once the job has trained, the live model's logits for two
+    fixed rows of 24 token ids (seed 0) go to FILE (every rank computes, rank 0 saves): a
+    sharded job's logits, to compare with its consolidated folder's."""
+    out = os.environ.get("REALM_TEST_LOGITS")
+    if not out:
+        return
+    import torch
+
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    logits = trainer.logits(ids)
+    if group.main:
+        torch.save(logits, out)
+
+
 def _test_fault_hooks(alive: Alive | None):
     """The liveness callback, wrapped by ``REALM_TEST_HANG`` / ``REALM_TEST_ENOSPC`` when set."""
     beat = alive.advance if alive is not None else (lambda _phase: None)
@@ -293,7 +309,9 @@ def _train(paths: RealmPaths, job: Job, alive: Alive | None, cli, stop, group, b
         trainer.data_tick = (lambda: alive.tick("data")) if alive is not None else trainer.data_tick
         trainer.loss_hook = _test_nan_hook(group)
         try:
-            return trainer.train()
+            result = trainer.train()
+            _test_logits_hook(trainer, group)
+            return result
         except StopRequested:
             _drop_if_cancelled(paths, job, group, box)  # still holding the campaign's lock
             raise

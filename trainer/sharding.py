@@ -61,6 +61,19 @@ def full(t: Any) -> Any:
 
 
 @contextlib.contextmanager
+def gathered(root: torch.nn.Module):
+    """The root's own parameters (embeddings, final norm, head) whole on every rank while the
+    LM is called outside the root's forward (``generate()``, logits for a check); the decoder
+    layers gather themselves as they run. Every rank must make the same calls in the same order
+    (greedy decoding of the same weights does)."""
+    root.unshard()
+    try:
+        yield
+    finally:
+        root.reshard()
+
+
+@contextlib.contextmanager
 def no_gradient_sync(lm: torch.nn.Module):
     """Accumulate this micro-batch's gradients without the reduce-scatter (the last one of a
     step reduces them all): FSDP2's counterpart of DDP's ``no_sync``."""

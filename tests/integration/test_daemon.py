@@ -35,9 +35,10 @@ def start_daemon(base: Path, *args) -> subprocess.Popen:
                             env=env())
 
 
-def realm_cmd(base, *args, timeout=300):
+def realm_cmd(base, *args, timeout=300, extra_env=None):
     return subprocess.run([sys.executable, "-m", "cli", "--base-dir", str(base), *args],
-                          capture_output=True, text=True, env=env(), timeout=timeout)
+                          capture_output=True, text=True, env={**env(), **(extra_env or {})},
+                          timeout=timeout)
 
 
 def wait_for(predicate, timeout=120, what="condition"):

@@ -45,7 +45,9 @@ def test_fsdp_matches_one_process_loads_back_and_a_killed_rank_resumes_bit_ident
     straight = realm(tmp_path / "straight", micro_batch_size=2, max_steps=10, epochs=3, **FSDP)
     killed = realm(tmp_path / "killed", micro_batch_size=2, max_steps=10, epochs=3, **FSDP)
     assert realm_cmd(one.base, "daemon", "--once", "--devices", SINGLE).returncode == 0
-    out = realm_cmd(straight.base, "daemon", "--once", "--devices", GROUP)
+    live = tmp_path / "sharded-logits.pt"  # the live sharded model's, after its last step
+    out = realm_cmd(straight.base, "daemon", "--once", "--devices", GROUP,
+                    extra_env={"REALM_TEST_LOGITS": str(live)})
     assert out.returncode == 0, out.stderr
     a, b = only_job(one), only_job(straight)
     assert b.metadata["data"]["ranks"]["parallelism"] == "fsdp"
@@ -67,6 +69,7 @@ def test_fsdp_matches_one_process_loads_back_and_a_killed_rank_resumes_bit_ident
     assert load_file(f"{a.metadata['checkpoint']}/model.safetensors").keys() == \
         load_file(f"{b.metadata['checkpoint']}/model.safetensors").keys(), "the same tensors"
     fsdp_logits = logits_of(b.metadata["checkpoint"], ids)
+    assert torch.allclose(fsdp_logits, torch.load(live), atol=1e-5), "folder == sharded model"
     assert torch.allclose(fsdp_logits, logits_of(a.metadata["checkpoint"], ids), atol=1e-4)
 
     daemon = start_daemon(killed.base, "--once", "--devices", GROUP)
@@ -160,8 +163,10 @@ def test_moments_carry_from_one_process_into_fsdp_and_from_fsdp_into_ddp(tmp_pat
     campaign = paths.campaigns / "tiny-qwen3" / "c1" / "campaign.json"
     data = json.loads(campaign.read_text())
     data["overrides"]["data"]["val_fraction"] = 0.1
-    data["overrides"]["eval"] = {"every_steps": 2}
+    data["overrides"]["eval"] = {"every_steps": 2, "sample_prompts": "prompts.txt",
+                                 "sample_max_new_tokens": 6}
     campaign.write_text(json.dumps(data))
+    (paths.base / "prompts.txt").write_text("hello\nthe answer is\n")
     three = "cpu:3" if GROUP.startswith("cpu") else GROUP  # shards resharded to 3 ranks
     runs = [(SINGLE, "ddp"), (GROUP, "fsdp"), (three, "fsdp"), (GROUP, "ddp")]
     for i, (devices, parallelism) in enumerate(runs):
@@ -183,4 +188,11 @@ def test_moments_carry_from_one_process_into_fsdp_and_from_fsdp_into_ddp(tmp_pat
     for log in (paths.logs / "jobs" / f"{fsdp.id}.log",
                 paths.logs / "jobs" / f"{fsdp.id}.rank1.log"):
         assert [e["step"] for e in events(log, "eval.loss")] == [6, 8]
+    # the sample prompts under fsdp: every rank decodes them in step, to the same text
+    samples = [[(e["step"], e["prompt"], e["completion"]) for e in events(log, "eval.sample")]
+               for log in (paths.logs / "jobs" / f"{fsdp.id}.log",
+                           paths.logs / "jobs" / f"{fsdp.id}.rank1.log")]
+    assert [s[:2] for s in samples[0]] == [(6, "hello"), (6, "the answer is"), (8, "hello"),
+                                           (8, "the answer is")]
+    assert samples[0] == samples[1]
     assert fsdp.metadata["data"]["eval"]["last"]["step"] == 8
