@@ -823,8 +823,12 @@ class Trainer:
         sharded model's weights and optimizer state are gathered to rank 0 first (every rank
         takes part)."""
         weights = shards = None
-        if self.sharded:
+        if self.sharded and self.cfg.adapter.method != "none":
+            # only the adapter is saved: its weights gathered, named as the peft model's
+            weights = sharding.trainable_weights(self.model, self.group.main)
+        elif self.sharded:
             weights = sharding.full_weights(self.loss_module)
+        if self.sharded:
             shards = shards_dir(self.spec.checkpoint_root, self.global_step, *self.shards_writer)
             sharding.save_optimizer_shards(self.loss_module, self.optimizer, shards)
         if not self.group.main:
@@ -1027,10 +1031,10 @@ def _fsdp_problem(cfg) -> str | None:
     if not sharding.available():
         return (f"training.parallelism fsdp needs FSDP2 (torch >= 2.6); this is torch "
                 f"{torch.__version__}. Use training.parallelism ddp.")
-    if cfg.adapter.method != "none":
-        return (f"training.parallelism fsdp does not shard adapter jobs yet (adapter.method "
-                f"{cfg.adapter.method}): an adapter's weights are small, so use "
-                "training.parallelism ddp.")
+    if cfg.adapter.method == "qlora":
+        return ("training.parallelism fsdp does not shard a 4-bit base (adapter.method qlora): "
+                "bitsandbytes' packed weights are not DTensors. Use training.parallelism ddp, or "
+                "adapter.method lora.")
     return None
 
 

@@ -120,6 +120,15 @@ def full_weights(model: torch.nn.Module, prefix: str = "model.") -> dict | None:
             if k in unique or k not in every}
 
 
+def trainable_weights(model: torch.nn.Module, main: bool) -> dict | None:
+    """The trainable parameters of a sharded ``model`` (an adapter's), each gathered whole, on
+    the CPU at rank 0 (None elsewhere), named as ``model`` names them. Every rank must call
+    this (one all-gather per parameter)."""
+    out = {name: full(p.detach()).cpu() for name, p in model.named_parameters()
+           if p.requires_grad}
+    return out if main else None
+
+
 def load_full_optimizer_state(model: torch.nn.Module, optimizer, saved: dict) -> None:
     """An index-keyed optimizer state (any checkpoint's) into this rank's shards."""
     from torch.distributed.checkpoint.state_dict import (StateDictOptions,

@@ -13,6 +13,7 @@ import psutil
 import pytest
 import torch
 
+from core.fsutil import host_name
 from core.job import Job
 from core.training_queue import TrainingQueue
 from tests.integration.test_daemon import FAST_DAEMON, realm_cmd, start_daemon, wait_for
@@ -65,8 +66,8 @@ def test_two_gloo_ranks_match_one_process_with_the_same_global_batch(tmp_path):
     assert rows % 4 == 1 and b.metadata["data"]["rows"] == rows
     assert b.metadata["data"]["world_size"] == 2
     assert b.metadata["data"]["ranks"] == {"world": 2, "rollbacks_per_rank": [0, 0],
-                                           "parallelism": "ddp",
-                                           "weights_agree": True}
+                                           "parallelism": "ddp", "nodes": 1,
+                                           "hosts": [host_name()] * 2, "weights_agree": True}
     la, lb = step_losses(one, a), step_losses(two, b)
     assert len(la) == len(lb) == a.final_step == math.ceil(math.ceil(rows / 4) / 2)
     assert max(abs(x - y) for x, y in zip(la, lb)) <= 1e-5, (la, lb)
@@ -209,7 +210,8 @@ def test_a_lora_job_on_two_ranks_builds_one_base_and_the_ranks_agree(tmp_path):
     assert out.returncode == 0, out.stderr[-2000:]
     job = only_job(paths)
     assert job.metadata["data"]["ranks"] == {"world": 2, "rollbacks_per_rank": [0, 0],
-                                             "parallelism": "ddp", "weights_agree": True}
+                                             "parallelism": "ddp", "weights_agree": True,
+                                             "nodes": 1, "hosts": [host_name()] * 2}
     folder = paths.campaigns / "tiny-qwen3" / "c1"
     assert (folder / "base" / "model.safetensors").exists()
     assert not list(folder.glob(".base.tmp-*")), "no scratch base left behind"

@@ -15,6 +15,7 @@ import psutil
 import pytest
 import torch
 
+from core.training_queue import TrainingQueue
 from tests.integration.test_daemon import realm_cmd, start_daemon, wait_for
 from tests.integration.test_distributed import (at_step, events, final_weights, only_job,
                                                 ranks_of, realm, step_losses)
@@ -107,7 +108,7 @@ def test_nan_on_one_fsdp_rank_rolls_back_every_rank(tmp_path):
         assert (rollback["reason"], rollback["step"], rollback["snapshot_step"]) == ("nan", 5, 3)
 
 
-def test_fsdp_refuses_an_adapter_job_with_the_fix():
+def test_fsdp_refuses_a_4bit_base_with_the_fix():
     from config.schema import RealmConfig
     from trainer.engine import _fsdp_problem
 
@@ -115,8 +116,57 @@ def test_fsdp_refuses_an_adapter_job_with_the_fix():
     cfg.training.parallelism = "fsdp"
     assert _fsdp_problem(cfg) is None
     cfg.adapter.method = "lora"
+    assert _fsdp_problem(cfg) is None
+    cfg.adapter.method = "qlora"
     problem = _fsdp_problem(cfg)
-    assert "adapter.method lora" in problem and "training.parallelism ddp" in problem
+    assert "adapter.method qlora" in problem and "training.parallelism ddp" in problem
+
+
+@pytest.mark.slow(seconds=30)
+def test_a_lora_job_under_fsdp_matches_one_process_saves_the_adapter_and_continues(tmp_path):
+    """The frozen base and the adapter sharded together: the loss curve of one process, a PEFT
+    adapter folder (gathered, named as peft names it), and the campaign's next fsdp job
+    continuing from it with the optimizer shards."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from trainer.data.synthetic import write_dataset
+
+    runs = {}
+    for name, devices, training in (("one", SINGLE, {"micro_batch_size": 4}),
+                                    ("fsdp", GROUP, {"micro_batch_size": 2, **FSDP})):
+        paths = realm(tmp_path / name, n=60, max_steps=6, epochs=1,
+                      **{"precision": "fp32", **training})
+        campaign = paths.campaigns / "tiny-qwen3" / "c1" / "campaign.json"
+        data = json.loads(campaign.read_text())
+        # no dropout: its masks are drawn per rank, so they differ from one process's
+        data["overrides"]["adapter"] = {"method": "lora", "r": 4, "dropout": 0.0}
+        campaign.write_text(json.dumps(data))
+        out = realm_cmd(paths.base, "daemon", "--once", "--devices", devices)
+        assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+        runs[name] = (paths, only_job(paths))
+    (one, a), (sharded, b) = runs["one"], runs["fsdp"]
+    assert b.metadata["data"]["ranks"]["parallelism"] == "fsdp"
+    la, lb = step_losses(one, a), step_losses(sharded, b)
+    assert len(la) == len(lb) == 6
+    assert max(abs(x - y) for x, y in zip(la, lb)) <= 1e-5, (la, lb)
+    head = Path(b.metadata["checkpoint"])
+    assert (head / "adapter_model.safetensors").is_file()
+    assert not (head / "model.safetensors").exists(), "the frozen base is not saved again"
+    assert (head / "optimizer_shards" / ".metadata").is_file()
+    want = load_file(Path(a.metadata["checkpoint"]) / "adapter_model.safetensors")
+    got = load_file(head / "adapter_model.safetensors")
+    assert got.keys() == want.keys() and all("lora_" in k for k in got)
+    assert all(torch.allclose(got[k], want[k], atol=1e-5) for k in want)
+    # the campaign's next job, sharded again, continues from the adapter and its moments
+    write_dataset(sharded.state_dir("normal") / "next.jsonl", 60, seed=1)
+    out = realm_cmd(sharded.base, "daemon", "--once", "--devices", GROUP)
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    done = sorted(TrainingQueue(sharded.base).jobs_in("completed"), key=lambda j: j.final_step)
+    assert [j.final_step for j in done] == [6, 12]
+    log = sharded.logs / "jobs" / f"{done[1].id}.log"
+    assert events(log, "optimizer.moments_carried"), events(log, "optimizer.moments_not_carried")
 
 
 def test_the_plan_and_the_status_line_show_the_parallelism(tmp_path):
