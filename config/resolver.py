@@ -97,6 +97,29 @@ class Resolved:
 
 # --- one layer ---------------------------------------------------------------------------------
 
+OPERATIONAL_SECTIONS = ("daemon", "logging")
+"""Sections that change how a job is run and reported, never what a step computes: a resume
+point written under other values of them is still exact."""
+
+
+def training_changes(recorded: dict[str, Any], config: RealmConfig) -> list[str]:
+    """``key: old -> new`` for every key outside the operational sections whose value in
+    ``config`` differs from a recorded config's (``Resolved.record()["config"]``, nested). A key
+    the record lacks (added to the schema since) differs only when ``config`` moved it off its
+    default: a new key's default keeps the old behaviour."""
+    old = dict(flatten(recorded))
+    out = []
+    for key, spec in SPECS.items():
+        if key.split(".", 1)[0] in OPERATIONAL_SECTIONS:
+            continue
+        section, name = key.split(".", 1)
+        value = getattr(getattr(config, section), name)
+        was = old.get(key, spec.default)
+        if was != value:
+            out.append(f"{key}: {was!r} -> {value!r}")
+    return out
+
+
 def flatten(values: Any, prefix: str = "") -> list[tuple[str, Any]]:
     """Nested and dotted keys alike -> [(dotted key, leaf value)]."""
     if not isinstance(values, dict) or prefix.count(".") >= MAX_DEPTH:

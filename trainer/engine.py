@@ -46,14 +46,15 @@ from typing import Any, Callable
 import torch
 
 from config.locked import verify_locked
+from config.resolver import training_changes
 from core.errors import ConfigError, InputError, RealmError
 from core.fsutil import host_name
 from core.validate import read_regular
 from trainer.attention import NAME as ATTENTION, use_packed_attention
-from trainer.checkpoint import (Checkpoint, Staged, apply_retention, clean_incomplete, shards_dir,
+from trainer.checkpoint import (CONFIG_FILE, Checkpoint, Staged, apply_retention, clean_incomplete,
                                 complete_checkpoints, initial_weights_dir, lineage_head,
                                 load_trainable, remove_checkpoint, remove_unfinished_of,
-                                save_trainable, stage_checkpoint)
+                                save_trainable, shards_dir, stage_checkpoint)
 from trainer.data.cache import load_or_build
 from trainer.data.packing import IGNORE, Batch, collate, pack_rows, packing_efficiency
 from trainer.data.reader import DataError
@@ -456,10 +457,27 @@ class Trainer:
             return (f"it continued from step {state.get('job_start_step')}, but the campaign's "
                     f"latest checkpoint is now step {base}")
         if state.get("config_hash") != self.spec.config_hash:
-            return (f"the job's config changed since it was written ({state.get('config_hash')}"
-                    f" -> {self.spec.config_hash}): its optimizer, schedule and data position "
-                    "belong to the old config")
+            changed = self._training_changes(ckpt)
+            if changed is None:
+                changed = [f"config_hash {state.get('config_hash')} -> {self.spec.config_hash}"]
+            if changed:
+                more = f" and {len(changed) - 5} more" if len(changed) > 5 else ""
+                return (f"the job's config changed since it was written ({'; '.join(changed[:5])}"
+                        f"{more}): its optimizer, schedule and data position belong to the old "
+                        "config")
+            self.log.info("job.resume_config_operational", checkpoint=str(ckpt.path),
+                          note="only daemon.* / logging.* keys (or new keys at their defaults) "
+                               "changed: the resume point is still exact")
         return None
+
+    def _training_changes(self, ckpt: Checkpoint) -> list[str] | None:
+        """The keys that changed what a step computes since ``ckpt`` was written (None: its
+        recorded config is unreadable, so only the hash can judge)."""
+        try:
+            record = json.loads((ckpt.path / CONFIG_FILE).read_text())
+            return training_changes(record["config"], self.cfg)
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
 
     def _setup_data(self) -> None:
         data = self.cfg.data

@@ -219,6 +219,38 @@ def test_a_resume_point_is_refused_when_the_config_changed(tmp_path):
     assert saved["optimizer"]["param_groups"][0]["initial_lr"] == pytest.approx(5e-4)
 
 
+def test_a_resume_point_survives_a_change_of_daemon_and_logging_settings_only(tmp_path):
+    """Operational keys (daemon.*, logging.*) do not change what a step computes: the stopped
+    job resumes exactly even though its config hash changed; a training key (or a recorded
+    config that is gone) still refuses it."""
+    paths = make_realm(tmp_path / "r")
+    sidecar = claim(paths)
+
+    class StopAtFive(_StopFlag):
+        calls = 0
+
+        def __call__(self, *_):
+            self.calls += 1
+            return self.calls >= 5
+
+    assert run(paths, sidecar, stop=StopAtFive()) == exitcodes.STOPPED
+    ops = cli_layer({}, {"daemon": {"heartbeat_seconds": 1.5, "nodes": 2},
+                         "logging": {"level": "warning", "report_to": "none"}},
+                    ["daemon.heartbeat_seconds=1.5", "daemon.nodes=2", "logging.level=warning",
+                     "logging.report_to=none"])
+    trainer = trainer_for(paths, sidecar, cli=ops)
+    ckpt = trainer._choose_start(ckpt_root(paths), prune=False)
+    assert ckpt is not None and ckpt.step == 5
+    assert trainer._resume_refusal(ckpt, 0) is None, "resumable"
+    assert ckpt.state()["config_hash"] != trainer.spec.config_hash
+    changed = cli_layer({}, {"data": {"max_length": 96}}, ["data.max_length=96"])
+    refusal = trainer_for(paths, sidecar, cli=changed)._resume_refusal(ckpt, 0)
+    assert "data.max_length: 128 -> 96" in refusal, refusal
+    (ckpt.path / "realm_config.json").unlink()  # an older checkpoint: only the hash can judge
+    refusal = trainer_for(paths, sidecar, cli=ops)._resume_refusal(ckpt, 0)
+    assert "config_hash sha256:" in refusal, refusal
+
+
 def test_a_resume_point_is_refused_when_another_job_finished_since(tmp_path):
     paths = make_realm(tmp_path / "r")
     first = claim(paths)

@@ -348,6 +348,8 @@ function progressBlock(p) {
       ["tokens/s", num(m.tokens_per_sec)], ["ETA", duration(p.eta_seconds)],
       ["lr", sci(m.lr)], ["grad norm", num(m.grad_norm, 3)],
       ["step time", isNum(m.step_latency_ms) ? `${num(m.step_latency_ms)} ms` : null],
+      ["processes", p.world_size > 1 ? `${p.parallelism} x${p.world_size}` +
+        (p.nodes > 1 ? ` on ${p.nodes} nodes` : "") : null],
       ["state", p.state !== "training" ? p.state : null], ["updated", when(p.updated_at)]]),
     h("div", { class: "bar", title: `${pct.toFixed(1)}%` }, h("div", { style: `width:${pct.toFixed(1)}%` })),
     lossChart(p.curve || [], { rollbacks: p.rollbacks || [] }),
@@ -358,6 +360,8 @@ function progressBlock(p) {
 const daemonsCard = (daemons) => card("Daemons", table([
   ["daemon", (d) => h("span", { class: "mono" }, `${d.host}:${d.pid}`)],
   ["devices", (d) => d.devices, "mono"],
+  ["role", (d) => d.role === "member" ? (d.node != null ? `member, node ${d.node + 1}` : "member")
+    : d.nodes > 1 ? `claims for ${d.nodes} nodes` : ""],
   ["state", (d) => tag(d.state, d.state === "gone" ? "bad" : d.state)],
   ["doing", (d) => d.reason || (d.job_id ? jobLink(d.job_id) : "")],
   ["updated", (d) => when(d.updated_at)],
