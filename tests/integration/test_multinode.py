@@ -6,6 +6,7 @@ torchrun's c10d rendezvous among them on the loopback address, gloo ranks on CPU
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -23,6 +24,10 @@ from tests.integration.test_fsdp import logits_of
 from tests.trainer.test_training import ckpt_root
 
 FSDP = {"parallelism": "fsdp", "precision": "fp32"}
+HOST_DEVICES = os.environ.get("REALM_MULTINODE_DEVICES", "cpu/cpu").split("/")
+"""Each "host"'s device set: the claiming daemon's, then the members'. ``0/1`` runs the 2-host
+job on NCCL, one GPU per host (scripts/check_fsdp_nccl.sh, on a machine with two GPUs)."""
+CLAIMER, MEMBER = HOST_DEVICES
 
 
 def two_host_realm(base: Path, **training):
@@ -80,15 +85,16 @@ def test_a_job_on_two_hosts_matches_one_process_through_a_killed_and_a_leaving_n
     step's loss equal to one process's within 1e-5 and a folder that gives the live sharded
     model's logits."""
     one = realm(tmp_path / "one", micro_batch_size=4, max_steps=20, epochs=3, precision="fp32")
-    assert realm_cmd(one.base, "daemon", "--once", "--devices", "cpu").returncode == 0
+    assert realm_cmd(one.base, "daemon", "--once", "--devices", CLAIMER).returncode == 0
     a = only_job(one)
 
     faulty = two_host_realm(tmp_path / "faulty", max_steps=20, **FSDP)
     live = tmp_path / "live-logits.pt"
     hooks = {"REALM_TEST_LOGITS": str(live)}
-    member = start_on("beta", faulty.base, "--join", "--devices", "cpu", extra_env=hooks)
+    member = start_on("beta", faulty.base, "--join", "--devices", MEMBER, extra_env=hooks)
     wait_for(lambda: daemon_status(faulty, "beta").get("state") == "idle", what="member")
-    leader = start_on("alpha", faulty.base, "--nodes", "2", "--devices", "cpu", extra_env=hooks)
+    leader = start_on("alpha", faulty.base, "--nodes", "2", "--devices", CLAIMER,
+                      extra_env=hooks)
     gamma = None
     try:
         wait_for(lambda: list(ckpt_root(faulty).glob("step-*/COMPLETE")), timeout=180,
@@ -105,11 +111,11 @@ def test_a_job_on_two_hosts_matches_one_process_through_a_killed_and_a_leaving_n
         waiting = wait_for(lambda: daemon_status(faulty, "alpha").get("state") == "waiting" and
                            daemon_status(faulty, "alpha"), what="the claimer waiting")
         assert "0 of 1 member daemon(s) idle" in waiting["reason"], waiting
-        assert "realm daemon --join --devices cpu" in waiting["reason"]
+        assert f"realm daemon --join --devices {CLAIMER}" in waiting["reason"]
         assert daemon_status(faulty, "alpha")["nodes"] == 2
         job = TrainingQueue(faulty.base).jobs_in("normal")[0]
         assert job.resume, "the warm stop left a resume point"
-        gamma = start_on("gamma", faulty.base, "--join", "--devices", "cpu", extra_env=hooks)
+        gamma = start_on("gamma", faulty.base, "--join", "--devices", MEMBER, extra_env=hooks)
         wait_for(lambda: TrainingQueue(faulty.base).jobs_in("completed"), timeout=180,
                  what="the job to complete")
     finally:
