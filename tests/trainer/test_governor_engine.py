@@ -195,16 +195,19 @@ def test_a_rollback_to_the_start_writes_no_checkpoint(tmp_path):
     assert tree(ckpt_root(paths)) == before
 
 
+class StopAtFive(_StopFlag):
+    """A stop request on the fifth check: the job stops at step 5 with a resume point."""
+
+    calls = 0
+
+    def __call__(self, *_):
+        self.calls += 1
+        return self.calls >= 5
+
+
 def test_a_resume_point_is_refused_when_the_config_changed(tmp_path):
     paths = make_realm(tmp_path / "r")
     sidecar = claim(paths)
-
-    class StopAtFive(_StopFlag):
-        calls = 0
-
-        def __call__(self, *_):
-            self.calls += 1
-            return self.calls >= 5
 
     assert run(paths, sidecar, stop=StopAtFive()) == exitcodes.STOPPED
     assert (ckpt_root(paths) / "step-5").is_dir()
@@ -225,13 +228,6 @@ def test_a_resume_point_survives_a_change_of_daemon_and_logging_settings_only(tm
     config that is gone) still refuses it."""
     paths = make_realm(tmp_path / "r")
     sidecar = claim(paths)
-
-    class StopAtFive(_StopFlag):
-        calls = 0
-
-        def __call__(self, *_):
-            self.calls += 1
-            return self.calls >= 5
 
     assert run(paths, sidecar, stop=StopAtFive()) == exitcodes.STOPPED
     ops = cli_layer({}, {"daemon": {"heartbeat_seconds": 1.5, "nodes": 2},
@@ -254,13 +250,6 @@ def test_a_resume_point_survives_a_change_of_daemon_and_logging_settings_only(tm
 def test_a_resume_point_is_refused_when_another_job_finished_since(tmp_path):
     paths = make_realm(tmp_path / "r")
     first = claim(paths)
-
-    class StopAtFive(_StopFlag):
-        calls = 0
-
-        def __call__(self, *_):
-            self.calls += 1
-            return self.calls >= 5
 
     assert run(paths, first, stop=StopAtFive()) == exitcodes.STOPPED
     TrainingQueue(paths.base).requeue(TrainingQueue(paths.base).jobs_in("processing")[0], "t")
