@@ -37,6 +37,7 @@ from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEventHand
 from watchdog.observers import Observer
 
 from config.flags import FLAG_KEYS
+from config.schema import MAX_SECONDS
 from core import exitcodes
 from core.errors import ClaimLost, UsageError
 from core.fsutil import host_name, process_alive, write_json_atomic
@@ -506,6 +507,10 @@ class Daemon:
         joined = rdzv.joined(self.paths.status)
         with contextlib.suppress(OSError):
             withdraw(self.paths.status, rdzv.job_id)
+        silent = JobFiles.of(self.paths.status, rdzv.job_id).read_outcome() is None
+        if outcome.kind in ("crash", "timeout") and silent:  # rank 0 said nothing
+            outcome.reason = (f"{outcome.reason or 'the group failed'}; each host's launcher "
+                              f"wrote logs/jobs/{rdzv.job_id}.node-<host>.log")
         if outcome.kind in ("crash", "timeout") and len(joined) < rdzv.nodes - 1:
             outcome.reason = (
                 f"the job's {rdzv.nodes} nodes never met: {len(joined)} of {rdzv.nodes - 1} "
@@ -546,6 +551,10 @@ class Daemon:
             return f"flags {bad} are not training flags"
         if not isinstance(rdzv.nodes, int) or not 1 < rdzv.nodes <= 1024:
             return f"node count {rdzv.nodes!r}"
+        if not _ENDPOINT.fullmatch(str(rdzv.endpoint)) or not _RUN_ID.fullmatch(str(rdzv.run_id)):
+            return f"endpoint {rdzv.endpoint!r} or run id {rdzv.run_id!r} is malformed"
+        if not isinstance(rdzv.timeout, (int, float)) or not 0 < rdzv.timeout <= MAX_SECONDS:
+            return f"timeout {rdzv.timeout!r}"
         return None
 
     def _serve_node(self, rdzv: Rendezvous, node: int) -> None:
@@ -802,6 +811,8 @@ finishes well within it) before the member kills it."""
 _TRAINING_FLAG = re.compile("--(?:%s)=.*" % "|".join(
     [f.replace("_", "-") for f in FLAG_KEYS] + ["set"]), re.S)
 """The flags a claiming daemon passes to its ranks (``cli.daemon_cmds._flag_args``)."""
+_ENDPOINT = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]*:\d{1,5}")
+_RUN_ID = re.compile(r"realm-[0-9a-f]{16}")
 
 PROGRESS_SECONDS = 0.2
 """How often the terminal bar reads the child's progress file (the lease is still renewed every

@@ -185,6 +185,7 @@ def test_without_members_nothing_is_claimed_and_a_rendezvous_that_never_fills_sa
     assert "nodes never met: 0 of 1 member node(s) joined the rendezvous at 127.0.0.1:" in \
         job.last_error, job.last_error
     assert "realm daemon --join" in job.last_error
+    assert f"logs/jobs/{job.id}.node-<host>.log" in job.last_error
     assert "0 of 1 member daemon(s) idle" in out.stdout
     assert not list((paths.status / "jobs").glob("*.rdzv*")), "rendezvous withdrawn"
 
@@ -254,7 +255,10 @@ def test_node_slots_are_exclusive_and_a_member_refuses_a_forged_rendezvous(tmp_p
               (dict(sidecar="queue/normal/x.jsonl.job.json"), "not in processing/"),
               (dict(flags=["--base-dir=/elsewhere"]), "not training flags"),
               (dict(flags=["--set=a=1", "-x"]), "not training flags"),
-              (dict(nodes=1), "node count")]
+              (dict(nodes=1), "node count"),
+              (dict(endpoint="--rdzv-backend=static"), "malformed"),
+              (dict(run_id="../x"), "malformed"),
+              (dict(timeout=float("nan")), "timeout")]
     for change, says in forged:
         bad = Rendezvous(**{**vars(again), **change})
         assert says in (member._rendezvous_problem(bad) or ""), change
