@@ -32,16 +32,27 @@ def load_trained(checkpoint: Path):
 
 
 @torch.no_grad()
-def exact_match(checkpoint: Path, examples: list[dict], max_new_tokens: int = 8) -> float:
+def exact_match(checkpoint: Path, examples: list[dict], max_new_tokens: int = 8,
+                batch: int = 64) -> float:
+    """Prompts of the same token length are decoded together (no padding, so each row is
+    computed as it would be alone); a finished row is padded after its end token, which the
+    decoding skips."""
     model = load_trained(checkpoint)
     tok = AutoTokenizer.from_pretrained(checkpoint)
-    right = 0
+    by_length: dict[int, list[tuple[list[int], str]]] = {}
     for ex in examples:
-        ids = torch.tensor([tok(ex["prompt"], add_special_tokens=False)["input_ids"]])
-        out = model.generate(ids, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        answer = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
-        right += answer == ex["completion"]
+        ids = tok(ex["prompt"], add_special_tokens=False)["input_ids"]
+        by_length.setdefault(len(ids), []).append((ids, ex["completion"]))
+    right = 0
+    for length, rows in by_length.items():
+        for i in range(0, len(rows), batch):
+            chunk = rows[i:i + batch]
+            ids = torch.tensor([r[0] for r in chunk])
+            out = model.generate(ids, attention_mask=torch.ones_like(ids),
+                                 max_new_tokens=max_new_tokens, do_sample=False,
+                                 eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+            answers = tok.batch_decode(out[:, length:], skip_special_tokens=True)
+            right += sum(a == want for a, (_, want) in zip(answers, chunk))
     return right / max(1, len(examples))
 
 
