@@ -300,10 +300,12 @@ def load_trainable(model: torch.nn.Module, folder: Path) -> None:
                 if shape != tuple(params[name].shape):
                     raise WeightsMismatch(f"{folder}: {name} has shape {shape}, the model's "
                                           f"parameter {tuple(params[name].shape)}")
+    from trainer import sharding
+
     for path, names in by_file.items():
         with safe_open(path, framework="pt") as f:
             for name in names:
-                params[name].copy_(f.get_tensor(name))
+                sharding.assign(params[name], f.get_tensor(name))
 
 
 def _load_adapter(model: torch.nn.Module, folder: Path) -> None:
@@ -324,13 +326,16 @@ def _load_adapter(model: torch.nn.Module, folder: Path) -> None:
                               f"unexpected {unexpected[:3]}")
 
 
-def save_trainable(model: torch.nn.Module, folder: Path) -> None:
+def save_trainable(model: torch.nn.Module, folder: Path,
+                   tensors: dict[str, torch.Tensor] | None = None) -> None:
     """The trainable parameters in ``folder/model.safetensors``, as ``load_trainable`` reads
-    them (the job's initial weights when it starts from no checkpoint)."""
+    them (the job's initial weights when it starts from no checkpoint); ``tensors``: those of a
+    sharded model, gathered whole by its ranks."""
     folder.mkdir(parents=True, exist_ok=True)
-    tensors = {name: p.detach().cpu().contiguous() for name, p in model.named_parameters()
-               if p.requires_grad}
-    save_file(tensors, folder / WEIGHTS)
+    if tensors is None:
+        tensors = {name: p.detach().cpu() for name, p in model.named_parameters()
+                   if p.requires_grad}
+    save_file({k: v.contiguous() for k, v in tensors.items()}, folder / WEIGHTS)
 
 
 def shards_dir(root: Path, step: int, pid: int, host: str | None = None) -> Path:

@@ -66,7 +66,7 @@ from trainer.metrics import (STEP_METRICS, RunningStats, StatusWriter, StepMetri
 from trainer.adapters import (adapter_summary, base_source, causal_lm, is_quantized,
                               load_adapter_model, qlora_problem)
 from trainer.model import load_model
-from trainer.optim import (Schedule, keep_hyperparameters, load_moments, moments_problem,
+from trainer.optim import (Schedule, keep_hyperparameters, moments_problem,
                            param_groups)
 from trainer.state import TrainState, campaign_tokens_of
 from trainer.telemetry import TensorBoardLog
@@ -691,12 +691,12 @@ class Trainer:
         """Called at the start (every rank) when the governor keeps fewer than two snapshots:
         keep what restoring the start needs. A job that starts from no checkpoint writes its
         initial trainable weights once (rank 0, to a temporary folder every rank reads)."""
-        if self.sharded:
+        if self.sharded and self.cfg.adapter.method != "none":
             raise ConfigError(
                 "the governor's snapshots do not fit governor.snapshot_memory_gb, and rolling "
-                "back from disk is not built for training.parallelism fsdp yet: raise "
-                "governor.snapshot_memory_gb (each rank keeps two snapshots of its own shard) "
-                "or use training.parallelism ddp.")
+                "an adapter back from disk is not built for training.parallelism fsdp: raise "
+                "governor.snapshot_memory_gb (an adapter's snapshots are small) or use "
+                "training.parallelism ddp.")
         ckpt, weights, own = self.start_checkpoint, None, False
         if ckpt is not None:
             weights = ckpt.path
@@ -705,8 +705,11 @@ class Trainer:
             pid, host = self._main_writer()
             weights, own = initial_weights_dir(self.spec.checkpoint_root, self.spec.job_id,
                                                pid, host), True
+            # sharded: every rank takes part in gathering the weights whole
+            whole = sharding.trainable_weights(self.model, self.group.main) \
+                if self.sharded else None
             if self.group.main:
-                save_trainable(self.model, weights)
+                save_trainable(self.model, weights, whole)
             self.group.barrier()
         groups = copy.deepcopy(self.optimizer.state_dict()["param_groups"])
         self.start_point = StartPoint(
@@ -746,8 +749,10 @@ class Trainer:
         start = self.start_point
         load_trainable(self.model, start.weights)
         self.optimizer.load_state_dict(copy.deepcopy(start.optimizer))
-        if start.moments is not None:
-            load_moments(self.optimizer, start.moments.torch_state()["optimizer"])
+        if start.moments is not None:  # carried at the start: carried again, shards or whole
+            saved = start.moments.torch_state()["optimizer"]
+            with keep_hyperparameters(self.optimizer):
+                self._load_optimizer(self._optimizer_state(saved, start.moments.path))
         self.scheduler.load_state_dict(copy.deepcopy(start.scheduler))
         self._set_rng(start.rng_cpu, start.rng_cuda)
         self.log.info("governor.restored_from_disk", step=start.state.global_step,

@@ -178,16 +178,16 @@ def campaign_turn(checkpoint_root: Path, stop: "_StopFlag", poll: float = 0.2, g
 
 
 def _test_nan_hook(group):
-    """``REALM_TEST_NAN_AT=RANK:STEP``: that rank's loss is NaN once, at that step."""
+    """``REALM_TEST_NAN_AT=RANK:STEP[,RANK:STEP...]``: that rank's loss is NaN once, at that
+    step."""
     spec = os.environ.get("REALM_TEST_NAN_AT")
     if not spec:
         return None
-    rank, step = (int(x) for x in spec.split(":"))
-    fired = []
+    armed = {tuple(int(x) for x in pair.split(":")) for pair in spec.split(",")}
 
     def hook(at: int, loss: float) -> float:
-        if group.rank == rank and at == step and not fired:
-            fired.append(at)
+        if (group.rank, at) in armed:
+            armed.discard((group.rank, at))
             return float("nan")
         return loss
 

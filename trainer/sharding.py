@@ -55,6 +55,20 @@ def local(t: Any) -> Any:
     return t.to_local() if DTensor is not None and isinstance(t, DTensor) else t
 
 
+@torch.no_grad()
+def assign(param: torch.Tensor, whole: torch.Tensor) -> None:
+    """Copy a whole tensor into a parameter: into a DTensor, this rank's part of it (every rank
+    holds ``whole``, so nothing is sent), else all of it."""
+    if DTensor is not None and isinstance(param, DTensor):
+        from torch.distributed.tensor import distribute_tensor
+
+        part = distribute_tensor(whole.to(param.dtype), param.device_mesh, param.placements,
+                                 src_data_rank=None)
+        param.copy_(part)
+    else:
+        param.copy_(whole)
+
+
 def full(t: Any) -> Any:
     """The whole tensor of a DTensor (a collective: every rank calls it)."""
     return t.full_tensor() if DTensor is not None and isinstance(t, DTensor) else t

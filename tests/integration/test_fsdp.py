@@ -185,16 +185,42 @@ def test_the_plan_and_the_status_line_show_the_parallelism(tmp_path):
     assert "fsdp x2" in _progress_line(row)
 
 
-@pytest.mark.slow(seconds=15)
-def test_snapshots_that_do_not_fit_fail_an_fsdp_job_once_with_the_fix(tmp_path):
-    paths = realm(tmp_path / "r", micro_batch_size=2, max_steps=4,
+@pytest.mark.slow(seconds=20)
+def test_snapshots_that_do_not_fit_roll_an_fsdp_job_back_from_disk(tmp_path):
+    """Snapshots too big for governor.snapshot_memory_gb: the governor rolls back from disk,
+    every rank to the same state: first to the job's start (its initial weights, gathered whole
+    by the ranks before the first step), then to a committed checkpoint (whole weights cut into
+    each rank's shard, AdamW moments from the shards)."""
+    paths = realm(tmp_path / "r", micro_batch_size=2, max_steps=9,
                   governor={"snapshot_memory_gb": 1e-6}, **FSDP)
-    out = realm_cmd(paths.base, "daemon", "--once", "--devices", GROUP)
-    assert "0 completed, 1 failed, 0 requeued" in out.stdout, out.stdout + out.stderr
-    job = only_job(paths, "failed")
-    assert job.attempts <= 1, "a config error is permanent: no retry"
-    assert "governor.snapshot_memory_gb" in job.last_error, job.last_error
-    assert "training.parallelism ddp" in job.last_error
+    out = realm_cmd(paths.base, "daemon", "--once", "--devices", GROUP,
+                    extra_env={"REALM_TEST_NAN_AT": "1:2,0:8"})
+    assert out.returncode == 0, out.stdout + out.stderr[-3000:]
+    job = only_job(paths)
+    assert job.governor["snapshot_mode"] == "disk" and job.governor["rollbacks"] == 2
+    assert job.metadata["data"]["ranks"]["rollbacks_per_rank"] == [2, 2]
+    for log in (paths.logs / "jobs" / f"{job.id}.log",
+                paths.logs / "jobs" / f"{job.id}.rank1.log"):
+        restored = events(log, "governor.restored_from_disk")
+        assert [r.get("start", False) for r in restored] == [True, False], restored
+        assert "step-" in restored[1]["path"], restored
+    assert not list(ckpt_root(paths).glob(".initial-*")), "the initial weights are removed"
+    folder = Path(job.metadata["checkpoint"])
+    from safetensors.torch import load_file
+
+    assert all(torch.isfinite(t).all() for t in load_file(folder / "model.safetensors").values())
+
+
+def test_an_fsdp_adapter_job_whose_snapshots_do_not_fit_fails_with_the_fix():
+    from types import SimpleNamespace
+
+    from core.errors import ConfigError
+    from trainer.engine import Trainer
+
+    fake = SimpleNamespace(sharded=True, cfg=SimpleNamespace(adapter=SimpleNamespace(
+        method="lora")))
+    with pytest.raises(ConfigError, match="governor.snapshot_memory_gb"):
+        Trainer.prepare_disk_rollback(fake)
 
 
 @pytest.mark.slow(seconds=75)
