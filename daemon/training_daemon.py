@@ -205,6 +205,8 @@ class Daemon:
         self.keep_last = keep_last
         self.progress = ProgressView()
         self._cancels: dict[str, CancelRequest] = {}
+        self._refusals_said: dict[str, str] = {}
+        """A member: the rendezvous files it refused, as said (said again only when they change)."""
         """Cancel requests seen for the jobs this daemon trains (job id -> request)."""
         self.say = self.progress.writer(say)
 
@@ -494,8 +496,8 @@ class Daemon:
         end = child.end()
         self.progress.close()
         outcome = child.outcome(end)
-        if rdzv is not None:
-            outcome = self._rendezvous_ended(rdzv, outcome)
+        if rdzv is not None:  # never keeps the outcome from being recorded
+            outcome = self._guarded(lambda: self._rendezvous_ended(rdzv, outcome), outcome)
         moved = self._record(job, end, outcome)
         self.say(_describe(moved, outcome))
         self._job_ended(moved)
@@ -524,26 +526,43 @@ class Daemon:
     def _join_round(self) -> bool:
         """A member: join the first published rendezvous this device set fits (same processes
         per node, same device kind) whose claim is still running and has a free node slot."""
-        for rdzv in Rendezvous.published(self.paths.status):
+        damaged: dict[Path, str] = {}
+        published = Rendezvous.published(self.paths.status, damaged)
+        refused = {str(path): f"ignoring a damaged rendezvous file: {why}"
+                   for path, why in damaged.items()}
+        for rdzv in published:
             if rdzv.nproc != self.device_set.ranks or rdzv.kind != self.kind:
                 continue
             problem = self._rendezvous_problem(rdzv)
             if problem:
-                log.warning("rendezvous.refused", job_id=rdzv.job_id, problem=problem)
+                refused[rdzv.job_id] = f"refusing the rendezvous of {rdzv.job_id}: {problem}"
                 continue
             if not rdzv.still_claimed(self.paths.base):
                 continue
             node = rdzv.take_slot(self.paths.status, self.worker)
             if node is not None:
+                self._say_refusals(refused)
                 self._serve_node(rdzv, node)
                 return True
+        self._say_refusals(refused)
         self._write_status("idle")
         return False
+
+    def _say_refusals(self, refused: dict[str, str]) -> None:
+        """Say (and log) each rendezvous a member will not join once, not every round."""
+        for key, why in refused.items():
+            if self._refusals_said.get(key) != why:
+                log.warning("rendezvous.refused", file=key, problem=why)
+                self.say(why)
+        self._refusals_said = refused
 
     def _rendezvous_problem(self, rdzv: Rendezvous) -> str | None:
         """Why a rendezvous file is not one a claiming daemon wrote (its sidecar outside
         processing/, flags that are not training flags): a member never runs it."""
-        sidecar = (self.paths.base / rdzv.sidecar).resolve()
+        try:
+            sidecar = (self.paths.base / rdzv.sidecar).resolve()
+        except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a symlink loop
+            return f"sidecar {rdzv.sidecar!r}: {exc}"
         if sidecar.parent != self.paths.state_dir("processing").resolve():
             return f"sidecar {rdzv.sidecar!r} is not in processing/"
         bad = [f for f in rdzv.flags if not _TRAINING_FLAG.fullmatch(f)]

@@ -264,3 +264,102 @@ def test_node_slots_are_exclusive_and_a_member_refuses_a_forged_rendezvous(tmp_p
         assert says in (member._rendezvous_problem(bad) or ""), change
     withdraw(paths.status, job.id)
     assert not list((paths.status / "jobs").glob("*.rdzv*"))
+
+
+def _claimed(paths, nodes=2, **fields):
+    """A job claimed by "alpha" and its published rendezvous."""
+    from daemon.nodes import Rendezvous
+
+    job = TrainingQueue(paths.base, settle_seconds=0).claim_next({"host": "alpha", "pid": 1,
+                                                                  "started": 0.0})
+    sidecar = paths.relative(paths.base / job.dataset_path) + ".job.json"
+    rdzv = Rendezvous.for_claim(job, sidecar, nodes=nodes, nproc=1, kind="cpu",
+                                address="127.0.0.1", flags=["--max-steps=3"],
+                                leader={"host": "alpha", "pid": 1}, timeout=5)
+    rdzv.publish(paths.status)
+    return job, rdzv
+
+
+def _within(seconds, step):
+    """``step()`` in a thread: what it returned, or a failure when it hangs (a FIFO read)."""
+    import threading
+
+    box = []
+    t = threading.Thread(target=lambda: box.append(step()), daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"{step} hung"
+    return box[0]
+
+
+def test_damaged_rendezvous_files_never_hang_a_member_nor_hide_a_good_one(tmp_path):
+    """Garbage, wrong types, a FIFO, a device, a file whose job id is not its own, in front of a
+    good rendezvous: the member joins the good one, says once what is wrong with each other
+    file, and a damaged file alone leaves it idle (no round fails, nothing hangs)."""
+    from config.schema import DaemonConfig
+    from daemon.training_daemon import Daemon
+
+    paths = two_host_realm(tmp_path / "r", max_steps=3)
+    job, rdzv = _claimed(paths)
+    jobs = paths.status / "jobs"
+    good = json.loads(rdzv.path(paths.status, job.id).read_text())
+    (jobs / "a-str.rdzv.json").write_text('"hello"')
+    (jobs / "b-deep.rdzv.json").write_text("[" * 20000 + "]" * 20000)
+    (jobs / "c-leader.rdzv.json").write_text(json.dumps({**good, "job_id": "c-leader",
+                                                          "leader": []}))
+    (jobs / "d-flags.rdzv.json").write_text(json.dumps({**good, "job_id": "d-flags",
+                                                         "flags": 5}))
+    (jobs / "e-other.rdzv.json").write_text(json.dumps(good))  # another job's rendezvous
+    os.mkfifo(jobs / "f-fifo.rdzv.json")
+    os.symlink("/dev/zero", jobs / "g-zero.rdzv.json")
+    said, served = [], []
+    member = Daemon(paths, DaemonConfig(), join=True, say=said.append)
+    member._serve_node = lambda r, node: served.append((r.job_id, node))
+    assert _within(20, member._one_round) is True and not member._round_failed, said
+    assert served == [(job.id, 1)], said
+    for name, why in (("a-str", "not a JSON object"), ("b-deep", "nested"),
+                      ("c-leader", "['leader'] of the wrong type"),
+                      ("d-flags", "['flags'] of the wrong type"),
+                      ("e-other", "is not the file's"), ("f-fifo", "FIFO"),
+                      ("g-zero", "symlink")):
+        assert any(f"{name}.rdzv.json" in s and why in s for s in said), (name, said)
+    # alone, the damaged files leave the member idle, said once (not every round)
+    rdzv.path(paths.status, job.id).unlink()
+    (jobs / f"{job.id}.rdzv.node-1").unlink()
+    said.clear()
+    for _ in range(2):
+        assert _within(20, member._one_round) is False and not member._round_failed
+    assert len(said) == 0, "nothing new to say"
+    assert daemon_status(paths, host_of(member)).get("state") == "idle"
+
+
+def host_of(daemon) -> str:
+    return daemon.worker["host"]
+
+
+def test_a_claimer_records_past_damaged_slots_and_a_stale_member_takes_no_slot(tmp_path):
+    """A slot file that is a FIFO or not an object does not hang or break the claimer's end of
+    the job; a member that read a rendezvous just before the job was claimed again does not
+    take a slot of the new claim (it would block the new claim's member)."""
+    from daemon.nodes import MemberWatch
+
+    paths = two_host_realm(tmp_path / "r", max_steps=3)
+    job, rdzv = _claimed(paths, nodes=3)
+    jobs = paths.status / "jobs"
+    os.mkfifo(jobs / f"{job.id}.rdzv.node-1")
+    (jobs / f"{job.id}.rdzv.node-2").write_text("[1, 2]")
+    assert _within(10, lambda: rdzv.joined(paths.status)) == []
+    os.mkfifo(paths.status / "daemon-fifo-cpu.json")
+    fake_member(paths, "beta")
+    watch = MemberWatch(60, lambda: 0.0)
+    assert [m["host"] for m in _within(10, lambda: watch.idle(paths.status, 1, "cpu"))] == \
+        ["beta"]
+    # the claim ends and the job is claimed again: a member still holding the old rendezvous
+    stale = rdzv
+    again = type(rdzv).for_claim(job, stale.sidecar, nodes=2, nproc=1, kind="cpu",
+                                 address="127.0.0.1", flags=[], timeout=5,
+                                 leader={"host": "alpha", "pid": 2})
+    again.publish(paths.status)
+    assert stale.take_slot(paths.status, {"host": "late"}) is None
+    assert again.take_slot(paths.status, {"host": "beta"}) == 1, "the new claim's slot is free"
+    assert [m["host"] for m in again.joined(paths.status)] == ["beta"]
