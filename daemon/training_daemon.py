@@ -940,4 +940,5 @@ def _describe(job: Job, outcome: Outcome) -> str:
 def drain(paths: RealmPaths, daemon_cfg, *, extra_args: list[str] | None = None,
           say=print) -> DrainSummary:
     """``realm daemon --once``: train until the queue is empty (waiting for settling files)."""
-    return Daemon(paths, daemon_cfg, once=True, extra_args=extra_args, say=say).run()
+    return Daemon(paths, daemon_cfg, once=True, extra_args=extra_args, say=say,
+                  join=False).run()  # a member never drains: it claims nothing

@@ -204,8 +204,17 @@ def test_the_command_line_the_plan_and_status_show_nodes(tmp_path):
                        (["--join", "--nodes", "2"], "--join with --nodes"),
                        (["--nodes", "0"], "not a node count"),
                        (["--set", "daemon.nodes=0"], "daemon.nodes"),
-                       (["--set", "daemon.address=a b;rm"], "daemon.address")):
-        out = realm_cmd(paths.base, "daemon", *args)
+                       (["--set", "daemon.address=a b;rm"], "daemon.address"),
+                       # a member by config is a member: the flags' refusals hold (a member
+                       # with --once never ends while jobs are queued)
+                       (["--set", "daemon.join=true", "--once"], "daemon.join with --once"),
+                       (["--set", "daemon.join=true", "--nodes", "2"],
+                        "daemon.join with --nodes"),
+                       # host:port reads as an IPv6-ish address to the schema; the endpoint
+                       # would be host:29500:PORT, which no node can reach
+                       (["--nodes", "2", "--set", "daemon.address=head:29500"],
+                        "daemon.address: 'head:29500' is neither")):
+        out = realm_cmd(paths.base, "daemon", *args, timeout=30)
         assert out.returncode == 2 and says in out.stderr, (args, out.stderr)
     member = {"host": "beta", "pid": 7, "devices": "cpu", "state": "joined", "role": "member",
               "node": 1, "job_id": "j1", "updated_at": None}
