@@ -372,3 +372,25 @@ def test_a_claimer_records_past_damaged_slots_and_a_stale_member_takes_no_slot(t
     assert stale.take_slot(paths.status, {"host": "late"}) is None
     assert again.take_slot(paths.status, {"host": "beta"}) == 1, "the new claim's slot is free"
     assert [m["host"] for m in again.joined(paths.status)] == ["beta"]
+
+
+def test_queue_status_lists_members_past_damaged_daemon_status_files(tmp_path):
+    """``realm queue status`` (text and --json) with a member joined and daemon status files
+    that are damaged: not an object, a node or node count of the wrong type, a stamp that is
+    not one, a FIFO. The good member is listed; nothing crashes or hangs."""
+    paths = two_host_realm(tmp_path / "r", max_steps=3)
+    fake_member(paths, "beta", state="joined", node=1, job_id="j1")
+    (paths.status / "daemon-list-cpu.json").write_text("[1]")
+    (paths.status / "daemon-node-cpu.json").write_text(json.dumps(
+        {"host": "nodex", "state": "joined", "role": "member", "node": "x", "job_id": "j2"}))
+    (paths.status / "daemon-nodes-cpu.json").write_text(json.dumps(
+        {"host": "nodesx", "state": "idle", "nodes": "2", "updated_at": "yesterday"}))
+    os.mkfifo(paths.status / "daemon-fifo-cpu.json")
+    out = realm_cmd(paths.base, "queue", "status", timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "beta:1 [cpu] joined: member node 2 of job j1" in out.stdout, out.stdout
+    assert "nodex:None" in out.stdout and "nodesx:None" in out.stdout, out.stdout
+    out = realm_cmd(paths.base, "queue", "status", "--json", timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert sorted(d["host"] for d in json.loads(out.stdout)["daemons"]) == \
+        ["beta", "nodesx", "nodex"]
