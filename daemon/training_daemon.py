@@ -438,13 +438,15 @@ class Daemon:
             problems.append(f"available memory {mem:.1f} GB < daemon.min_free_memory_gb "
                             f"{self.cfg.min_free_memory_gb}")
         if self.nodes > 1:
-            idle = len(self.members.idle(self.paths.status, self.device_set.ranks, self.kind))
-            if idle < self.nodes - 1:
+            idle, wanted, by = self._free_members()
+            if idle - wanted < self.nodes - 1:
+                others = (f"; {wanted} of the {idle} idle are wanted by job(s) other daemons "
+                          f"claimed and wait for members ({', '.join(by)})") if wanted else ""
                 problems.append(
-                    f"{idle} of {self.nodes - 1} member daemon(s) idle for daemon.nodes "
-                    f"{self.nodes} ({self.device_set.ranks} {self.kind} process(es) per host): "
-                    f"start `realm daemon --join --devices {self.devices}` on another host "
-                    "sharing this realm")
+                    f"{max(0, idle - wanted)} of {self.nodes - 1} member daemon(s) idle for "
+                    f"daemon.nodes {self.nodes} ({self.device_set.ranks} {self.kind} "
+                    f"process(es) per host){others}: start `realm daemon --join --devices "
+                    f"{self.devices}` on another host sharing this realm")
         reason = "; ".join(problems) or None
         if reason and reason.split(" GB")[0] != (self._guard_said or "").split(" GB")[0]:
             log.warning("daemon.resources_low", reason=reason)
@@ -453,6 +455,31 @@ class Daemon:
         if reason:
             self._write_status("waiting", reason=f"not claiming: {reason}")
         return reason is None
+
+    def _free_members(self) -> tuple[int, int, list[str]]:
+        """(idle members of this device set, node slots still open in the rendezvous of
+        claims other daemons made, those jobs): a member that one claim waits for is not free
+        for another (both would claim, and one would wait out daemon.rendezvous_timeout and
+        spend an attempt of its job). A member that took a slot counts as taken even before
+        its status file says so."""
+        ranks = self.device_set.ranks
+        idle = self.members.idle(self.paths.status, ranks, self.kind)
+        wanted, by, taken = 0, [], set()
+        for rdzv in Rendezvous.published(self.paths.status):
+            joined = rdzv.joined(self.paths.status)
+            taken |= {(m.get("host"), m.get("pid")) for m in joined}
+            if rdzv.leader.get("pid") == self.worker["pid"] and \
+                    rdzv.leader.get("host") == self.worker["host"]:
+                continue  # our own (withdrawn when its job ends)
+            if rdzv.nproc != ranks or rdzv.kind != self.kind or \
+                    not rdzv.still_claimed(self.paths.base):
+                continue
+            open_slots = max(0, rdzv.nodes - 1 - len(joined))
+            if open_slots:
+                wanted += open_slots
+                by.append(rdzv.job_id)
+        idle = [m for m in idle if (m.get("host"), m.get("pid")) not in taken]
+        return len(idle), min(wanted, len(idle)), by
 
     # --- one job --------------------------------------------------------------------------
 

@@ -394,3 +394,27 @@ def test_queue_status_lists_members_past_damaged_daemon_status_files(tmp_path):
     assert out.returncode == 0, out.stderr
     assert sorted(d["host"] for d in json.loads(out.stdout)["daemons"]) == \
         ["beta", "nodesx", "nodex"]
+
+
+def test_a_member_another_claim_waits_for_is_not_counted_free(tmp_path):
+    """Two claiming daemons and one idle member: once one has claimed and waits for the member,
+    the other claims nothing (before, both claimed; one waited out daemon.rendezvous_timeout
+    and spent an attempt of its job), and says why; a member that took a slot is not free even
+    while its status file still says idle."""
+    from daemon.nodes import withdraw
+    from daemon.training_daemon import Daemon
+    from guild.selection import resolve_for
+
+    paths = two_host_realm(tmp_path / "r", max_steps=3)
+    job, rdzv = _claimed(paths)  # "alpha" claimed and waits for one member
+    fake_member(paths, "beta", pid=7)
+    said = []
+    other = Daemon(paths, resolve_for(paths).config.daemon, nodes=2, say=said.append)
+    assert not other.resources_ok()
+    assert "0 of 1 member daemon(s) idle" in said[-1], said
+    assert f"1 of the 1 idle are wanted by job(s) other daemons claimed and wait for " \
+           f"members ({job.id})" in said[-1], said
+    assert rdzv.take_slot(paths.status, {"host": "beta", "pid": 7}) == 1
+    assert not other.resources_ok(), "beta took alpha's slot: not free for another claim"
+    withdraw(paths.status, job.id)  # alpha's job ended: beta is free again
+    assert other.resources_ok(), said
