@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import math
 import subprocess
@@ -45,6 +46,19 @@ def _node_count(text: str) -> int:
     return n
 
 
+def _check_address(address: str | None) -> None:
+    """daemon.address is a host name or an IP address, never ``host:port`` (the schema allows
+    colons for IPv6; realm adds the port itself)."""
+    if address is None or ":" not in address:
+        return
+    try:
+        ipaddress.IPv6Address(address)
+    except ValueError:
+        raise UsageError(f"daemon.address: {address!r} is neither a host name nor an IP address "
+                         "(a port is not part of it: realm picks a free port for each job); "
+                         "give the address other hosts reach this one at") from None
+
+
 def _open_daemon_log(paths, level: str):
     paths.logs.mkdir(parents=True, exist_ok=True)
     stream = open(paths.logs / "daemon.jsonl", "a", buffering=1)
@@ -69,12 +83,14 @@ def cmd_daemon(args) -> int:
     # (a typo or a NaN in --set), so a bad command line exits 2 before any job is claimed.
     config = resolve_for(paths, cli=cli_layer_from(args)).config
     DeviceSet.parse(args.devices or config.daemon.devices)  # a bad set is refused before anything
-    if args.join and args.once:
-        raise UsageError("--join with --once: a member daemon waits for jobs spanning hosts to "
+    join = "--join" if args.join else "daemon.join" if config.daemon.join else None
+    if join and args.once:
+        raise UsageError(f"{join} with --once: a member daemon waits for jobs spanning hosts to "
                          "join; run it without --once and stop it with SIGTERM.")
-    if args.join and args.nodes:
-        raise UsageError("--join with --nodes: a member joins the jobs other daemons claim; "
+    if join and args.nodes:
+        raise UsageError(f"{join} with --nodes: a member joins the jobs other daemons claim; "
                          "give --nodes to the claiming daemon.")
+    _check_address(config.daemon.address)
     stream = _open_daemon_log(paths, config.logging.level)
     try:
         summary = Daemon(paths, config.daemon, devices=args.devices, poll=args.poll,

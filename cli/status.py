@@ -15,6 +15,7 @@ from core.fsutil import host_name, process_alive
 from core.job import Job
 from core.paths import PRIORITIES, STATE_FOLDERS, layout_problems
 from core.training_queue import TrainingQueue, claim_order
+from daemon.nodes import read_small_json
 from daemon.pause import describe, paused
 from daemon.supervisor import JobFiles
 
@@ -115,10 +116,15 @@ def _daemons(queue: TrainingQueue) -> list[dict]:
     host whose process is gone (killed, machine rebooted) shows as ``gone``."""
     out = []
     for path in sorted(queue.paths.status.glob("daemon-*.json")):
-        try:
-            d = json.loads(path.read_text())
+        try:  # bounded, regular files only: a FIFO or a device never hangs the status
+            d = read_small_json(path, "daemon status file")
         except (OSError, ValueError):
             continue
+        if not isinstance(d, dict):
+            continue
+        for key in ("node", "nodes"):  # a damaged file must not break the listing
+            if key in d and (not isinstance(d[key], int) or isinstance(d[key], bool)):
+                d[key] = None
         if d.get("state") != "stopped" and d.get("host") == host_name() and \
                 not process_alive(d.get("pid"), d.get("started")):
             d.update(last_state=d.get("state"), state="gone")
@@ -162,7 +168,10 @@ def _ago(stamp: str | None, now: datetime | None = None) -> str:
     if not stamp:
         return "-"
     now = now or datetime.now(timezone.utc)
-    seconds = max(0, int((now - datetime.fromisoformat(stamp)).total_seconds()))
+    try:
+        seconds = max(0, int((now - datetime.fromisoformat(stamp)).total_seconds()))
+    except (TypeError, ValueError):  # not a stamp realm wrote
+        return "?"
     for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
         if seconds >= size:
             return f"{seconds // size}{unit} ago"
@@ -221,7 +230,7 @@ def _progress_line(r: dict) -> str:
     if p.get("metrics"):
         m = p["metrics"]
         ranks = f"  {p['parallelism']} x{p['world_size']}" if p.get("world_size", 1) > 1 else ""
-        if (p.get("nodes") or 1) > 1:
+        if isinstance(p.get("nodes"), int) and p["nodes"] > 1:
             ranks += f" on {p['nodes']} nodes"
         line += (f"\n    step {p['job_step']}/{p['total_steps']}  loss {m['loss']:.4f}  "
                  f"{m['tokens_per_sec']:,.0f} tokens/s  eta {p['eta_seconds']:.0f}s{ranks}")

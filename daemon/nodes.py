@@ -31,11 +31,35 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+from core.errors import InputError
 from core.fsutil import host_name, process_alive, write_json_atomic
 from core.job import Job, JobState, utc_now
 from core.queue_scan import read_sidecar_json
+from core.validate import parse_json, read_regular
 
 SCHEMA = 1
+MAX_BYTES = 1 << 16
+"""A rendezvous, node slot or daemon status file larger than this is damaged (realm writes
+well under 4 KiB)."""
+
+
+def read_small_json(path: Path, what: str):
+    """A small JSON file another daemon wrote to the shared realm: never follows a symlink, never
+    blocks on a FIFO or reads a device, bounded in size and depth. ValueError says why not
+    (FileNotFoundError passes through: the file went away)."""
+    try:
+        return parse_json(read_regular(path, MAX_BYTES, what), str(path))
+    except InputError as exc:
+        raise ValueError(str(exc)) from None
+    except FileNotFoundError:
+        raise
+    except OSError as exc:
+        raise ValueError(f"{path}: cannot read {what} ({exc.strerror or exc})") from None
+
+
+_TYPES = {"job_id": str, "claim": str, "run_id": str, "endpoint": str, "nodes": int,
+          "nproc": int, "kind": str, "sidecar": str, "flags": list, "leader": dict,
+          "timeout": (int, float), "created_at": str}
 
 
 def this_address(configured: str | None) -> str:
@@ -93,18 +117,49 @@ class Rendezvous:
                           {"schema": SCHEMA, **asdict(self)}, fsync=False)
 
     @classmethod
+    def load(cls, path: Path) -> "Rendezvous":
+        """The rendezvous in ``path``; ValueError names what is wrong with a damaged or forged
+        file (not JSON, not an object, fields missing, unknown or of the wrong type, a job id
+        that is not the file's)."""
+        data = read_small_json(path, "rendezvous file")
+        if not isinstance(data, dict):
+            raise ValueError(f"{path}: not a JSON object")
+        data = dict(data)
+        data.pop("schema", None)
+        missing, unknown = sorted(_TYPES.keys() - data.keys()), sorted(data.keys() - _TYPES.keys())
+        if missing or unknown:
+            raise ValueError(f"{path}: missing field(s) {missing}, unknown field(s) {unknown}")
+        wrong = [k for k, t in _TYPES.items()
+                 if not isinstance(data[k], t) or isinstance(data[k], bool)]
+        if not wrong and not all(isinstance(f, str) for f in data["flags"]):
+            wrong = ["flags"]
+        if wrong:
+            raise ValueError(f"{path}: field(s) {wrong} of the wrong type")
+        if path.name != f"{data['job_id']}.rdzv.json":
+            raise ValueError(f"{path}: job id {data['job_id']!r} is not the file's")
+        return cls(**data)
+
+    @classmethod
     def read(cls, path: Path) -> "Rendezvous | None":
         try:
-            data = json.loads(path.read_bytes()[:1 << 16])
-            data.pop("schema", None)
-            return cls(**data)
-        except (OSError, ValueError, TypeError):
+            return cls.load(path)
+        except (OSError, ValueError):
             return None
 
     @classmethod
-    def published(cls, status_dir: Path) -> list["Rendezvous"]:
-        found = (cls.read(p) for p in sorted((status_dir / "jobs").glob("*.rdzv.json")))
-        return [r for r in found if r is not None]
+    def published(cls, status_dir: Path, damaged: dict | None = None) -> list["Rendezvous"]:
+        """The rendezvous published now; ``damaged`` (when given) gets each file that is not one
+        (path -> why). One bad file never hides the others."""
+        out = []
+        for p in sorted((status_dir / "jobs").glob("*.rdzv.json")):
+            try:
+                out.append(cls.load(p))
+            except FileNotFoundError:
+                continue  # withdrawn while listed
+            except (OSError, ValueError) as exc:
+                if damaged is not None:
+                    damaged[p] = str(exc)
+        return out
 
     def _slot(self, status_dir: Path, node: int) -> Path:
         return status_dir / "jobs" / f"{self.job_id}.rdzv.node-{node}"
@@ -120,16 +175,26 @@ class Rendezvous:
                 continue
             with os.fdopen(fd, "w") as f:
                 json.dump({"run_id": self.run_id, "node": node, "at": utc_now(), **member}, f)
-            return node
+            if self._current(status_dir):
+                return node
+            # the claim was withdrawn (and perhaps claimed again) since it was read: the slot
+            # would block the new claim's member, and a launcher would meet nobody
+            self._slot(status_dir, node).unlink(missing_ok=True)
+            return None
         return None
 
+    def _current(self, status_dir: Path) -> bool:
+        """This claim's rendezvous is still the one published for the job."""
+        now = self.read(self.path(status_dir, self.job_id))
+        return now is not None and now.run_id == self.run_id
+
     def joined(self, status_dir: Path) -> list[dict]:
-        """The members that took a slot of this claim."""
+        """The members that took a slot of this claim (a damaged slot file counts as none)."""
         out = []
         for node in range(1, self.nodes):
             with contextlib.suppress(OSError, ValueError):
-                taken = json.loads(self._slot(status_dir, node).read_text())
-                if taken.get("run_id") == self.run_id:
+                taken = read_small_json(self._slot(status_dir, node), "node slot")
+                if isinstance(taken, dict) and taken.get("run_id") == self.run_id:
                     out.append(taken)
         return out
 
@@ -139,7 +204,8 @@ class Rendezvous:
             job = Job.from_dict(read_sidecar_json(base / self.sidecar))
         except Exception:  # noqa: BLE001 - gone, moved or unreadable: not a claim to join
             return False
-        return job.status is JobState.PROCESSING and job.started_at == self.claim
+        return job.id == self.job_id and job.status is JobState.PROCESSING and \
+            job.started_at == self.claim
 
     def launcher(self, base: Path, *, hosts_store: bool, address: str) -> list[str]:
         """torchrun for one node of this job (the claiming daemon's launcher hosts the c10d
@@ -192,7 +258,7 @@ class MemberWatch:
         out = []
         for path in sorted(status_dir.glob("daemon-*.json")):
             try:
-                status = json.loads(path.read_bytes()[:1 << 16])
+                status = read_small_json(path, "daemon status file")
             except (OSError, ValueError):
                 continue
             if not isinstance(status, dict) or status.get("role") != "member":

@@ -205,6 +205,8 @@ class Daemon:
         self.keep_last = keep_last
         self.progress = ProgressView()
         self._cancels: dict[str, CancelRequest] = {}
+        self._refusals_said: dict[str, str] = {}
+        """A member: the rendezvous files it refused, as said (said again only when they change)."""
         """Cancel requests seen for the jobs this daemon trains (job id -> request)."""
         self.say = self.progress.writer(say)
 
@@ -436,13 +438,15 @@ class Daemon:
             problems.append(f"available memory {mem:.1f} GB < daemon.min_free_memory_gb "
                             f"{self.cfg.min_free_memory_gb}")
         if self.nodes > 1:
-            idle = len(self.members.idle(self.paths.status, self.device_set.ranks, self.kind))
-            if idle < self.nodes - 1:
+            idle, wanted, by = self._free_members()
+            if idle - wanted < self.nodes - 1:
+                others = (f"; {wanted} of the {idle} idle are wanted by job(s) other daemons "
+                          f"claimed and wait for members ({', '.join(by)})") if wanted else ""
                 problems.append(
-                    f"{idle} of {self.nodes - 1} member daemon(s) idle for daemon.nodes "
-                    f"{self.nodes} ({self.device_set.ranks} {self.kind} process(es) per host): "
-                    f"start `realm daemon --join --devices {self.devices}` on another host "
-                    "sharing this realm")
+                    f"{max(0, idle - wanted)} of {self.nodes - 1} member daemon(s) idle for "
+                    f"daemon.nodes {self.nodes} ({self.device_set.ranks} {self.kind} "
+                    f"process(es) per host){others}: start `realm daemon --join --devices "
+                    f"{self.devices}` on another host sharing this realm")
         reason = "; ".join(problems) or None
         if reason and reason.split(" GB")[0] != (self._guard_said or "").split(" GB")[0]:
             log.warning("daemon.resources_low", reason=reason)
@@ -451,6 +455,31 @@ class Daemon:
         if reason:
             self._write_status("waiting", reason=f"not claiming: {reason}")
         return reason is None
+
+    def _free_members(self) -> tuple[int, int, list[str]]:
+        """(idle members of this device set, node slots still open in the rendezvous of
+        claims other daemons made, those jobs): a member that one claim waits for is not free
+        for another (both would claim, and one would wait out daemon.rendezvous_timeout and
+        spend an attempt of its job). A member that took a slot counts as taken even before
+        its status file says so."""
+        ranks = self.device_set.ranks
+        idle = self.members.idle(self.paths.status, ranks, self.kind)
+        wanted, by, taken = 0, [], set()
+        for rdzv in Rendezvous.published(self.paths.status):
+            joined = rdzv.joined(self.paths.status)
+            taken |= {(m.get("host"), m.get("pid")) for m in joined}
+            if rdzv.leader.get("pid") == self.worker["pid"] and \
+                    rdzv.leader.get("host") == self.worker["host"]:
+                continue  # our own (withdrawn when its job ends)
+            if rdzv.nproc != ranks or rdzv.kind != self.kind or \
+                    not rdzv.still_claimed(self.paths.base):
+                continue
+            open_slots = max(0, rdzv.nodes - 1 - len(joined))
+            if open_slots:
+                wanted += open_slots
+                by.append(rdzv.job_id)
+        idle = [m for m in idle if (m.get("host"), m.get("pid")) not in taken]
+        return len(idle), min(wanted, len(idle)), by
 
     # --- one job --------------------------------------------------------------------------
 
@@ -494,8 +523,8 @@ class Daemon:
         end = child.end()
         self.progress.close()
         outcome = child.outcome(end)
-        if rdzv is not None:
-            outcome = self._rendezvous_ended(rdzv, outcome)
+        if rdzv is not None:  # never keeps the outcome from being recorded
+            outcome = self._guarded(lambda: self._rendezvous_ended(rdzv, outcome), outcome)
         moved = self._record(job, end, outcome)
         self.say(_describe(moved, outcome))
         self._job_ended(moved)
@@ -524,26 +553,43 @@ class Daemon:
     def _join_round(self) -> bool:
         """A member: join the first published rendezvous this device set fits (same processes
         per node, same device kind) whose claim is still running and has a free node slot."""
-        for rdzv in Rendezvous.published(self.paths.status):
+        damaged: dict[Path, str] = {}
+        published = Rendezvous.published(self.paths.status, damaged)
+        refused = {str(path): f"ignoring a damaged rendezvous file: {why}"
+                   for path, why in damaged.items()}
+        for rdzv in published:
             if rdzv.nproc != self.device_set.ranks or rdzv.kind != self.kind:
                 continue
             problem = self._rendezvous_problem(rdzv)
             if problem:
-                log.warning("rendezvous.refused", job_id=rdzv.job_id, problem=problem)
+                refused[rdzv.job_id] = f"refusing the rendezvous of {rdzv.job_id}: {problem}"
                 continue
             if not rdzv.still_claimed(self.paths.base):
                 continue
             node = rdzv.take_slot(self.paths.status, self.worker)
             if node is not None:
+                self._say_refusals(refused)
                 self._serve_node(rdzv, node)
                 return True
+        self._say_refusals(refused)
         self._write_status("idle")
         return False
+
+    def _say_refusals(self, refused: dict[str, str]) -> None:
+        """Say (and log) each rendezvous a member will not join once, not every round."""
+        for key, why in refused.items():
+            if self._refusals_said.get(key) != why:
+                log.warning("rendezvous.refused", file=key, problem=why)
+                self.say(why)
+        self._refusals_said = refused
 
     def _rendezvous_problem(self, rdzv: Rendezvous) -> str | None:
         """Why a rendezvous file is not one a claiming daemon wrote (its sidecar outside
         processing/, flags that are not training flags): a member never runs it."""
-        sidecar = (self.paths.base / rdzv.sidecar).resolve()
+        try:
+            sidecar = (self.paths.base / rdzv.sidecar).resolve()
+        except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a symlink loop
+            return f"sidecar {rdzv.sidecar!r}: {exc}"
         if sidecar.parent != self.paths.state_dir("processing").resolve():
             return f"sidecar {rdzv.sidecar!r} is not in processing/"
         bad = [f for f in rdzv.flags if not _TRAINING_FLAG.fullmatch(f)]
@@ -921,4 +967,5 @@ def _describe(job: Job, outcome: Outcome) -> str:
 def drain(paths: RealmPaths, daemon_cfg, *, extra_args: list[str] | None = None,
           say=print) -> DrainSummary:
     """``realm daemon --once``: train until the queue is empty (waiting for settling files)."""
-    return Daemon(paths, daemon_cfg, once=True, extra_args=extra_args, say=say).run()
+    return Daemon(paths, daemon_cfg, once=True, extra_args=extra_args, say=say,
+                  join=False).run()  # a member never drains: it claims nothing

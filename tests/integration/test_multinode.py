@@ -204,8 +204,17 @@ def test_the_command_line_the_plan_and_status_show_nodes(tmp_path):
                        (["--join", "--nodes", "2"], "--join with --nodes"),
                        (["--nodes", "0"], "not a node count"),
                        (["--set", "daemon.nodes=0"], "daemon.nodes"),
-                       (["--set", "daemon.address=a b;rm"], "daemon.address")):
-        out = realm_cmd(paths.base, "daemon", *args)
+                       (["--set", "daemon.address=a b;rm"], "daemon.address"),
+                       # a member by config is a member: the flags' refusals hold (a member
+                       # with --once never ends while jobs are queued)
+                       (["--set", "daemon.join=true", "--once"], "daemon.join with --once"),
+                       (["--set", "daemon.join=true", "--nodes", "2"],
+                        "daemon.join with --nodes"),
+                       # host:port reads as an IPv6-ish address to the schema; the endpoint
+                       # would be host:29500:PORT, which no node can reach
+                       (["--nodes", "2", "--set", "daemon.address=head:29500"],
+                        "daemon.address: 'head:29500' is neither")):
+        out = realm_cmd(paths.base, "daemon", *args, timeout=30)
         assert out.returncode == 2 and says in out.stderr, (args, out.stderr)
     member = {"host": "beta", "pid": 7, "devices": "cpu", "state": "joined", "role": "member",
               "node": 1, "job_id": "j1", "updated_at": None}
@@ -264,3 +273,148 @@ def test_node_slots_are_exclusive_and_a_member_refuses_a_forged_rendezvous(tmp_p
         assert says in (member._rendezvous_problem(bad) or ""), change
     withdraw(paths.status, job.id)
     assert not list((paths.status / "jobs").glob("*.rdzv*"))
+
+
+def _claimed(paths, nodes=2, **fields):
+    """A job claimed by "alpha" and its published rendezvous."""
+    from daemon.nodes import Rendezvous
+
+    job = TrainingQueue(paths.base, settle_seconds=0).claim_next({"host": "alpha", "pid": 1,
+                                                                  "started": 0.0})
+    sidecar = paths.relative(paths.base / job.dataset_path) + ".job.json"
+    rdzv = Rendezvous.for_claim(job, sidecar, nodes=nodes, nproc=1, kind="cpu",
+                                address="127.0.0.1", flags=["--max-steps=3"],
+                                leader={"host": "alpha", "pid": 1}, timeout=5)
+    rdzv.publish(paths.status)
+    return job, rdzv
+
+
+def _within(seconds, step):
+    """``step()`` in a thread: what it returned, or a failure when it hangs (a FIFO read)."""
+    import threading
+
+    box = []
+    t = threading.Thread(target=lambda: box.append(step()), daemon=True)
+    t.start()
+    t.join(seconds)
+    assert not t.is_alive(), f"{step} hung"
+    return box[0]
+
+
+def test_damaged_rendezvous_files_never_hang_a_member_nor_hide_a_good_one(tmp_path):
+    """Garbage, wrong types, a FIFO, a device, a file whose job id is not its own, in front of a
+    good rendezvous: the member joins the good one, says once what is wrong with each other
+    file, and a damaged file alone leaves it idle (no round fails, nothing hangs)."""
+    from config.schema import DaemonConfig
+    from daemon.training_daemon import Daemon
+
+    paths = two_host_realm(tmp_path / "r", max_steps=3)
+    job, rdzv = _claimed(paths)
+    jobs = paths.status / "jobs"
+    good = json.loads(rdzv.path(paths.status, job.id).read_text())
+    (jobs / "a-str.rdzv.json").write_text('"hello"')
+    (jobs / "b-deep.rdzv.json").write_text("[" * 20000 + "]" * 20000)
+    (jobs / "c-leader.rdzv.json").write_text(json.dumps({**good, "job_id": "c-leader",
+                                                          "leader": []}))
+    (jobs / "d-flags.rdzv.json").write_text(json.dumps({**good, "job_id": "d-flags",
+                                                         "flags": 5}))
+    (jobs / "e-other.rdzv.json").write_text(json.dumps(good))  # another job's rendezvous
+    os.mkfifo(jobs / "f-fifo.rdzv.json")
+    os.symlink("/dev/zero", jobs / "g-zero.rdzv.json")
+    said, served = [], []
+    member = Daemon(paths, DaemonConfig(), join=True, say=said.append)
+    member._serve_node = lambda r, node: served.append((r.job_id, node))
+    assert _within(20, member._one_round) is True and not member._round_failed, said
+    assert served == [(job.id, 1)], said
+    for name, why in (("a-str", "not a JSON object"), ("b-deep", "nested"),
+                      ("c-leader", "['leader'] of the wrong type"),
+                      ("d-flags", "['flags'] of the wrong type"),
+                      ("e-other", "is not the file's"), ("f-fifo", "FIFO"),
+                      ("g-zero", "symlink")):
+        assert any(f"{name}.rdzv.json" in s and why in s for s in said), (name, said)
+    # alone, the damaged files leave the member idle, said once (not every round)
+    rdzv.path(paths.status, job.id).unlink()
+    (jobs / f"{job.id}.rdzv.node-1").unlink()
+    said.clear()
+    for _ in range(2):
+        assert _within(20, member._one_round) is False and not member._round_failed
+    assert len(said) == 0, "nothing new to say"
+    assert daemon_status(paths, host_of(member)).get("state") == "idle"
+
+
+def host_of(daemon) -> str:
+    return daemon.worker["host"]
+
+
+def test_a_claimer_records_past_damaged_slots_and_a_stale_member_takes_no_slot(tmp_path):
+    """A slot file that is a FIFO or not an object does not hang or break the claimer's end of
+    the job; a member that read a rendezvous just before the job was claimed again does not
+    take a slot of the new claim (it would block the new claim's member)."""
+    from daemon.nodes import MemberWatch
+
+    paths = two_host_realm(tmp_path / "r", max_steps=3)
+    job, rdzv = _claimed(paths, nodes=3)
+    jobs = paths.status / "jobs"
+    os.mkfifo(jobs / f"{job.id}.rdzv.node-1")
+    (jobs / f"{job.id}.rdzv.node-2").write_text("[1, 2]")
+    assert _within(10, lambda: rdzv.joined(paths.status)) == []
+    os.mkfifo(paths.status / "daemon-fifo-cpu.json")
+    fake_member(paths, "beta")
+    watch = MemberWatch(60, lambda: 0.0)
+    assert [m["host"] for m in _within(10, lambda: watch.idle(paths.status, 1, "cpu"))] == \
+        ["beta"]
+    # the claim ends and the job is claimed again: a member still holding the old rendezvous
+    stale = rdzv
+    again = type(rdzv).for_claim(job, stale.sidecar, nodes=2, nproc=1, kind="cpu",
+                                 address="127.0.0.1", flags=[], timeout=5,
+                                 leader={"host": "alpha", "pid": 2})
+    again.publish(paths.status)
+    assert stale.take_slot(paths.status, {"host": "late"}) is None
+    assert again.take_slot(paths.status, {"host": "beta"}) == 1, "the new claim's slot is free"
+    assert [m["host"] for m in again.joined(paths.status)] == ["beta"]
+
+
+def test_queue_status_lists_members_past_damaged_daemon_status_files(tmp_path):
+    """``realm queue status`` (text and --json) with a member joined and daemon status files
+    that are damaged: not an object, a node or node count of the wrong type, a stamp that is
+    not one, a FIFO. The good member is listed; nothing crashes or hangs."""
+    paths = two_host_realm(tmp_path / "r", max_steps=3)
+    fake_member(paths, "beta", state="joined", node=1, job_id="j1")
+    (paths.status / "daemon-list-cpu.json").write_text("[1]")
+    (paths.status / "daemon-node-cpu.json").write_text(json.dumps(
+        {"host": "nodex", "state": "joined", "role": "member", "node": "x", "job_id": "j2"}))
+    (paths.status / "daemon-nodes-cpu.json").write_text(json.dumps(
+        {"host": "nodesx", "state": "idle", "nodes": "2", "updated_at": "yesterday"}))
+    os.mkfifo(paths.status / "daemon-fifo-cpu.json")
+    out = realm_cmd(paths.base, "queue", "status", timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert "beta:1 [cpu] joined: member node 2 of job j1" in out.stdout, out.stdout
+    assert "nodex:None" in out.stdout and "nodesx:None" in out.stdout, out.stdout
+    out = realm_cmd(paths.base, "queue", "status", "--json", timeout=30)
+    assert out.returncode == 0, out.stderr
+    assert sorted(d["host"] for d in json.loads(out.stdout)["daemons"]) == \
+        ["beta", "nodesx", "nodex"]
+
+
+def test_a_member_another_claim_waits_for_is_not_counted_free(tmp_path):
+    """Two claiming daemons and one idle member: once one has claimed and waits for the member,
+    the other claims nothing (before, both claimed; one waited out daemon.rendezvous_timeout
+    and spent an attempt of its job), and says why; a member that took a slot is not free even
+    while its status file still says idle."""
+    from daemon.nodes import withdraw
+    from daemon.training_daemon import Daemon
+    from guild.selection import resolve_for
+
+    paths = two_host_realm(tmp_path / "r", max_steps=3)
+    job, rdzv = _claimed(paths)  # "alpha" claimed and waits for one member
+    fake_member(paths, "beta", pid=7)
+    said = []
+    other = Daemon(paths, resolve_for(paths).config.daemon, nodes=2, say=said.append)
+    assert not other.resources_ok()
+    assert "0 of 1 member daemon(s) idle" in said[-1], said
+    assert f"1 of the 1 idle are wanted by job(s) other daemons claimed and wait for " \
+           f"members ({job.id})" in said[-1], said
+    assert rdzv.take_slot(paths.status, {"host": "beta", "pid": 7}) == 1
+    assert not other.resources_ok(), "beta took alpha's slot: not free for another claim"
+    withdraw(paths.status, job.id)  # alpha's job ended: beta is free again
+    assert other.resources_ok(), said
