@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import argparse
-import ipaddress
 import json
 import math
 import subprocess
@@ -46,19 +45,6 @@ def _node_count(text: str) -> int:
     return n
 
 
-def _check_address(address: str | None) -> None:
-    """daemon.address is a host name or an IP address, never ``host:port`` (the schema allows
-    colons for IPv6; realm adds the port itself)."""
-    if address is None or ":" not in address:
-        return
-    try:
-        ipaddress.IPv6Address(address)
-    except ValueError:
-        raise UsageError(f"daemon.address: {address!r} is neither a host name nor an IP address "
-                         "(a port is not part of it: realm picks a free port for each job); "
-                         "give the address other hosts reach this one at") from None
-
-
 def _open_daemon_log(paths, level: str):
     paths.logs.mkdir(parents=True, exist_ok=True)
     stream = open(paths.logs / "daemon.jsonl", "a", buffering=1)
@@ -90,7 +76,6 @@ def cmd_daemon(args) -> int:
     if join and args.nodes:
         raise UsageError(f"{join} with --nodes: a member joins the jobs other daemons claim; "
                          "give --nodes to the claiming daemon.")
-    _check_address(config.daemon.address)
     stream = _open_daemon_log(paths, config.logging.level)
     try:
         summary = Daemon(paths, config.daemon, devices=args.devices, poll=args.poll,

@@ -305,7 +305,21 @@ BOUNDS: dict[str, tuple[float | None, float | None]] = {
 
 
 NO_DECAY_KINDS = ("bias", "norm", "embedding")
-_ADDRESS = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]*")
+_HOST_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9.-]*")
+
+
+def _is_address(text: str) -> bool:
+    """A host name or an IPv4 address (letters, digits, dots, dashes), or an IPv6 address;
+    never ``host:port``."""
+    if _HOST_NAME.fullmatch(text):
+        return True
+    import ipaddress
+
+    try:
+        ipaddress.IPv6Address(text)
+        return True
+    except ValueError:
+        return False
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.]*")
 
 
@@ -327,9 +341,9 @@ def string_problem(key: str, value: Any) -> str | None:
                     "the quote, or give the command without one")
         if not words:
             return "daemon.on_job_end: empty command; give a program and its arguments, or null"
-    if key == "daemon.address" and value is not None and not _ADDRESS.fullmatch(str(value)):
-        return (f"daemon.address: {value!r} is not a host name or IP address (letters, digits, "
-                "dots, dashes, colons); give the address other hosts reach this one at")
+    if key == "daemon.address" and value is not None and not _is_address(str(value)):
+        return (f"daemon.address: {value!r} is not a host name or an IP address (no port: the "
+                "rendezvous picks its own); give the address other hosts reach this one at")
     if key in ("adapter.target_modules", "adapter.modules_to_save") and value is not None:
         names = [n.strip() for n in str(value).split(",")]
         if key == "adapter.target_modules" and value.strip() == "all-linear":

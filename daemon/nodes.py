@@ -106,7 +106,8 @@ class Rendezvous:
                   ) -> "Rendezvous":
         digest = hashlib.sha256(f"{job.id}|{job.started_at}|{leader}".encode()).hexdigest()
         return cls(job.id, job.started_at or "", f"realm-{digest[:16]}",
-                   f"{address}:{free_port()}", nodes, nproc, kind, sidecar, list(flags),
+                   f"{f'[{address}]' if ':' in address else address}:{free_port()}", nodes,
+                   nproc, kind, sidecar, list(flags),
                    dict(leader), timeout, utc_now())
 
     def publish(self, status_dir: Path) -> None:
@@ -228,10 +229,13 @@ def withdraw(status_dir: Path, job_id: str) -> None:
         p.unlink(missing_ok=True)
 
 
-def node_log(logs_dir: Path, job_id: str) -> Path:
-    """One host's launcher output for a job spanning hosts (rank 0's log is ``<job>.log``,
-    written by rank 0 itself wherever it runs)."""
-    return logs_dir / "jobs" / f"{job_id}.node-{host_name()}.log"
+def node_log(logs_dir: Path, job_id: str, devices: str) -> Path:
+    """One node's launcher output for a job spanning hosts, named by host and device set (two
+    daemons of one host may both serve the job); rank 0's log is ``<job>.log``, written by rank
+    0 itself wherever it runs."""
+    from daemon.lock import device_label
+
+    return logs_dir / "jobs" / f"{job_id}.node-{host_name()}-{device_label(devices)}.log"
 
 
 class MemberWatch:

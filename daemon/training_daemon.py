@@ -497,7 +497,7 @@ class Daemon:
                     leader=self.worker, timeout=self.cfg.rendezvous_timeout)
                 rdzv.publish(self.paths.status)
                 cmd = rdzv.launcher(self.paths.base, hosts_store=True, address=self.address)
-                log_path = node_log(self.paths.logs, job.id)
+                log_path = node_log(self.paths.logs, job.id, self.devices)
                 self.say(f"  waiting for {self.nodes - 1} member node(s) at {rdzv.endpoint}")
             else:
                 cmd = child_command(self.paths.base, sidecar, self.extra_args, ranks)
@@ -539,7 +539,7 @@ class Daemon:
         silent = JobFiles.of(self.paths.status, rdzv.job_id).read_outcome() is None
         if outcome.kind in ("crash", "timeout") and silent:  # rank 0 said nothing
             outcome.reason = (f"{outcome.reason or 'the group failed'}; each host's launcher "
-                              f"wrote logs/jobs/{rdzv.job_id}.node-<host>.log")
+                              f"wrote logs/jobs/{rdzv.job_id}.node-<host>-<devices>.log")
         if outcome.kind in ("crash", "timeout") and len(joined) < rdzv.nodes - 1:
             outcome.reason = (
                 f"the job's {rdzv.nodes} nodes never met: {len(joined)} of {rdzv.nodes - 1} "
@@ -612,7 +612,7 @@ class Daemon:
                  f"{leader}, rendezvous {rdzv.endpoint})")
         env = {**os.environ, "CUDA_VISIBLE_DEVICES": self.device_set.visible}
         child = Child(rdzv.launcher(self.paths.base, hosts_store=False, address=self.address),
-                      node_log(self.paths.logs, rdzv.job_id),
+                      node_log(self.paths.logs, rdzv.job_id, self.devices),
                       JobFiles.of(self.paths.status, rdzv.job_id), env, group=True, clear=False)
         log.info("node.joined", job_id=rdzv.job_id, node=node, child_pid=child.pid,
                  leader=leader)
@@ -620,6 +620,8 @@ class Daemon:
         over_since = None
         try:
             while not child.wait(timeout=self.cfg.heartbeat_seconds):
+                # a fresh stamp while joined: status views and claimers see a live member
+                self._write_status("joined", job_id=rdzv.job_id, node=node, child_pid=child.pid)
                 if self.stop_requests >= 2:
                     child.kill("second stop signal (cold stop)")
                 elif self.stop_requests == 1:
@@ -857,7 +859,7 @@ finishes well within it) before the member kills it."""
 _TRAINING_FLAG = re.compile("--(?:%s)=.*" % "|".join(
     [f.replace("_", "-") for f in FLAG_KEYS] + ["set"]), re.S)
 """The flags a claiming daemon passes to its ranks (``cli.daemon_cmds._flag_args``)."""
-_ENDPOINT = re.compile(r"[A-Za-z0-9][A-Za-z0-9.:-]*:\d{1,5}")
+_ENDPOINT = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\]):\d{1,5}")
 _RUN_ID = re.compile(r"realm-[0-9a-f]{16}")
 
 PROGRESS_SECONDS = 0.2

@@ -17,6 +17,7 @@ import pytest
 import torch
 
 from core.training_queue import TrainingQueue
+from daemon.lock import device_label
 from tests.integration.test_daemon import env, realm_cmd, wait_for
 from tests.integration.test_distributed import (events, only_job, ranks_of, realm,
                                                 status_step, step_losses)
@@ -134,7 +135,8 @@ def test_a_job_on_two_hosts_matches_one_process_through_a_killed_and_a_leaving_n
     # each host's launcher has its own log; rank 0 wrote the job log wherever it ran
     logs = faulty.logs / "jobs"
     assert {p.name.split(".node-")[1] for p in logs.glob(f"{c.id}.node-*.log")} == \
-        {"alpha.log", "beta.log", "gamma.log"}
+        {f"alpha-{device_label(CLAIMER)}.log", f"beta-{device_label(MEMBER)}.log",
+         f"gamma-{device_label(MEMBER)}.log"}
     assert not list((faulty.status / "jobs").glob("*.rdzv*")), "rendezvous withdrawn"
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
     folder = logits_of(c.metadata["checkpoint"], ids)
@@ -185,7 +187,7 @@ def test_without_members_nothing_is_claimed_and_a_rendezvous_that_never_fills_sa
     assert "nodes never met: 0 of 1 member node(s) joined the rendezvous at 127.0.0.1:" in \
         job.last_error, job.last_error
     assert "realm daemon --join" in job.last_error
-    assert f"logs/jobs/{job.id}.node-<host>.log" in job.last_error
+    assert f"logs/jobs/{job.id}.node-<host>-<devices>.log" in job.last_error
     assert "0 of 1 member daemon(s) idle" in out.stdout
     assert not list((paths.status / "jobs").glob("*.rdzv*")), "rendezvous withdrawn"
 
@@ -210,12 +212,13 @@ def test_the_command_line_the_plan_and_status_show_nodes(tmp_path):
                        (["--set", "daemon.join=true", "--once"], "daemon.join with --once"),
                        (["--set", "daemon.join=true", "--nodes", "2"],
                         "daemon.join with --nodes"),
-                       # host:port reads as an IPv6-ish address to the schema; the endpoint
-                       # would be host:29500:PORT, which no node can reach
+                       # the endpoint would be host:29500:PORT, which no node can reach
                        (["--nodes", "2", "--set", "daemon.address=head:29500"],
-                        "daemon.address: 'head:29500' is neither")):
+                        "daemon.address: 'head:29500' is not a host name or an IP address")):
         out = realm_cmd(paths.base, "daemon", *args, timeout=30)
         assert out.returncode == 2 and says in out.stderr, (args, out.stderr)
+    out = realm_cmd(paths.base, "daemon", "--plan", "--set", "daemon.address=10.0.0.1:80")
+    assert "problem: " in out.stdout and "daemon.address: '10.0.0.1:80' is not" in out.stdout
     member = {"host": "beta", "pid": 7, "devices": "cpu", "state": "joined", "role": "member",
               "node": 1, "job_id": "j1", "updated_at": None}
     assert "member node 2 of job j1" in _daemon_line(member)
@@ -253,6 +256,10 @@ def test_node_slots_are_exclusive_and_a_member_refuses_a_forged_rendezvous(tmp_p
                                                                         "pid": 2}, timeout=5)
     again.publish(paths.status)  # a new claim clears the old one's slots
     assert again.run_id != rdzv.run_id and again.joined(paths.status) == []
+    six = Rendezvous.for_claim(job, sidecar, nodes=2, nproc=1, kind="cpu", address="fd00::1",
+                               flags=[], leader={"host": "alpha", "pid": 3}, timeout=5)
+    assert six.endpoint.startswith("[fd00::1]:"), "an IPv6 endpoint takes brackets"
+    assert Daemon(paths, DaemonConfig(), join=True)._rendezvous_problem(six) is None
     cmd = again.launcher(paths.base, hosts_store=False, address="10.0.0.2")
     assert cmd[cmd.index("--rdzv-conf") + 1].startswith("is_host=false,join_timeout=5")
     assert cmd[cmd.index("--local-addr") + 1] == "10.0.0.2"
