@@ -18,6 +18,7 @@ import json
 import os
 import shutil
 import tempfile
+import time
 import traceback
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -343,11 +344,54 @@ def _daemon_row(path: Path) -> Row:
                f"takes over its jobs); or delete status/{path.name} if it is retired")
 
 
+def check_nodes(ctx: Context) -> Iterable[Row]:
+    """daemon.nodes above 1: the address other hosts reach this one at, and the members."""
+    import ipaddress
+    import socket
+
+    from daemon.lock import DeviceSet
+    from daemon.nodes import MemberWatch, this_address
+
+    cfg = ctx.config().daemon
+    if cfg.nodes <= 1:
+        yield Row("nodes", "ok", f"each job runs on one host (daemon.nodes 1, "
+                  f"{_source(ctx, 'daemon.nodes')})")
+        return
+    address = this_address(cfg.address)
+    try:
+        found = sorted({info[4][0] for info in socket.getaddrinfo(address, None)})
+    except OSError as exc:
+        yield Row("nodes", "fail", f"daemon.address {address!r} does not resolve here ({exc})",
+                  "set daemon.address to the address other hosts reach this one at")
+        return
+    loopback = all(ipaddress.ip_address(a.split("%")[0]).is_loopback for a in found)
+    if loopback:
+        yield Row("nodes", "warn", f"jobs span {cfg.nodes} hosts, but {address} is a loopback "
+                  f"address here ({', '.join(found)}): other hosts cannot reach the rendezvous",
+                  "set daemon.address to this host's address on the network the hosts share")
+    else:
+        yield Row("nodes", "ok", f"jobs span {cfg.nodes} hosts; the rendezvous is reached at "
+                  f"{address} ({', '.join(found)})")
+    devices = DeviceSet.parse(cfg.devices)
+    kind = "cuda" if devices.visible else "cpu"
+    idle = MemberWatch(cfg.lease_seconds, time.monotonic).idle(ctx.paths.status, devices.ranks,
+                                                                kind)
+    need = cfg.nodes - 1
+    if len(idle) < need:
+        yield Row("members", "warn", f"{len(idle)} of {need} member daemon(s) idle with "
+                  f"{devices.ranks} {kind} process(es): the daemon claims no job until they "
+                  "are", f"start `realm daemon --join --devices {devices.spec}` on "
+                  f"{need - len(idle)} other host(s) sharing this realm")
+    else:
+        yield Row("members", "ok", f"{len(idle)} member daemon(s) idle: "
+                  f"{', '.join(str(m.get('host')) for m in idle)}")
+
+
 CHECKS: list[tuple[str, Callable[[Context], Iterable[Row]]]] = [
     ("layout", check_layout), ("config", check_config), ("versions", check_versions),
     ("cuda", check_cuda), ("bf16", check_bf16), ("heroes", check_heroes),
     ("disk", check_disk), ("memory", check_memory), ("filesystem", check_filesystem),
-    ("inotify", check_inotify), ("daemons", check_daemons)]
+    ("inotify", check_inotify), ("daemons", check_daemons), ("nodes", check_nodes)]
 
 
 def cmd_doctor(args) -> int:

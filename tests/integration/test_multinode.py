@@ -425,3 +425,25 @@ def test_a_member_another_claim_waits_for_is_not_counted_free(tmp_path):
     assert not other.resources_ok(), "beta took alpha's slot: not free for another claim"
     withdraw(paths.status, job.id)  # alpha's job ended: beta is free again
     assert other.resources_ok(), said
+
+
+def test_doctor_checks_the_address_and_the_members_of_jobs_spanning_hosts(tmp_path):
+    paths = two_host_realm(tmp_path / "r", max_steps=3)
+    config = json.loads((paths.base / "config.json").read_text())
+    config["daemon"]["nodes"] = 2  # address 127.0.0.1: only this machine reaches it
+    (paths.base / "config.json").write_text(json.dumps(config))
+    fake_member(paths, "delta", ranks=2, devices="cpu:2")  # another device set: not counted
+
+    def rows():
+        out = realm_cmd(paths.base, "doctor", "--json")
+        return {r["name"]: r for r in json.loads(out.stdout)["checks"]}
+
+    got = rows()
+    assert got["nodes"]["status"] == "warn" and "loopback" in got["nodes"]["detail"]
+    assert "daemon.address" in got["nodes"]["fix"]
+    assert got["members"]["status"] == "warn"
+    assert got["members"]["detail"].startswith("0 of 1 member daemon(s) idle")
+    assert "realm daemon --join --devices cpu" in got["members"]["fix"]
+    fake_member(paths, "ghost")
+    got = rows()
+    assert got["members"]["status"] == "ok" and "ghost" in got["members"]["detail"]
