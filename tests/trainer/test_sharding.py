@@ -31,3 +31,38 @@ def test_trainable_weights_keeps_what_it_gathers_on_rank_0_only(monkeypatch):
     mine = sharding.trainable_weights(model, main=True)
     assert sorted(mine) == sorted(n for n, p in model.named_parameters() if p.requires_grad)
     assert all(torch.equal(mine[n], p) for n, p in model.named_parameters() if n in mine)
+
+
+def test_sample_prompts_under_fsdp_decode_in_step_until_every_rank_is_done():
+    """generate() under fsdp runs with synced_gpus: the model is sharded by hand (transformers
+    does not see it as FSDP-managed), so without it a rank whose greedy decode stops first
+    leaves the others in a layer's all-gather (a hang or mismatched collectives)."""
+    from types import SimpleNamespace
+
+    from trainer.engine import Trainer
+
+    calls = []
+
+    class Model:
+        def generate(self, ids, **kwargs):
+            calls.append(kwargs)
+            return torch.cat([ids, ids], dim=1)
+
+        def train(self):
+            pass
+
+    class Tok:
+        pad_token_id = 0
+
+        def __call__(self, text, add_special_tokens=False):
+            return {"input_ids": [1, 2, 3]}
+
+        def decode(self, ids, skip_special_tokens=True):
+            return "x"
+
+    for sharded in (True, False):
+        fake = SimpleNamespace(sample_prompts=["a"], device=torch.device("cpu"),
+                               autocast_dtype=None, model=Model(), global_step=1,
+                               sharded=sharded, log=SimpleNamespace(info=lambda *a, **k: None))
+        Trainer._sample_each(fake, Tok(), 4)
+    assert [c.get("synced_gpus") for c in calls] == [True, False]
