@@ -106,7 +106,12 @@ def training_changes(recorded: dict[str, Any], config: RealmConfig) -> list[str]
     """``key: old -> new`` for every key outside the operational sections whose value in
     ``config`` differs from a recorded config's (``Resolved.record()["config"]``, nested). A key
     the record lacks (added to the schema since) differs only when ``config`` moved it off its
-    default: a new key's default keeps the old behaviour."""
+    default: a new key's default keeps the old behaviour. A record that is not a mapping of
+    sections (a damaged file) raises TypeError: read as "every key at its default", it would
+    let a resume through unjudged."""
+    if not isinstance(recorded, dict) or any(
+            not isinstance(recorded[s], dict) for s in SECTIONS if s in recorded):
+        raise TypeError("the recorded config is not a mapping of sections")
     old = dict(flatten(recorded))
     out = []
     for key, spec in SPECS.items():

@@ -1011,9 +1011,13 @@ class Trainer:
                 with torch.autocast(self.device.type, dtype=self.autocast_dtype,
                                     enabled=self.autocast_dtype is not None):
                     # stops at the model's generation_config stop tokens (EOS, end of turn)
+                    # fsdp: a rank whose decode ends first (a stop token on a near tie that
+                    # another device breaks the other way) keeps running forwards until every
+                    # rank is done, or its next collective would meet another's layer gather
                     out = self.model.generate(ids, attention_mask=torch.ones_like(ids),
                                               max_new_tokens=new, do_sample=False,
-                                              pad_token_id=tok.pad_token_id)
+                                              pad_token_id=tok.pad_token_id,
+                                              synced_gpus=self.sharded)
                 text = tok.decode(out[0, ids.shape[1]:], skip_special_tokens=True)
                 self.log.info("eval.sample", step=self.global_step, prompt=prompt,
                               completion=text)

@@ -137,9 +137,15 @@ def full_weights(model: torch.nn.Module, prefix: str = "model.") -> dict | None:
 def trainable_weights(model: torch.nn.Module, main: bool) -> dict | None:
     """The trainable parameters of a sharded ``model`` (an adapter's), each gathered whole, on
     the CPU at rank 0 (None elsewhere), named as ``model`` names them. Every rank must call
-    this (one all-gather per parameter)."""
-    out = {name: full(p.detach()).cpu() for name, p in model.named_parameters()
-           if p.requires_grad}
+    this (one all-gather per parameter); only rank 0 keeps what it gathered (a full model's
+    weights, for a disk roll-back's start, held whole on every rank at once would not fit)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            whole = full(p.detach())
+            if main:
+                out[name] = whole.cpu()
+            del whole
     return out if main else None
 
 

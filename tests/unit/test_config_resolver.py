@@ -159,3 +159,24 @@ def test_hash_follows_values_not_provenance():
 
 def test_every_schema_field_has_a_docstring():
     assert all(spec.doc for spec in SPECS.values()), [k for k, s in SPECS.items() if not s.doc]
+
+
+def test_training_changes_judge_a_record_key_by_key_and_refuse_a_damaged_one():
+    """A record's JSON values compare with live ones (1 and 1.0, null and None alike);
+    operational sections and keys the record lacks at their defaults are no change; a record
+    that is not a mapping of sections is an error (the caller falls back to the hash), never
+    "every key at its default"."""
+    import json
+
+    from config.resolver import training_changes
+
+    live = resolve([Layer("job", "j", {"training": {"max_grad_norm": 1}})], HERO)
+    record = json.loads(json.dumps(live.record()))["config"]
+    del record["training"]["parallelism"]  # a key the schema gained since
+    record["daemon"]["nodes"] = 4
+    assert training_changes(record, live.config) == []
+    record["data"]["max_length"] = 96
+    assert training_changes(record, live.config) == ["data.max_length: 96 -> 512"]
+    for damaged in (None, [], {"training": "x"}, {"data": None}):
+        with pytest.raises(TypeError):
+            training_changes(damaged, live.config)
