@@ -373,7 +373,7 @@ def check_nodes(ctx: Context) -> Iterable[Row]:
         yield Row("nodes", "ok", f"jobs span {cfg.nodes} hosts; the rendezvous is reached at "
                   f"{address} ({', '.join(found)})")
     devices = DeviceSet.parse(cfg.devices)
-    kind = "cuda" if devices.visible else "cpu"
+    kind = devices.kind
     idle = MemberWatch(cfg.lease_seconds, time.monotonic).idle(ctx.paths.status, devices.ranks,
                                                                 kind)
     need = cfg.nodes - 1

@@ -32,6 +32,11 @@ class DeviceSet:
     visible: str
     """CUDA_VISIBLE_DEVICES for the job ("" hides every GPU)."""
 
+    @property
+    def kind(self) -> str:
+        """``cuda`` or ``cpu``."""
+        return "cuda" if self.visible else "cpu"
+
     @classmethod
     def parse(cls, spec: str) -> "DeviceSet":
         """``cpu``, ``cpu:N``, or comma-separated CUDA ids (``0``, ``0,1``)."""

@@ -26,16 +26,21 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import socket
 import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 from core.errors import InputError
-from core.fsutil import host_name, process_alive, write_json_atomic
+from config.flags import FLAG_KEYS
+from config.schema import MAX_SECONDS
+from core.fsutil import host_name, write_json_atomic
 from core.job import Job, JobState, utc_now
 from core.queue_scan import read_sidecar_json
 from core.validate import parse_json, read_regular
+from daemon.lease import LeaseWatch
+from daemon.lock import device_label
 
 SCHEMA = 1
 MAX_BYTES = 1 << 16
@@ -60,6 +65,13 @@ def read_small_json(path: Path, what: str):
 _TYPES = {"job_id": str, "claim": str, "run_id": str, "endpoint": str, "nodes": int,
           "nproc": int, "kind": str, "sidecar": str, "flags": list, "leader": dict,
           "timeout": (int, float), "created_at": str}
+
+
+_TRAINING_FLAG = re.compile("--(?:%s)=.*" % "|".join(
+    [f.replace("_", "-") for f in FLAG_KEYS] + ["set"]), re.S)
+"""The flags a claiming daemon passes to its ranks (``cli.daemon_cmds._flag_args``)."""
+_ENDPOINT = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\]):\d{1,5}")
+_RUN_ID = re.compile(r"realm-[0-9a-f]{16}")
 
 
 def this_address(configured: str | None) -> str:
@@ -162,6 +174,27 @@ class Rendezvous:
                     damaged[p] = str(exc)
         return out
 
+    def problem(self, paths) -> str | None:
+        """Why this rendezvous is not one a claiming daemon wrote (its sidecar outside
+        processing/, flags that are not training flags, a malformed endpoint or run id, a node
+        count or timeout out of range): a member never runs it. ``load`` checked the types."""
+        try:
+            sidecar = (paths.base / self.sidecar).resolve()
+        except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a symlink loop
+            return f"sidecar {self.sidecar!r}: {exc}"
+        if sidecar.parent != paths.state_dir("processing").resolve():
+            return f"sidecar {self.sidecar!r} is not in processing/"
+        bad = [f for f in self.flags if not _TRAINING_FLAG.fullmatch(f)]
+        if bad:
+            return f"flags {bad} are not training flags"
+        if not 1 < self.nodes <= 1024:
+            return f"node count {self.nodes!r}"
+        if not _ENDPOINT.fullmatch(self.endpoint) or not _RUN_ID.fullmatch(self.run_id):
+            return f"endpoint {self.endpoint!r} or run id {self.run_id!r} is malformed"
+        if not 0 < self.timeout <= MAX_SECONDS:
+            return f"timeout {self.timeout!r}"
+        return None
+
     def _slot(self, status_dir: Path, node: int) -> Path:
         return status_dir / "jobs" / f"{self.job_id}.rdzv.node-{node}"
 
@@ -233,29 +266,15 @@ def node_log(logs_dir: Path, job_id: str, devices: str) -> Path:
     """One node's launcher output for a job spanning hosts, named by host and device set (two
     daemons of one host may both serve the job); rank 0's log is ``<job>.log``, written by rank
     0 itself wherever it runs."""
-    from daemon.lock import device_label
-
     return logs_dir / "jobs" / f"{job_id}.node-{host_name()}-{device_label(devices)}.log"
 
 
 class MemberWatch:
-    """Which member daemons are idle now, judged as leases are: on this host the process
-    exists; on another host its status file's ``updated_at`` changed within ``lease_seconds``
-    of this daemon's monotonic clock (never compared with this host's wall clock)."""
+    """Which member daemons are idle now, judged as leases are (``daemon.lease``): on this host
+    the process exists; on another its status file's ``updated_at`` keeps changing."""
 
     def __init__(self, lease_seconds: float, clock):
-        self.lease_seconds, self.clock = lease_seconds, clock
-        self._seen: dict[str, tuple[str | None, float]] = {}
-
-    def _alive(self, path: Path, status: dict) -> bool:
-        if status.get("host") == host_name():
-            return process_alive(status.get("pid"), status.get("started"))
-        now, stamp = self.clock(), status.get("updated_at")
-        seen = self._seen.get(str(path))
-        if seen is None or seen[0] != stamp:
-            self._seen[str(path)] = (stamp, now)
-            return True
-        return now - seen[1] < self.lease_seconds
+        self.watch = LeaseWatch(lease_seconds, clock)
 
     def idle(self, status_dir: Path, nproc: int, kind: str) -> list[dict]:
         """Idle members whose device sets match (as many processes, the same kind)."""
@@ -270,6 +289,6 @@ class MemberWatch:
             if status.get("state") != "idle" or status.get("ranks") != nproc or \
                     status.get("kind") != kind:
                 continue
-            if self._alive(path, status):
+            if self.watch.judge(str(path), status, status.get("updated_at")):
                 out.append(status)
         return out

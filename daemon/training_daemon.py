@@ -22,7 +22,6 @@ import contextlib
 import errno
 import json
 import os
-import re
 import signal
 import sys
 import threading
@@ -36,16 +35,15 @@ import structlog
 from watchdog.events import FileClosedEvent, FileMovedEvent, FileSystemEventHandler
 from watchdog.observers import Observer
 
-from config.flags import FLAG_KEYS
-from config.schema import MAX_SECONDS
 from core import exitcodes
 from core.errors import ClaimLost, UsageError
-from core.fsutil import host_name, process_alive, write_json_atomic
+from core.fsutil import host_name, write_json_atomic
 from core.job import Job, JobState, utc_now
 from core.paths import PRIORITIES, RealmPaths, init_layout, layout_problems, sidecar_of
 from core.queue_scan import read_sidecar_json
 from core.training_queue import TrainingQueue
 from daemon.hooks import run_job_end_hook
+from daemon.lease import LeaseWatch
 from daemon.lock import DaemonLock, DeviceSet, device_label
 from daemon.nodes import MemberWatch, Rendezvous, node_log, this_address, withdraw
 from daemon.pause import describe, paused
@@ -98,41 +96,6 @@ def record_outcome(queue: TrainingQueue, job: Job, outcome: Outcome | int,
     return queue.fail(job, reason, retryable=True, max_attempts=max_attempts, results=results)
 
 
-class LeaseWatch:
-    """Whether a lease is still held, judged by this daemon's own clock.
-
-    Same host: the owning process exists. Other host: the lease's ``heartbeat_at`` *changed*
-    within the last ``lease_seconds`` of this daemon's monotonic clock. The timestamp is only
-    compared with its previous value, never with this host's wall clock, so clock skew between
-    hosts never makes a live lease look expired (or a dead one look alive); the price is that a
-    daemon watches a foreign lease for ``lease_seconds`` before it reaps it, even when the
-    timestamp is hours old.
-    """
-
-    def __init__(self, lease_seconds: float, clock=time.monotonic):
-        self.lease_seconds, self.clock = lease_seconds, clock
-        self._seen: dict[str, tuple[str | None, float]] = {}
-
-    def alive(self, job: Job) -> bool:
-        worker = job.worker or {}
-        if worker.get("host") == host_name():
-            return process_alive(worker.get("pid"), worker.get("started"))
-        now = self.clock()
-        stamp = job.heartbeat_at or job.started_at
-        seen = self._seen.get(job.id)
-        if seen is None or seen[0] != stamp:
-            self._seen[job.id] = (stamp, now)
-            return True
-        return now - seen[1] < self.lease_seconds
-
-    def silent_for(self, job: Job) -> float:
-        seen = self._seen.get(job.id)
-        return 0.0 if seen is None else self.clock() - seen[1]
-
-    def forget(self, keep: set[str]) -> None:
-        self._seen = {k: v for k, v in self._seen.items() if k in keep}
-
-
 class _Wakeups:
     """Watchdog on the inboxes: events only wake the loop and feed the settle rule."""
 
@@ -176,7 +139,7 @@ class Daemon:
         self.paths, self.cfg = paths, daemon_cfg
         self.device_set = DeviceSet.parse(devices or daemon_cfg.devices)
         self.devices = self.device_set.spec
-        self.kind = "cuda" if self.device_set.visible else "cpu"
+        self.kind = self.device_set.kind
         self.join = daemon_cfg.join if join is None else join
         """A member: claims nothing, joins the jobs other daemons claim across hosts."""
         self.nodes = 1 if self.join else (nodes or daemon_cfg.nodes)
@@ -205,9 +168,9 @@ class Daemon:
         self.keep_last = keep_last
         self.progress = ProgressView()
         self._cancels: dict[str, CancelRequest] = {}
+        """Cancel requests seen for the jobs this daemon trains (job id -> request)."""
         self._refusals_said: dict[str, str] = {}
         """A member: the rendezvous files it refused, as said (said again only when they change)."""
-        """Cancel requests seen for the jobs this daemon trains (job id -> request)."""
         self.say = self.progress.writer(say)
 
     # --- the spine ------------------------------------------------------------------------
@@ -560,7 +523,7 @@ class Daemon:
         for rdzv in published:
             if rdzv.nproc != self.device_set.ranks or rdzv.kind != self.kind:
                 continue
-            problem = self._rendezvous_problem(rdzv)
+            problem = rdzv.problem(self.paths)
             if problem:
                 refused[rdzv.job_id] = f"refusing the rendezvous of {rdzv.job_id}: {problem}"
                 continue
@@ -582,26 +545,6 @@ class Daemon:
                 log.warning("rendezvous.refused", file=key, problem=why)
                 self.say(why)
         self._refusals_said = refused
-
-    def _rendezvous_problem(self, rdzv: Rendezvous) -> str | None:
-        """Why a rendezvous file is not one a claiming daemon wrote (its sidecar outside
-        processing/, flags that are not training flags): a member never runs it."""
-        try:
-            sidecar = (self.paths.base / rdzv.sidecar).resolve()
-        except (OSError, ValueError, RuntimeError) as exc:  # a NUL byte, a symlink loop
-            return f"sidecar {rdzv.sidecar!r}: {exc}"
-        if sidecar.parent != self.paths.state_dir("processing").resolve():
-            return f"sidecar {rdzv.sidecar!r} is not in processing/"
-        bad = [f for f in rdzv.flags if not _TRAINING_FLAG.fullmatch(f)]
-        if bad:
-            return f"flags {bad} are not training flags"
-        if not isinstance(rdzv.nodes, int) or not 1 < rdzv.nodes <= 1024:
-            return f"node count {rdzv.nodes!r}"
-        if not _ENDPOINT.fullmatch(str(rdzv.endpoint)) or not _RUN_ID.fullmatch(str(rdzv.run_id)):
-            return f"endpoint {rdzv.endpoint!r} or run id {rdzv.run_id!r} is malformed"
-        if not isinstance(rdzv.timeout, (int, float)) or not 0 < rdzv.timeout <= MAX_SECONDS:
-            return f"timeout {rdzv.timeout!r}"
-        return None
 
     def _serve_node(self, rdzv: Rendezvous, node: int) -> None:
         """Run this host's launcher for node ``node`` of the job until it ends. A stop signal
@@ -856,12 +799,6 @@ class Daemon:
 NODE_GRACE = 30.0
 """Seconds a member's launcher may outlive the claim it joined (a group ending on its own
 finishes well within it) before the member kills it."""
-_TRAINING_FLAG = re.compile("--(?:%s)=.*" % "|".join(
-    [f.replace("_", "-") for f in FLAG_KEYS] + ["set"]), re.S)
-"""The flags a claiming daemon passes to its ranks (``cli.daemon_cmds._flag_args``)."""
-_ENDPOINT = re.compile(r"(?:[A-Za-z0-9][A-Za-z0-9.-]*|\[[0-9A-Fa-f:.]+\]):\d{1,5}")
-_RUN_ID = re.compile(r"realm-[0-9a-f]{16}")
-
 PROGRESS_SECONDS = 0.2
 """How often the terminal bar reads the child's progress file (the lease is still renewed every
 ``daemon.heartbeat_seconds``)."""

@@ -235,8 +235,6 @@ def test_the_command_line_the_plan_and_status_show_nodes(tmp_path):
 
 def test_node_slots_are_exclusive_and_a_member_refuses_a_forged_rendezvous(tmp_path):
     from daemon.nodes import Rendezvous, withdraw
-    from daemon.training_daemon import Daemon
-    from config.schema import DaemonConfig
 
     paths = two_host_realm(tmp_path / "r", max_steps=3)
     job = TrainingQueue(paths.base, settle_seconds=0).claim_next({"host": "alpha", "pid": 1,
@@ -259,14 +257,13 @@ def test_node_slots_are_exclusive_and_a_member_refuses_a_forged_rendezvous(tmp_p
     six = Rendezvous.for_claim(job, sidecar, nodes=2, nproc=1, kind="cpu", address="fd00::1",
                                flags=[], leader={"host": "alpha", "pid": 3}, timeout=5)
     assert six.endpoint.startswith("[fd00::1]:"), "an IPv6 endpoint takes brackets"
-    assert Daemon(paths, DaemonConfig(), join=True)._rendezvous_problem(six) is None
+    assert six.problem(paths) is None
     cmd = again.launcher(paths.base, hosts_store=False, address="10.0.0.2")
     assert cmd[cmd.index("--rdzv-conf") + 1].startswith("is_host=false,join_timeout=5")
     assert cmd[cmd.index("--local-addr") + 1] == "10.0.0.2"
     assert cmd[cmd.index("--job") + 1] == str(paths.base / sidecar)
 
-    member = Daemon(paths, DaemonConfig(), join=True)
-    assert member._rendezvous_problem(again) is None
+    assert again.problem(paths) is None
     forged = [(dict(sidecar="../../etc/passwd"), "not in processing/"),
               (dict(sidecar="queue/normal/x.jsonl.job.json"), "not in processing/"),
               (dict(flags=["--base-dir=/elsewhere"]), "not training flags"),
@@ -277,7 +274,7 @@ def test_node_slots_are_exclusive_and_a_member_refuses_a_forged_rendezvous(tmp_p
               (dict(timeout=float("nan")), "timeout")]
     for change, says in forged:
         bad = Rendezvous(**{**vars(again), **change})
-        assert says in (member._rendezvous_problem(bad) or ""), change
+        assert says in (bad.problem(paths) or ""), change
     withdraw(paths.status, job.id)
     assert not list((paths.status / "jobs").glob("*.rdzv*"))
 
